@@ -1,0 +1,361 @@
+"""Continuous-batching generation engine for concurrent chat users on CPU.
+
+One background thread owns the model. Requests join the running batch at any decode step (their
+prompt is prefilled, then their KV cache is left-padded and concatenated onto the batch's cache)
+and leave it when they finish or their client goes away, so users never wait for each other's
+replies to end. transformers' own `generate_batch` was measured at ~29 tokens/s for 8 sequences on
+a 2-core CPU against ~100 tokens/s for a plain left-padded batch; this loop keeps the plain
+batch's speed and adds joining and leaving mid-flight.
+
+The served policy is re-read from the model registry between steps: when a newer version is
+promoted, admission pauses, the running batch drains, and the new weights are loaded.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Protocol
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingConfig:
+    """How replies are sampled; stored with every assistant message."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    do_sample: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16  # rows decoded together; ~100 tokens/s at 16 for the 135M model on 2 cores
+    max_queue: int = 64  # waiting requests beyond the running batch; more are refused at once
+    max_context_tokens: int = 2048  # prompt + reply; older turns are cut to fit
+    poll_interval_s: float = 0.2  # how often an idle engine looks for a newly promoted policy
+
+
+class Policy(Protocol):
+    """What the engine serves: a causal LM, its tokenizer and a version name."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    version: str
+
+
+class PolicySource(Protocol):
+    def current_version(self) -> str: ...
+
+    def load(self, version: str) -> Policy: ...
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full; the caller should tell the user to try again shortly."""
+
+
+# prepare(tokenizer, messages, max_prompt_tokens) -> (context messages actually used, prompt token ids)
+PreparePrompt = Callable[[object, list, int], "tuple[list[dict], list[int]]"]
+
+
+@dataclass
+class Request:
+    messages: list[dict]
+    sampling: SamplingConfig
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Filled in at admission, so that a policy swap between submit and admission stays consistent.
+    context: list[dict] | None = None
+    model_version: str | None = None
+    tokenizer: object = None
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def tokens(self, timeout: float | None = None):
+        """Yields token ids as they are generated; raises the engine's error if admission failed."""
+        while True:
+            item = self.events.get(timeout=timeout)
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclass
+class EngineStats:
+    forward_batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    tokens_generated: int = 0
+    swaps: int = 0
+
+
+class _Batch:
+    """The running rows: their requests, last sampled token, KV cache and attention mask."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.next_tokens = torch.empty(0, dtype=torch.long)  # (B,) sampled, not yet fed
+        self.attention_mask = torch.empty(0, 0, dtype=torch.long)  # (B, T) 0 = left padding
+        self.seen = None  # (B, V) bool: tokens already in each row, for the repetition penalty
+        self.cache: DynamicCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def extend(self, requests, next_tokens, attention_mask, seen, cache) -> None:
+        if not self.requests:
+            self.requests, self.next_tokens, self.attention_mask = list(requests), next_tokens, attention_mask
+            self.seen, self.cache = seen, cache
+            return
+        t_old, t_new = self.attention_mask.shape[1], attention_mask.shape[1]
+        width = max(t_old, t_new)
+        self.attention_mask = torch.cat([_left_pad(self.attention_mask, width), _left_pad(attention_mask, width)])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, dim=2), _left_pad(new.keys, width, dim=2)])
+            old.values = torch.cat([_left_pad(old.values, width, dim=2), _left_pad(new.values, width, dim=2)])
+        self.requests.extend(requests)
+        self.next_tokens = torch.cat([self.next_tokens, next_tokens])
+        self.seen = torch.cat([self.seen, seen])
+
+    def keep(self, rows: list[int]) -> None:
+        """Drops finished rows, then the columns that are padding in every remaining row."""
+        if len(rows) == len(self.requests):
+            return
+        self.requests = [self.requests[i] for i in rows]
+        if not rows:
+            self.cache = None
+            return
+        index = torch.tensor(rows, device=self.attention_mask.device)
+        self.next_tokens, self.seen = self.next_tokens[index], self.seen[index]
+        mask = self.attention_mask[index]
+        start = int(mask.any(dim=0).long().argmax())
+        self.attention_mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig, warpers) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,), with HF's repetition-penalty semantics on real tokens only."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0:
+        p = sampling.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1)
+    logits = warpers(None, logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+
+
+def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if sampling.temperature not in (None, 1.0):
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
+
+
+def eos_ids(policy: Policy) -> set[int]:
+    ids = policy.model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids])
+    if getattr(policy.tokenizer, "eos_token_id", None) is not None:
+        ids.add(policy.tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+class GenerationEngine:
+    """Owns the served policy and one decode thread. `submit` is safe to call from any thread."""
+
+    def __init__(self, source: PolicySource, prepare: PreparePrompt, sampling: SamplingConfig,
+                 config: EngineConfig | None = None) -> None:
+        self.source, self.prepare, self.sampling = source, prepare, sampling
+        self.config = config or EngineConfig()
+        self.stats = EngineStats()
+        self.policy = source.load(source.current_version())
+        self._eos = eos_ids(self.policy)
+        self._warpers = make_warpers(sampling)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._batch = _Batch()
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def version(self) -> str:
+        return self.policy.version
+
+    def submit(self, messages: list[dict], max_new_tokens: int | None = None) -> Request:
+        """Queues a reply to `messages`. Sampling settings are the engine's, shared by the whole batch;
+        only the length limit is per request."""
+        sampling = self.sampling if max_new_tokens is None else replace(self.sampling, max_new_tokens=max_new_tokens)
+        request = Request(messages=messages, sampling=sampling)
+        with self._wake:
+            if len(self._waiting) >= self.config.max_queue:
+                raise EngineBusy(f"the tutor is busy ({len(self._waiting)} requests waiting); try again in a moment")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def load(self) -> dict:
+        return {"running": len(self._batch), "waiting": len(self._waiting), "version": self.version}
+
+    # -- the decode thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        last_poll = 0.0
+        pending_version = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last_poll > self.config.poll_interval_s:
+                last_poll = now
+                pending_version = self._promoted_version()
+            if pending_version and not self._batch:
+                self._swap(pending_version)
+                pending_version = None
+            if not pending_version:
+                self._admit()
+            if not self._batch:
+                with self._wake:
+                    if not self._waiting and not self._stop.is_set():
+                        self._wake.wait(timeout=self.config.poll_interval_s)
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a broken step must not hang every client of the batch
+                log.exception("decode step failed")
+                for request in self._batch.requests:
+                    request.events.put(RuntimeError(f"generation failed: {exc}"))
+                self._batch = _Batch()
+
+    def _promoted_version(self) -> str | None:
+        try:
+            version = self.source.current_version()
+        except Exception:  # a registry mid-write or unreadable: keep serving what we have
+            return None
+        return version if version != self.policy.version else None
+
+    def _swap(self, version: str) -> None:
+        try:
+            policy = self.source.load(version)
+        except Exception:
+            log.exception("could not load promoted policy %s; still serving %s", version, self.policy.version)
+            return
+        self.policy, self._eos = policy, eos_ids(policy)
+        self.stats.swaps += 1
+        log.info("now serving policy %s", version)
+
+    def _admit(self) -> None:
+        free = self.config.max_batch_size - len(self._batch)
+        admitted = []
+        with self._wake:
+            while free > 0 and self._waiting:
+                request = self._waiting.popleft()
+                if not request.cancelled.is_set():
+                    admitted.append(request)
+                    free -= 1
+        ready = []
+        for request in admitted:
+            try:
+                budget = self.config.max_context_tokens - request.sampling.max_new_tokens
+                request.context, request.token_ids = self.prepare(self.policy.tokenizer, request.messages, budget)
+                request.model_version, request.tokenizer = self.policy.version, self.policy.tokenizer
+                ready.append(request)
+            except Exception as exc:
+                request.events.put(exc)
+        if ready:
+            self._prefill(ready)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Runs the new prompts as one left-padded batch and joins them to the running batch."""
+        model = self.policy.model
+        width = max(len(r.token_ids) for r in requests)
+        pad = self.policy.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(r.token_ids)) + r.token_ids for r in requests], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(r.token_ids)) + [1] * len(r.token_ids) for r in requests],
+                                      device=model.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        self.stats.forward_batch_sizes[len(requests)] += 1
+        seen = torch.zeros(len(requests), out.logits.shape[-1], dtype=torch.bool, device=model.device)
+        for row, r in enumerate(requests):
+            seen[row, r.token_ids] = True
+        next_tokens = sample_next(out.logits[:, -1], seen, self.sampling, self._warpers)
+        for request in requests:
+            request.token_ids = []  # from here on: the reply's tokens
+        self._batch.extend(requests, next_tokens, attention_mask, seen, cache)
+        self._emit()
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
+        position_ids = batch.attention_mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
+        out = self.policy.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.attention_mask,
+                                position_ids=position_ids, cache=batch.cache, use_cache=True, logits_to_keep=1)
+        self.stats.forward_batch_sizes[len(batch)] += 1
+        batch.seen[torch.arange(len(batch), device=batch.seen.device), batch.next_tokens] = True
+        batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers)
+        self._emit()
+
+    def _emit(self) -> None:
+        """Hands each row its newest token and retires rows that ended, hit their limit or were cancelled."""
+        batch, keep = self._batch, []
+        now = time.perf_counter()
+        for row, (request, token) in enumerate(zip(batch.requests, batch.next_tokens.tolist())):
+            if request.cancelled.is_set():
+                request.finish_reason = "cancelled"
+                request.events.put(None)
+                continue
+            if token in self._eos:
+                request.finish_reason = "stop"
+                request.events.put(None)
+                continue
+            request.token_ids.append(token)
+            request.first_token_at = request.first_token_at or now
+            request.events.put(token)
+            self.stats.tokens_generated += 1
+            if len(request.token_ids) >= request.sampling.max_new_tokens:
+                request.finish_reason = "length"
+                request.events.put(None)
+                continue
+            keep.append(row)
+        batch.keep(keep)

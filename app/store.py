@@ -1,0 +1,476 @@
+"""The SQLite store: schema, migrations and every query of the tutoring chat.
+
+Data model:
+- A conversation is a list of messages. `position` is the turn index and `active` marks the main
+  line that later turns see; `history()` returns that line.
+- A comparison shows k (2..4) candidate replies to one user turn. They share one position and stay
+  inactive until the pick marks the winner active, so the conversation goes on from the winner.
+- Feedback is append-only: ratings (the latest vote counts), comparison picks (a ranking of message
+  ids, best first) and rewrites (the latest one replaces its assistant turn in `history()`).
+- Each generated message keeps the exact context the model saw, so training never has to rebuild a
+  prompt from a history that may have been rewritten since.
+- model_versions and training_cycles record what the trainer produced and what became of it.
+
+No other module writes SQL. Ids that the UI passes around are uuid hex strings; feedback rows use
+integer ids. Timestamps are ISO-8601 UTC strings; JSON columns are TEXT, decoded on read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlite_utils import Database, Migrations
+
+MIGRATIONS = Migrations("tutor")
+
+TABLES = (
+    "conversations", "messages", "ratings", "comparisons", "comparison_candidates",
+    "comparison_picks", "rewrites", "model_versions", "training_cycles",
+)
+JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage")
+PURPOSES = ("chat", "eval")
+ROLES = ("user", "assistant")
+RATINGS = ("up", "down")
+MODEL_KINDS = ("policy", "reward")
+CYCLE_END_STATUSES = ("promoted", "rejected", "failed", "interrupted")
+LABELS = "ABCD"  # display order of comparison candidates
+MIN_CANDIDATES, MAX_CANDIDATES = 2, len(LABELS)
+MAX_REASON_CHARS = 500
+
+
+def _create(
+    db: Database, table: str, columns: dict[str, type], pk: str | tuple[str, ...],
+    foreign_keys: list[tuple[str, str, str]] | None = None, nullable: tuple[str, ...] = (),
+) -> None:
+    # NOT NULL unless named: the methods validate, the schema catches what they might miss.
+    db.table(table).create(columns, pk=pk, foreign_keys=foreign_keys or [],
+                           not_null=set(columns) - set(nullable))
+
+
+@MIGRATIONS()
+def m001_chat(db: Database) -> None:
+    _create(db, "conversations", {"id": str, "user": str, "purpose": str, "system_prompt": str,
+                                  "created_at": str}, pk="id")
+    # comparison_id has no foreign key: comparisons only arrives in m002 and SQLite cannot add a
+    # constraint without rebuilding the table; comparison_candidates holds the checked link.
+    _create(db, "messages", {
+        "id": str, "conversation_id": str, "role": str, "content": str, "position": int,
+        "active": int, "model_version": str, "generation": str, "context": str,
+        "comparison_id": str, "created_at": str,
+    }, pk="id", foreign_keys=[("conversation_id", "conversations", "id")],
+        nullable=("model_version", "generation", "context", "comparison_id"))
+
+
+@MIGRATIONS()
+def m002_feedback(db: Database) -> None:
+    _create(db, "ratings", {"id": int, "message_id": str, "rating": str, "reason": str,
+                            "created_at": str},
+            pk="id", foreign_keys=[("message_id", "messages", "id")])
+    _create(db, "comparisons", {
+        "id": str, "conversation_id": str, "user_message_id": str, "k": int, "context": str,
+        "created_at": str, "decided_at": str,
+    }, pk="id", foreign_keys=[("conversation_id", "conversations", "id"),
+                              ("user_message_id", "messages", "id")], nullable=("decided_at",))
+    _create(db, "comparison_candidates", {"comparison_id": str, "message_id": str, "label": str},
+            pk=("comparison_id", "label"), foreign_keys=[
+                ("comparison_id", "comparisons", "id"), ("message_id", "messages", "id")])
+    _create(db, "comparison_picks", {"id": int, "comparison_id": str, "choice": str,
+                                     "ranking": str, "created_at": str},
+            pk="id", foreign_keys=[("comparison_id", "comparisons", "id")])
+    _create(db, "rewrites", {"id": int, "message_id": str, "text": str, "created_at": str},
+            pk="id", foreign_keys=[("message_id", "messages", "id")])
+    db.table("messages").create_index(["conversation_id", "position"])
+    db.table("messages").create_index(["comparison_id"])
+    db.table("ratings").create_index(["message_id"])
+    db.table("rewrites").create_index(["message_id"])
+    db.table("comparisons").create_index(["conversation_id"])
+    db.table("comparison_candidates").create_index(["message_id"], unique=True)
+    # One pick per comparison, so a double submit from the UI cannot count twice.
+    db.table("comparison_picks").create_index(["comparison_id"], unique=True)
+
+
+@MIGRATIONS()
+def m003_training(db: Database) -> None:
+    _create(db, "model_versions", {
+        "version": str, "kind": str, "parent": str, "path": str, "metrics": str, "lineage": str,
+        "created_at": str,
+    }, pk="version", foreign_keys=[("parent", "model_versions", "version")], nullable=("parent",))
+    _create(db, "training_cycles", {
+        "id": int, "started_at": str, "finished_at": str, "status": str, "policy_version": str,
+        "reward_version": str, "reason": str, "metrics": str,
+    }, pk="id", nullable=("finished_at", "policy_version", "reward_version"))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _check(ok: Any, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:  # a bad value, reported before anything is written
+        raise ValueError(f"not JSON serialisable: {e}") from e
+
+
+def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is not None:
+        for column in JSON_COLUMNS:
+            if isinstance(row.get(column), str):
+                row[column] = json.loads(row[column])
+    return row
+
+
+def _check_context(context: Any) -> None:
+    _check(isinstance(context, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in context), "context must be a list of {'role', 'content'} dicts")
+
+
+def _parse_choice(choice: str, labels: list[str]) -> tuple[str, list[str]]:
+    """Normalise a comparison choice; returns (choice as stored, labels ranked best first)."""
+    _check(isinstance(choice, str), "choice must be a string")
+    word = "_".join(choice.lower().split())
+    if word in ("tie", "both_bad"):
+        return word, []
+    parts = "".join(choice.split()).upper().split(",")
+    if len(parts) == 1 and parts[0] in labels:
+        best = parts[0]
+        # With two candidates the best one already fixes the whole order.
+        if len(labels) == 2:
+            return best, [best] + [label for label in labels if label != best]
+        return best, [best]
+    if sorted(parts) == sorted(labels):
+        return ",".join(parts), parts
+    raise ValueError(f"choice {choice!r} must be one of {labels}, 'tie', 'both_bad' or an order "
+                     f"of all of them like {','.join(reversed(labels))!r}")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    @wraps(method)
+    def wrapper(self: Store, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class Store:
+    """All reads and writes of the app's database. Safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = os.fspath(path)
+        # Gradio runs handlers on many threads: they share this one connection and the lock
+        # serialises them (re-entrant, so public methods may call each other).
+        self._lock = threading.RLock()
+        self._db = Database(sqlite3.connect(path, check_same_thread=False))
+        if path != ":memory:":
+            self._db.enable_wal()  # the trainer reads the file while the app writes to it
+        self._db.execute("PRAGMA busy_timeout=5000")  # wait for the other process, don't fail
+        self._db.execute("PRAGMA foreign_keys=ON")
+        MIGRATIONS.apply(self._db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- helpers (callers hold the lock) --
+
+    def _all(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return [_decode(row) for row in self._db.query(sql, params or [])]  # type: ignore[misc]
+
+    def _one(self, sql: str, params: list[Any] | None = None) -> dict[str, Any] | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def _require(self, table: str, key: str, value: Any) -> dict[str, Any]:
+        row = self._one(f"select * from [{table}] where [{key}] = ?", [value])
+        if row is None:
+            raise LookupError(f"unknown {table} {key} {value!r}")
+        return row
+
+    def _require_assistant(self, message_id: str) -> None:
+        row = self._require("messages", "id", message_id)
+        _check(row["role"] == "assistant", "feedback is only for assistant messages")
+
+    def _require_all_decided(self, conversation_id: str) -> None:
+        # Until the pick names a winner there is no assistant turn for the next one to follow.
+        _check(self.undecided_comparison(conversation_id) is None,
+               "conversation has an undecided comparison")
+
+    def _insert(self, table: str, record: dict[str, Any]) -> Any:
+        return self._db.table(table).insert(record).last_pk
+
+    def _add_message(
+        self, conversation_id: str, role: str, content: str, active: bool, position: int | None = None,
+        *, model_version: str | None = None, generation: dict[str, Any] | None = None,
+        context: list[dict[str, str]] | None = None, comparison_id: str | None = None,
+    ) -> str:
+        _check(role in ROLES, f"role must be one of {ROLES}")
+        _check(isinstance(content, str), "content must be a string")
+        _check(role != "user" or content.strip(), "a user message cannot be blank")
+        _check(model_version is None or isinstance(model_version, str), "bad model_version")
+        _check(generation is None or isinstance(generation, dict), "generation must be a dict")
+        if context is not None:
+            _check_context(context)
+        if position is None:
+            position = self._one("select coalesce(max(position), -1) + 1 as p from messages "
+                                 "where conversation_id = ?", [conversation_id])["p"]  # type: ignore[index]
+        message_id = uuid.uuid4().hex
+        self._insert("messages", {
+            "id": message_id, "conversation_id": conversation_id, "role": role,
+            "content": content, "position": position, "active": int(active),
+            "model_version": model_version, "generation": _dumps(generation),
+            "context": _dumps(context), "comparison_id": comparison_id, "created_at": _now(),
+        })
+        return message_id
+
+    # -- conversations and messages --
+
+    @_locked
+    def new_conversation(self, user: str, purpose: str, system_prompt: str) -> str:
+        _check(isinstance(user, str), "user must be a string")
+        _check(purpose in PURPOSES, f"purpose must be one of {PURPOSES}")
+        _check(isinstance(system_prompt, str), "system_prompt must be a string")
+        conversation_id = uuid.uuid4().hex
+        self._insert("conversations", {
+            "id": conversation_id, "user": user, "purpose": purpose,
+            "system_prompt": system_prompt, "created_at": _now(),
+        })
+        return conversation_id
+
+    @_locked
+    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        return self._one("select * from conversations where id = ?", [conversation_id])
+
+    @_locked
+    def history(self, conversation_id: str) -> list[dict[str, Any]]:
+        """The main line of the conversation, with rewrites in place of what the model said."""
+        self._require("conversations", "id", conversation_id)
+        return self._all(
+            """select m.id as message_id, m.role,
+                 coalesce((select r.text from rewrites r where r.message_id = m.id
+                           order by r.id desc limit 1), m.content) as content
+               from messages m where m.conversation_id = ? and m.active = 1
+               order by m.position""", [conversation_id])
+
+    @_locked
+    def add_message(
+        self, conversation_id: str, role: str, content: str, *, model_version: str | None = None,
+        generation: dict[str, Any] | None = None, context: list[dict[str, str]] | None = None,
+    ) -> str:
+        self._require("conversations", "id", conversation_id)
+        self._require_all_decided(conversation_id)
+        with self._db.atomic():
+            return self._add_message(conversation_id, role, content, True,
+                                     model_version=model_version, generation=generation,
+                                     context=context)
+
+    @_locked
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        row = self._one("select * from messages where id = ?", [message_id])
+        if row is not None:
+            row["active"] = bool(row["active"])
+        return row
+
+    # -- comparisons --
+
+    @_locked
+    def undecided_comparison(self, conversation_id: str) -> str | None:
+        self._require("conversations", "id", conversation_id)
+        row = self._one("select id from comparisons where conversation_id = ? "
+                        "and decided_at is null limit 1", [conversation_id])
+        return None if row is None else row["id"]
+
+    @_locked
+    def add_comparison(
+        self, conversation_id: str, user_message: str, context: list[dict[str, str]],
+        candidates: list[dict[str, Any]],
+    ) -> tuple[str, list[str]]:
+        """Store a user turn and k candidate replies, labelled A.. in the (shuffled) given order."""
+        self._require("conversations", "id", conversation_id)
+        self._require_all_decided(conversation_id)
+        _check_context(context)
+        _check(isinstance(candidates, list)
+               and MIN_CANDIDATES <= len(candidates) <= MAX_CANDIDATES,
+               f"a comparison needs {MIN_CANDIDATES} to {MAX_CANDIDATES} candidates")
+        _check(all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in candidates),
+               "each candidate needs a 'text' string")
+        comparison_id = uuid.uuid4().hex
+        with self._db.atomic():
+            user_message_id = self._add_message(conversation_id, "user", user_message, True)
+            position = self.message(user_message_id)["position"] + 1  # type: ignore[index]
+            self._insert("comparisons", {
+                "id": comparison_id, "conversation_id": conversation_id,
+                "user_message_id": user_message_id, "k": len(candidates),
+                "context": _dumps(context), "created_at": _now(), "decided_at": None,
+            })
+            message_ids = []
+            for label, candidate in zip(LABELS, candidates):
+                message_id = self._add_message(
+                    conversation_id, "assistant", candidate["text"], False, position,
+                    model_version=candidate.get("model_version"),
+                    generation=candidate.get("generation"), context=context,
+                    comparison_id=comparison_id)
+                self._insert("comparison_candidates", {
+                    "comparison_id": comparison_id, "message_id": message_id, "label": label})
+                message_ids.append(message_id)
+        return comparison_id, message_ids
+
+    @_locked
+    def comparison(self, comparison_id: str) -> dict[str, Any] | None:
+        row = self._one("select * from comparisons where id = ?", [comparison_id])
+        if row is not None:
+            row["candidates"] = self._all(
+                """select c.label, c.message_id, m.content from comparison_candidates c
+                   join messages m on m.id = c.message_id
+                   where c.comparison_id = ? order by c.label""", [comparison_id])
+            row["pick"] = self._one("select choice, ranking, created_at from comparison_picks "
+                                    "where comparison_id = ?", [comparison_id])
+        return row
+
+    @_locked
+    def decide_comparison(self, comparison_id: str, choice: str) -> dict[str, Any]:
+        """Record the pick and put the winner on the main line (candidate A after tie/both_bad)."""
+        comparison = self.comparison(comparison_id)
+        if comparison is None:
+            raise LookupError(f"unknown comparison {comparison_id!r}")
+        _check(comparison["decided_at"] is None, "comparison already decided")
+        by_label = {c["label"]: c["message_id"] for c in comparison["candidates"]}
+        stored_choice, ranked_labels = _parse_choice(choice, list(by_label))
+        ranking = [by_label[label] for label in ranked_labels]
+        winner = ranking[0] if ranking else by_label["A"]
+        now = _now()
+        with self._db.atomic():
+            self._insert("comparison_picks", {"comparison_id": comparison_id, "choice": stored_choice,
+                                              "ranking": _dumps(ranking), "created_at": now})
+            self._db.execute("update comparisons set decided_at = ? where id = ?",
+                             [now, comparison_id])
+            self._db.execute("update messages set active = 1 where id = ?", [winner])
+        return {"ranking": ranking, "winner": winner}
+
+    # -- ratings and rewrites --
+
+    @_locked
+    def add_rating(self, message_id: str, rating: str, reason: str = "") -> int:
+        self._require_assistant(message_id)
+        _check(rating in RATINGS, f"rating must be one of {RATINGS}")
+        _check(isinstance(reason, str) and len(reason) <= MAX_REASON_CHARS,
+               f"reason must be a string of at most {MAX_REASON_CHARS} characters")
+        return int(self._insert("ratings", {"message_id": message_id, "rating": rating,
+                                            "reason": reason, "created_at": _now()}))
+
+    @_locked
+    def latest_rating(self, message_id: str) -> dict[str, Any] | None:
+        self._require("messages", "id", message_id)
+        return self._one("select * from ratings where message_id = ? order by id desc limit 1",
+                         [message_id])
+
+    @_locked
+    def add_rewrite(self, message_id: str, text: str) -> int:
+        self._require_assistant(message_id)
+        _check(isinstance(text, str) and text.strip(), "a rewrite cannot be blank")
+        return int(self._insert("rewrites", {"message_id": message_id, "text": text,
+                                             "created_at": _now()}))
+
+    @_locked
+    def feedback_counts(self, include_eval: bool = True) -> dict[str, int]:
+        """Rated and rewritten messages (a changed vote still counts once), decided comparisons."""
+        only_chat = "" if include_eval else "and c.purpose != 'eval'"
+        per_message = """select count(distinct f.message_id) as n from {} f
+                         join messages m on m.id = f.message_id
+                         join conversations c on c.id = m.conversation_id where 1 {}"""
+        decided = f"""select count(*) as n from comparisons x join conversations c
+                      on c.id = x.conversation_id where x.decided_at is not null {only_chat}"""
+        return {key: int(self._one(sql)["n"]) for key, sql in (  # type: ignore[index]
+            ("ratings", per_message.format("ratings", only_chat)),
+            ("comparisons", decided),
+            ("rewrites", per_message.format("rewrites", only_chat)),
+        )}
+
+    # -- models and training --
+
+    @_locked
+    def add_model_version(
+        self, version: str, kind: str, path: str | os.PathLike[str], parent: str | None = None,
+        metrics: dict[str, Any] | None = None, lineage: Any = None,
+    ) -> None:
+        _check(isinstance(version, str) and version.strip(), "version cannot be blank")
+        _check(kind in MODEL_KINDS, f"kind must be one of {MODEL_KINDS}")
+        _check(isinstance(path, (str, os.PathLike)), "path must be a path")
+        _check(metrics is None or isinstance(metrics, dict), "metrics must be a dict")
+        if parent is not None:
+            self._require("model_versions", "version", parent)
+        _check(self._one("select 1 from model_versions where version = ?", [version]) is None,
+               f"model version {version!r} already exists")
+        self._insert("model_versions", {
+            "version": version, "kind": kind, "parent": parent, "path": os.fspath(path),
+            "metrics": _dumps(metrics or {}), "lineage": _dumps({} if lineage is None else lineage),
+            "created_at": _now(),
+        })
+
+    @_locked
+    def model_versions(self, kind: str | None = None) -> list[dict[str, Any]]:
+        _check(kind is None or kind in MODEL_KINDS, f"kind must be one of {MODEL_KINDS}")
+        return self._all("select * from model_versions where ? is null or kind = ? "
+                         "order by created_at, rowid", [kind, kind])
+
+    @_locked
+    def start_cycle(self) -> int:
+        now = _now()
+        with self._db.atomic():
+            # One trainer runs at a time, so a cycle still 'running' was cut off by a crash.
+            self._db.execute("""update training_cycles set status = 'interrupted', finished_at = ?,
+                                reason = 'a later cycle started before it finished'
+                                where status = 'running'""", [now])
+            return int(self._insert("training_cycles", {
+                "started_at": now, "finished_at": None, "status": "running",
+                "policy_version": None, "reward_version": None, "reason": "", "metrics": "{}"}))
+
+    @_locked
+    def finish_cycle(
+        self, cycle_id: int, status: str, reason: str = "", policy_version: str | None = None,
+        reward_version: str | None = None, metrics: dict[str, Any] | None = None,
+    ) -> None:
+        cycle = self._require("training_cycles", "id", cycle_id)
+        _check(cycle["finished_at"] is None, f"cycle {cycle_id} already finished")
+        _check(status in CYCLE_END_STATUSES, f"status must be one of {CYCLE_END_STATUSES}")
+        _check(isinstance(reason, str), "reason must be a string")
+        _check(metrics is None or isinstance(metrics, dict), "metrics must be a dict")
+        self._db.execute(
+            """update training_cycles set finished_at = ?, status = ?, reason = ?,
+               policy_version = ?, reward_version = ?, metrics = ? where id = ?""",
+            [_now(), status, reason, policy_version, reward_version, _dumps(metrics or {}),
+             cycle_id])
+
+    @_locked
+    def last_cycle(self) -> dict[str, Any] | None:
+        return self._one("select * from training_cycles order by id desc limit 1")
+
+    @_locked
+    def row_counts(self) -> dict[str, int]:
+        return {table: int(self._db.execute(f"select count(*) from [{table}]").fetchone()[0])
+                for table in TABLES}

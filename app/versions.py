@@ -1,0 +1,122 @@
+"""Versioned policies under `models/`: one directory per version and a `CURRENT` pointer.
+
+    models/
+      CURRENT          the served version's name; replaced atomically (write + fsync + rename)
+      v0000/           base policy: config.json, model.safetensors, tokenizer files, meta.json
+      v0001/ ...       later versions written by training cycles
+
+A version directory is complete before its name can appear in CURRENT, so a crash at any point
+leaves the pointer on a whole, loadable version.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+POINTER = "CURRENT"
+VERSION_RE = re.compile(r"^v\d{4,}$")
+
+
+class ModelError(RuntimeError):
+    """A model that is missing or cannot be loaded; the message is meant for the user as is."""
+
+
+@dataclass
+class LoadedPolicy:
+    model: torch.nn.Module
+    tokenizer: object
+    version: str
+
+
+def serving_device() -> tuple[str, torch.dtype]:
+    # bf16 halves memory and is fast on GPUs; CPUs without AMX are faster in fp32.
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def load_pretrained(path: Path | str, version: str = "") -> LoadedPolicy:
+    device, dtype = serving_device()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except Exception as exc:
+        raise ModelError(f"cannot load a model from {path}: {str(exc).splitlines()[0][:300]}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"the tokenizer in {path} has no chat template; a chat model is needed")
+    return LoadedPolicy(model=model, tokenizer=tokenizer, version=version)
+
+
+class ModelRegistry:
+    """The policy versions under one models directory. Also the engine's PolicySource."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and VERSION_RE.match(p.name) and (p / "meta.json").exists())
+
+    def current_version(self) -> str:
+        try:
+            version = (self.root / POINTER).read_text().strip()
+        except FileNotFoundError:
+            raise ModelError(f"no policy is current in {self.root}") from None
+        if not VERSION_RE.match(version):
+            raise ModelError(f"{self.root / POINTER} names no version: {version!r}")
+        return version
+
+    def has_current(self) -> bool:
+        return (self.root / POINTER).exists()
+
+    def set_current(self, version: str) -> None:
+        if version not in self.versions():
+            raise ModelError(f"no complete version {version} in {self.root}")
+        tmp = self.root / f".{POINTER}.tmp"
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / POINTER)
+
+    def next_version(self) -> str:
+        numbers = [int(v[1:]) for v in self.versions()]
+        return f"v{(max(numbers) + 1 if numbers else 0):04d}"
+
+    def meta(self, version: str) -> dict:
+        return json.loads((self.path(version) / "meta.json").read_text())
+
+    def load(self, version: str) -> LoadedPolicy:
+        return load_pretrained(self.path(version), version)
+
+    def write_version(self, version: str, model, tokenizer, meta: dict) -> Path:
+        """Saves into a temporary directory, then renames it: a version exists whole or not at all."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.path(version)
+        if final.exists():
+            raise ModelError(f"version {version} already exists in {self.root}")
+        tmp = self.root / f".{version}.partial"
+        if tmp.exists():
+            _rmtree(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        os.replace(tmp, final)
+        return final
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
