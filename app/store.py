@@ -224,10 +224,16 @@ class Store:
     def _insert(self, table: str, record: dict[str, Any]) -> Any:
         return self._db.table(table).insert(record).last_pk
 
+    def _next_position(self, conversation_id: str) -> int:
+        row = self._one("select coalesce(max(position), -1) + 1 as p from messages "
+                        "where conversation_id = ?", [conversation_id])
+        return int(row["p"]) if row else 0
+
     def _add_message(
-        self, conversation_id: str, role: str, content: str, active: bool, position: int | None = None,
-        *, model_version: str | None = None, generation: dict[str, Any] | None = None,
+        self, conversation_id: str, role: str, content: str, position: int, active: bool, *,
+        model_version: str | None = None, generation: dict[str, Any] | None = None,
         context: list[dict[str, str]] | None = None, comparison_id: str | None = None,
+        message_id: str | None = None,
     ) -> str:
         _check(role in ROLES, f"role must be one of {ROLES}")
         _check(isinstance(content, str), "content must be a string")
@@ -236,10 +242,7 @@ class Store:
         _check(generation is None or isinstance(generation, dict), "generation must be a dict")
         if context is not None:
             _check_context(context)
-        if position is None:
-            position = self._one("select coalesce(max(position), -1) + 1 as p from messages "
-                                 "where conversation_id = ?", [conversation_id])["p"]  # type: ignore[index]
-        message_id = uuid.uuid4().hex
+        message_id = message_id or uuid.uuid4().hex
         self._insert("messages", {
             "id": message_id, "conversation_id": conversation_id, "role": role,
             "content": content, "position": position, "active": int(active),
@@ -252,9 +255,9 @@ class Store:
 
     @_locked
     def new_conversation(self, user: str, purpose: str, system_prompt: str) -> str:
-        _check(isinstance(user, str), "user must be a string")
+        _check(isinstance(user, str) and isinstance(system_prompt, str),
+               "user and system_prompt must be strings")
         _check(purpose in PURPOSES, f"purpose must be one of {PURPOSES}")
-        _check(isinstance(system_prompt, str), "system_prompt must be a string")
         conversation_id = uuid.uuid4().hex
         self._insert("conversations", {
             "id": conversation_id, "user": user, "purpose": purpose,
@@ -285,9 +288,26 @@ class Store:
         self._require("conversations", "id", conversation_id)
         self._require_all_decided(conversation_id)
         with self._db.atomic():
-            return self._add_message(conversation_id, role, content, True,
+            position = self._next_position(conversation_id)
+            return self._add_message(conversation_id, role, content, position, True,
                                      model_version=model_version, generation=generation,
                                      context=context)
+
+    @_locked
+    def add_turn(
+        self, conversation_id: str, user_message: str, reply: str, *, message_id: str | None = None,
+        model_version: str | None = None, generation: dict[str, Any] | None = None,
+        context: list[dict[str, str]] | None = None,
+    ) -> str:
+        """A user message and the assistant's reply to it, stored together or not at all."""
+        self._require("conversations", "id", conversation_id)
+        self._require_all_decided(conversation_id)
+        with self._db.atomic():
+            position = self._next_position(conversation_id)
+            self._add_message(conversation_id, "user", user_message, position, True)
+            return self._add_message(conversation_id, "assistant", reply, position + 1, True,
+                                     model_version=model_version, generation=generation,
+                                     context=context, message_id=message_id)
 
     @_locked
     def message(self, message_id: str) -> dict[str, Any] | None:
@@ -321,8 +341,9 @@ class Store:
                "each candidate needs a 'text' string")
         comparison_id = uuid.uuid4().hex
         with self._db.atomic():
-            user_message_id = self._add_message(conversation_id, "user", user_message, True)
-            position = self.message(user_message_id)["position"] + 1  # type: ignore[index]
+            position = self._next_position(conversation_id)
+            user_message_id = self._add_message(conversation_id, "user", user_message, position,
+                                                True)
             self._insert("comparisons", {
                 "id": comparison_id, "conversation_id": conversation_id,
                 "user_message_id": user_message_id, "k": len(candidates),
@@ -331,7 +352,7 @@ class Store:
             message_ids = []
             for label, candidate in zip(LABELS, candidates):
                 message_id = self._add_message(
-                    conversation_id, "assistant", candidate["text"], False, position,
+                    conversation_id, "assistant", candidate["text"], position + 1, False,
                     model_version=candidate.get("model_version"),
                     generation=candidate.get("generation"), context=context,
                     comparison_id=comparison_id)
@@ -365,8 +386,9 @@ class Store:
         winner = ranking[0] if ranking else by_label["A"]
         now = _now()
         with self._db.atomic():
-            self._insert("comparison_picks", {"comparison_id": comparison_id, "choice": stored_choice,
-                                              "ranking": _dumps(ranking), "created_at": now})
+            self._insert("comparison_picks", {
+                "comparison_id": comparison_id, "choice": stored_choice,
+                "ranking": _dumps(ranking), "created_at": now})
             self._db.execute("update comparisons set decided_at = ? where id = ?",
                              [now, comparison_id])
             self._db.execute("update messages set active = 1 where id = ?", [winner])
