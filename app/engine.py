@@ -319,7 +319,9 @@ class GenerationEngine:
         seen = torch.zeros(len(requests), out.logits.shape[-1], dtype=torch.bool, device=model.device)
         for row, r in enumerate(requests):
             seen[row, r.token_ids] = True
-        next_tokens = sample_next(out.logits[:, -1], seen, self.sampling, self._warpers)
+        logits = out.logits[:, -1].float()
+        logits[:, sorted(self._eos)] = float("-inf")  # a tutor never answers with nothing
+        next_tokens = sample_next(logits, seen, self.sampling, self._warpers)
         for request in requests:
             request.token_ids = []  # from here on: the reply's tokens
         self._batch.extend(requests, next_tokens, attention_mask, seen, cache)

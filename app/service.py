@@ -79,6 +79,8 @@ class TutorService:
 
     def compare(self, conversation_id: str, message: str, k: int = 2) -> dict:
         """k answers to the same turn, sampled in one batch, stored in random order until picked."""
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
             raise UserError(f"k must be a whole number from 2 to {self.limits.max_candidates}, not {k!r}")
         message = self._check_message(message)
@@ -101,8 +103,8 @@ class TutorService:
     # -- feedback --------------------------------------------------------------------------------
     def pick(self, comparison_id: str, choice: str) -> dict:
         with _as_user_error():
-            self.store.decide_comparison(comparison_id, str(choice))
-        return {"ok": True}
+            decision = self.store.decide_comparison(str(comparison_id), str(choice))
+        return {"ok": True, "winner": decision["winner"]}
 
     def rate(self, message_id: str, rating: str, reason: str = "") -> dict:
         if rating not in RATINGS:

@@ -1,0 +1,73 @@
+"""The named API endpoints of CONTRACT.md, registered on a Blocks with `gr.api`.
+
+Each endpoint is a thin typed wrapper over TutorService; a UserError becomes a `gr.Error` whose
+message the client sees as is.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import gradio as gr
+
+from app.service import TutorService, UserError
+
+
+def user_errors(fn):
+    """Turns UserError into gr.Error for plain functions and generators alike."""
+    if _is_generator(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+    return wrapper
+
+
+def _is_generator(fn) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)
+
+
+def register_api(service: TutorService, concurrency_limit: int | None = 64) -> None:
+    """Must be called inside a `gr.Blocks` context."""
+
+    @user_errors
+    def new_conversation(user: str = "", purpose: str = "chat") -> dict:
+        return service.new_conversation(user, purpose)
+
+    @user_errors
+    def chat(conversation_id: str, message: str) -> Iterator[dict]:
+        yield from service.chat(conversation_id, message)
+
+    @user_errors
+    def compare(conversation_id: str, message: str, k: int = 2) -> dict:
+        return service.compare(conversation_id, message, k)
+
+    @user_errors
+    def pick(comparison_id: str, choice: str) -> dict:
+        return service.pick(comparison_id, choice)
+
+    @user_errors
+    def rate(message_id: str, rating: str, reason: str = "") -> dict:
+        return service.rate(message_id, rating, reason)
+
+    @user_errors
+    def rewrite(message_id: str, text: str) -> dict:
+        return service.rewrite(message_id, text)
+
+    def status() -> dict:
+        return service.status()
+
+    for fn in (new_conversation, chat, compare, pick, rate, rewrite, status):
+        gr.api(fn, api_name=fn.__name__, concurrency_limit=concurrency_limit)

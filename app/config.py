@@ -1,0 +1,59 @@
+"""Typed settings of the server, filled from defaults, an optional TOML/YAML file and the command line."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.engine import EngineConfig, SamplingConfig
+from app.service import Limits
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    db: Path = Path("conversations.db")
+    models_dir: Path = Path("models")
+    model: Path | None = None  # a local HF model directory; None = the embedded SmolLM2-135M-Instruct
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+
+
+def read_config_file(path: Path | str) -> dict:
+    """Reads a TOML (.toml) or YAML (.yaml/.yml) file into a dict; a clear ValueError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:
+        raise ValueError(f"config file {path} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def merge(obj, values: dict, where: str = "config"):
+    """Returns a copy of dataclass `obj` with `values` applied; unknown keys are errors, not ignored."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key} must be a table")
+            changes[key] = merge(current, value, f"{where}.{key}")
+        else:
+            changes[key] = type(current)(value) if current is not None and value is not None else value
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,69 @@
+"""The one entry point: `python launch.py` serves the tutor; `--retrain` runs RLHF cycles.
+
+Settings come from dataclass defaults, then an optional --config file (TOML or YAML), then flags.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = "A tutoring chat that learns from its users' feedback (RLHF)."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Flags default to None so that only the ones given override the --config file.
+    p = argparse.ArgumentParser(description=DESCRIPTION)
+    p.add_argument("--host", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to serve on (default: 7860)")
+    p.add_argument("--db", type=Path, help="SQLite file, created and migrated on start (default: conversations.db)")
+    p.add_argument("--models-dir", type=Path, help="where versioned policies live (default: models)")
+    p.add_argument("--model", type=Path,
+                   help="base policy: a local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--config", type=Path, help="settings file, TOML or YAML, with [serve] tables (default: none)")
+    p.add_argument("--retrain", action="store_true", help="run RLHF cycle(s) from the feedback in --db, then exit")
+    p.add_argument("--cycles", type=int, default=1, help="with --retrain: cycles to run back to back (default: 1)")
+    p.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    return p.parse_args(argv)
+
+
+def serve_config(args: argparse.Namespace):
+    from app.config import ServeConfig, merge, read_config_file
+
+    config = ServeConfig()
+    if args.config:
+        file = read_config_file(args.config)
+        config = merge(config, file.get("serve", {}), "serve")
+    flags = {"host": args.host, "port": args.port, "db": args.db, "models_dir": args.models_dir, "model": args.model}
+    return merge(config, {k: v for k, v in flags.items() if v is not None}, "flags")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.retrain:
+        print("error: --retrain is not available yet in this version; feedback keeps being collected", file=sys.stderr)
+        return 2
+    from app.versions import ModelError
+
+    try:
+        config = serve_config(args)
+        from app.server import create_app
+
+        tutor = create_app(config)
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Tutor serving policy {tutor.engine.version} on http://{config.host}:{config.port}  (Ctrl-C stops)")
+    try:
+        tutor.launch(block=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tutor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
