@@ -1,0 +1,167 @@
+"""Serving benchmark on the embedded model: the app's /chat against plain `model.generate`, and
+aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
+
+    python bench/bench_serving.py [--max-new-tokens 96] [--users 1 4 8] [--models-dir /tmp/bench-models]
+
+1. Baseline: `model.generate` (greedy, same repetition penalty and length limit) on one prompt.
+2. The app in a subprocess (`launch.py`, greedy sampling from a config file) on a loopback port;
+   the same prompt through `/chat` with gradio_client, streamed to the end.
+3. N users at once, each its own conversation and prompt: aggregate tokens/s, time to first token
+   (median, p95), against one user alone.
+Tokens are counted by re-encoding the reply text with the model's tokenizer, on both sides.
+Peak memory is the server's peak RSS (VmHWM) and the baseline process's own peak.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "Can you explain what a fraction is?",
+    "How do plants make their food?",
+    "What is the difference between a noun and a verb?",
+    "Why does the moon have phases?",
+    "How do I solve 2x + 3 = 11?",
+    "What is a variable in programming?",
+    "What caused the French Revolution?",
+    "How should I study for a maths test?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def baseline(policy, prompt: str, max_new_tokens: int) -> tuple[float, int]:
+    import torch
+
+    from app.prompting import TUTOR_SYSTEM_PROMPT, fit_context
+
+    messages = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+    _, ids = fit_context(policy.tokenizer, messages, 4096)
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
+              eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        policy.model.generate(x, **{**kw, "max_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        out = policy.model.generate(x, **kw)
+        elapsed = time.perf_counter() - start
+    text = policy.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    return elapsed, count_tokens(policy.tokenizer, text)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def one_chat(client, prompt: str, tokenizer, out: dict) -> None:
+    conversation = client.predict("bench", "eval", api_name="/new_conversation")["conversation_id"]
+    start = time.perf_counter()
+    first = None
+    last = None
+    for chunk in client.submit(conversation, prompt, api_name="/chat"):
+        first = first or time.perf_counter()
+        last = chunk
+    end = time.perf_counter()
+    out.update(ttft=first - start, elapsed=end - start, tokens=count_tokens(tokenizer, last["text"]), start=start,
+               end=end, done=last["done"])
+
+
+def load_run(clients, prompts, tokenizer) -> dict:
+    results = [{} for _ in clients]
+    threads = [threading.Thread(target=one_chat, args=(c, p, tokenizer, r)) for c, p, r in zip(clients, prompts, results)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    return {"users": len(clients), "tokens": sum(r["tokens"] for r in results), "wall": wall,
+            "tok_s": sum(r["tokens"] for r in results) / wall, "ttft_median": statistics.median(ttfts),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
+            "all_done": all(r["done"] for r in results)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-models")
+    args = ap.parse_args()
+
+    from gradio_client import Client
+
+    from app.embedded import ensure_base
+    from app.versions import ModelRegistry
+
+    registry = ModelRegistry(args.models_dir)
+    ensure_base(registry)
+    policy = registry.load(registry.current_version())
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    base_s, base_tokens = baseline(policy, PROMPTS[0], args.max_new_tokens)
+    base_rate = base_tokens / base_s
+    print(f"1. model.generate: {base_tokens} tokens in {base_s:.2f}s = {base_rate:.1f} tokens/s")
+    baseline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    config = work / "bench.toml"
+    config.write_text(f"[serve.sampling]\ndo_sample = false\nrepetition_penalty = 1.1\n"
+                      f"max_new_tokens = {args.max_new_tokens}\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--db", str(work / "c.db"),
+                               "--models-dir", str(args.models_dir), "--config", str(config)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            try:
+                Client(url, verbose=False)
+                break
+            except Exception:
+                time.sleep(0.5)
+        clients = [Client(url, verbose=False) for _ in range(max(args.users))]
+        load_run(clients[:1], PROMPTS[1:2], policy.tokenizer)  # warm-up
+        single = load_run(clients[:1], PROMPTS[:1], policy.tokenizer)
+        ratio = single["tok_s"] / base_rate
+        print(f"2. app /chat:      {single['tokens']} tokens in {single['wall']:.2f}s = {single['tok_s']:.1f} tokens/s"
+              f"  -> ratio vs generate {ratio:.2f} (target >= 0.9)")
+        print("3. concurrent users (aggregate tokens/s, time to first token):")
+        alone = None
+        for n in args.users:
+            r = load_run(clients[:n], [PROMPTS[i % len(PROMPTS)] for i in range(n)], policy.tokenizer)
+            alone = alone or r["tok_s"]
+            print(f"   {n} users: {r['tokens']:4d} tokens in {r['wall']:6.2f}s = {r['tok_s']:6.1f} tokens/s"
+                  f"  x{r['tok_s'] / alone:.2f} vs 1 user   TTFT median {r['ttft_median']:.2f}s"
+                  f" p95 {r['ttft_p95']:.2f}s   all done: {r['all_done']}")
+        print(f"4. peak memory: server {peak_rss_mib(server.pid):.0f} MiB RSS; baseline process {baseline_peak:.0f} MiB")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
