@@ -433,6 +433,68 @@ class Store:
             ("rewrites", per_message.format("rewrites", only_chat)),
         )}
 
+    # -- training data (read only; eval conversations and all their feedback are left out) --
+
+    @_locked
+    def training_histories(self) -> list[dict[str, Any]]:
+        """The main line of every chat conversation, rewrites in place, in conversation order.
+
+        One row per message: conversation_id, system_prompt, message_id, position, role, content.
+        """
+        return self._all(
+            """select c.id as conversation_id, c.system_prompt, m.id as message_id, m.position,
+                 m.role, coalesce((select r.text from rewrites r where r.message_id = m.id
+                                   order by r.id desc limit 1), m.content) as content
+               from conversations c join messages m on m.conversation_id = c.id
+               where c.purpose != 'eval' and m.active = 1
+               order by c.created_at, c.id, m.position""")
+
+    @_locked
+    def training_comparisons(self) -> list[dict[str, Any]]:
+        """Decided comparisons with their pick and candidates (label order), oldest pick first."""
+        rows = self._all(
+            """select x.id as comparison_id, x.conversation_id, x.k, x.context,
+                 p.id as pick_id, p.choice, p.ranking
+               from comparisons x join conversations c on c.id = x.conversation_id
+               join comparison_picks p on p.comparison_id = x.id
+               where c.purpose != 'eval' and x.decided_at is not null order by p.id""")
+        candidates: dict[str, list[dict[str, Any]]] = {}
+        for row in self._all(
+                """select cc.comparison_id, cc.label, cc.message_id, m.content
+                   from comparison_candidates cc join messages m on m.id = cc.message_id
+                   join comparisons x on x.id = cc.comparison_id
+                   join conversations c on c.id = x.conversation_id
+                   where c.purpose != 'eval' and x.decided_at is not null
+                   order by cc.comparison_id, cc.label"""):
+            candidates.setdefault(row.pop("comparison_id"), []).append(row)
+        for row in rows:
+            row["candidates"] = candidates.get(row["comparison_id"], [])
+        return rows
+
+    @_locked
+    def training_ratings(self) -> list[dict[str, Any]]:
+        """The latest rating of each rated assistant message, with the message and its context."""
+        return self._all(
+            """select r.id as rating_id, r.message_id, r.rating, r.reason, m.conversation_id,
+                 m.position, m.content, m.context, m.comparison_id
+               from ratings r join messages m on m.id = r.message_id
+               join conversations c on c.id = m.conversation_id
+               where c.purpose != 'eval'
+                 and r.id = (select max(id) from ratings where message_id = r.message_id)
+               order by r.id""")
+
+    @_locked
+    def training_rewrites(self) -> list[dict[str, Any]]:
+        """The latest rewrite of each rewritten assistant message, with the message it replaces."""
+        return self._all(
+            """select w.id as rewrite_id, w.message_id, w.text, m.conversation_id, m.position,
+                 m.content, m.context, m.comparison_id
+               from rewrites w join messages m on m.id = w.message_id
+               join conversations c on c.id = m.conversation_id
+               where c.purpose != 'eval'
+                 and w.id = (select max(id) from rewrites where message_id = w.message_id)
+               order by w.id""")
+
     # -- models and training --
 
     @_locked
