@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from app.engine import EngineBusy, GenerationEngine
-from app.prompting import TUTOR_SYSTEM_PROMPT
+from app.prompting import TUTOR_SYSTEM_PROMPT, PromptTooLong
 from app.store import Store
 
 PURPOSES = ("chat", "eval")
@@ -63,9 +63,12 @@ class TutorService:
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
             try:
-                for token in request.tokens():
+                for token in _user_errors(request.tokens()):
                     tokens.append(token)
-                    yield {"message_id": message_id, "text": _decode(request, tokens),
+                    text = _decode(request, tokens)
+                    if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                        continue
+                    yield {"message_id": message_id, "text": text,
                            "model_version": request.model_version, "done": False}
             finally:
                 request.cancel()  # no-op when finished; stops the row when the client went away
@@ -88,7 +91,7 @@ class TutorService:
         with self._turn(conversation_id):
             requests = [self._submit(messages) for _ in range(k)]
             try:
-                texts = [_decode(r, list(r.tokens())) for r in requests]
+                texts = [_decode(r, list(_user_errors(r.tokens()))) for r in requests]
             finally:
                 for r in requests:
                     r.cancel()
@@ -191,8 +194,17 @@ class _as_user_error:
 
     def __exit__(self, kind, exc, tb):
         if kind is not None and issubclass(kind, (LookupError, ValueError)) and not issubclass(kind, UserError):
-            raise UserError(str(exc).strip("'\"")) from None
+            # KeyError quotes its message; args[0] is the text itself.
+            raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
         return False
+
+
+def _user_errors(tokens):
+    """The engine reports a prompt that cannot fit as PromptTooLong: the user's message is too long."""
+    try:
+        yield from tokens
+    except PromptTooLong as exc:
+        raise UserError(str(exc)) from None
 
 
 def _decode(request, tokens: list[int]) -> str:

@@ -209,7 +209,8 @@ class Store:
     def _require(self, table: str, key: str, value: Any) -> dict[str, Any]:
         row = self._one(f"select * from [{table}] where [{key}] = ?", [value])
         if row is None:
-            raise LookupError(f"unknown {table} {key} {value!r}")
+            noun = table.removesuffix("s").replace("_", " ")
+            raise LookupError(f"unknown {noun} {value!r}")
         return row
 
     def _require_assistant(self, message_id: str) -> None:

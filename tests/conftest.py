@@ -1,3 +1,6 @@
+import contextlib
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -8,6 +11,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tiny import save_tiny  # noqa: E402
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # tests run offline
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "embedded: uses the real embedded SmolLM2 model (slow)")
@@ -17,3 +22,35 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-policy"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve_tutor(root: Path, model: Path | None, **settings):
+    from app.config import ServeConfig
+    from app.server import create_app
+
+    config = ServeConfig(host="127.0.0.1", port=free_port(), db=root / "c.db", models_dir=root / "models",
+                         model=model, **settings)
+    tutor = create_app(config, say=lambda *_: None)
+    try:
+        url = tutor.launch(block=False)
+        yield tutor, url
+    finally:
+        tutor.close()
+
+
+@pytest.fixture(scope="session")
+def serve_tutor():
+    """The whole app on a free loopback port, in this process, for fixtures of any scope:
+
+        with serve_tutor(tmp_dir, model_dir, sampling=SamplingConfig(...)) as (tutor, url): ...
+
+    `settings` are further ServeConfig fields; the database is tmp_dir/c.db, versions go to tmp_dir/models.
+    """
+    return _serve_tutor
