@@ -1,0 +1,167 @@
+"""Reward model step on the tiny random Llama: it learns a planted preference, the grouped
+Bradley-Terry loss is the one CONTRACT.md asks for, the gate stops weak models, storage is exact."""
+
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rlhf.data import PreferenceGroup
+from rlhf.reward import (RewardConfig, RewardTooWeak, build_reward_model, check_reward_model,
+                         collate_groups, fit, grouped_bt_loss, load_reward_model, rewards_of,
+                         save_reward_model, score, train_reward_model)
+
+SYSTEM = {"role": "system", "content": "You are a patient tutor."}
+FILLER = ["A fraction is a part of a whole.", "Try counting on your fingers.",
+          "Plants turn light into sugar.", "The capital of France is Paris.",
+          "Water boils at one hundred degrees.", "What do you already know?"]
+MARK = "Here is an example."  # the planted preference: the completion that says it wins
+# A higher rate and one more epoch than the defaults: the tiny model starts from random weights.
+CONFIG = RewardConfig(learning_rate=2e-3, epochs=3, max_length=256)
+
+
+def planted_groups(n: int, seed: int) -> list[PreferenceGroup]:
+    """K-way rankings (K = 2..4) where the one completion containing MARK beats the others.
+    Every completion has 1..3 sentences and MARK replaces one of the winner's, so length
+    carries no signal."""
+    rng = random.Random(seed)
+    groups = []
+    for i in range(n):
+        k = rng.randint(2, 4)
+        texts = []
+        for j in range(k):
+            sentences = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
+            if j == 0:
+                sentences[rng.randrange(len(sentences))] = MARK
+            texts.append(" ".join(sentences))
+        texts = list(dict.fromkeys(texts))  # each distinct text once, as data.py stores them
+        rng.shuffle(texts)
+        winner = next(t for t, text in enumerate(texts) if MARK in text)
+        groups.append(PreferenceGroup(
+            prompt=[SYSTEM, {"role": "user", "content": f"Question {i}: can you help me?"}],
+            completions=texts, pairs=[(winner, j) for j in range(len(texts)) if j != winner],
+            conversation_id=f"conv-{seed}-{i}", source="ranking", group_id=f"ranking:{seed}-{i}"))
+    return [g for g in groups if g.pairs]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir):
+    torch.manual_seed(0)
+    calls = []
+    train, heldout = planted_groups(64, seed=1), planted_groups(20, seed=2)
+    result = train_reward_model(tiny_model_dir, train, heldout, CONFIG,
+                                progress=lambda *a: calls.append(a))
+    return result, train, heldout, calls
+
+
+def test_learns_planted_preference_not_length(trained):
+    result, _, heldout, calls = trained
+    m = result.metrics
+    longer_wins = [len(g.completions[c]) > len(g.completions[r]) for g in heldout for c, r in g.pairs]
+    assert sum(longer_wins) / len(longer_wins) < 0.7  # length alone would not pass
+    assert m["heldout_pairs"] == len(longer_wins)
+    assert m["heldout_accuracy"] >= 0.8, m
+    assert len(m["train_loss"]) == CONFIG.epochs and m["train_loss"][-1] < m["train_loss"][0]
+    assert m["length_correlation"] is None or -1.0 <= m["length_correlation"] <= 1.0
+    assert m["seconds"] > 0
+    steps = [step for step, _, _ in calls]
+    assert steps == list(range(1, len(calls) + 1)) and calls[-1][1] == len(calls)
+    assert all(math.isfinite(loss) for _, _, loss in calls)
+    check_reward_model(m, CONFIG)  # clears the gate
+
+
+def test_only_adapters_and_score_head_changed(trained, tiny_model_dir):
+    result, *_ = trained
+    assert not hasattr(result.model, "peft_config")  # merged: a plain model
+    # Same seed, no LoRA: the untrained backbone with the same initial score head.
+    initial, _ = build_reward_model(tiny_model_dir, replace(CONFIG, use_lora=False))
+    before, after = initial.state_dict(), result.model.state_dict()
+    assert before.keys() == after.keys()
+    lora_targets = ("q_proj", "v_proj", "score")  # peft's LoRA default for Llama, plus the head
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any("score" in name for name in changed)
+    assert any("q_proj" in name for name in changed) and any("v_proj" in name for name in changed)
+    assert all(any(t in name for t in lora_targets) for name in changed), changed
+
+
+def _hand_groups() -> list[PreferenceGroup]:
+    prompt = [SYSTEM, {"role": "user", "content": "What is 3 + 4?"}]
+    ranked = PreferenceGroup(prompt, ["Seven.", "Count on your fingers: seven.", "Eight."],
+                             [(1, 0), (1, 2), (0, 2)], "c1", "ranking")
+    rated = PreferenceGroup(prompt, ["Try counting together.", "No idea."], [(0, 1)], "c2", "rating")
+    return [ranked, rated]
+
+
+def test_grouped_loss_matches_hand_computation_and_encodes_each_completion_once(tiny_model_dir):
+    model, tokenizer = build_reward_model(tiny_model_dir, CONFIG)
+    groups = _hand_groups()
+    # Each completion alone (no padding), then the loss by hand: mean over pairs, mean over groups.
+    r = [score(model, tokenizer, [g.prompt] * len(g.completions), g.completions, batch_size=1)
+         for g in groups]
+    expected = sum(
+        sum(-math.log(1 / (1 + math.exp(-(float(rg[c]) - float(rg[j]))))) for c, j in g.pairs)
+        / len(g.pairs) for g, rg in zip(groups, r)) / len(groups)
+
+    rows_seen = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    batch = collate_groups(tokenizer, groups, CONFIG.max_length)
+    with torch.no_grad():
+        loss = grouped_bt_loss(rewards_of(model, batch.input_ids, batch.attention_mask), batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert rows_seen == [5]  # 5 distinct completions for 4 pairs, not 8 encodings
+    # Not the flat mean over the 4 pairs, which would weight the ranking three times.
+    flat = [-math.log(1 / (1 + math.exp(-(float(rg[c]) - float(rg[j])))))
+            for g, rg in zip(groups, r) for c, j in g.pairs]
+    assert abs(sum(flat) / len(flat) - expected) > 1e-6
+
+    # Training keeps both groups in one forward pass of 5 rows too.
+    rows_seen.clear()
+    losses = fit(model, tokenizer, groups, replace(CONFIG, epochs=1, groups_per_batch=2))
+    assert rows_seen == [5] and losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_group_weight_spreads_over_its_pairs(tiny_model_dir):
+    model, tokenizer = build_reward_model(tiny_model_dir, CONFIG)
+    groups = _hand_groups()
+    batch = collate_groups(tokenizer, groups, CONFIG.max_length)
+    rewards = torch.tensor([0.3, 1.0, -0.5, 0.2, 0.4])
+    per_group = []
+    for g_index in range(2):
+        mask = batch.pair_group == g_index
+        diff = rewards[batch.chosen[mask]] - rewards[batch.rejected[mask]]
+        per_group.append(-torch.nn.functional.logsigmoid(diff).mean())
+    batch.group_weight = torch.tensor([3.0, 1.0])
+    expected = (3 * per_group[0] + per_group[1]) / 4
+    assert grouped_bt_loss(rewards, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gate_stops_a_reward_model_at_chance():
+    with pytest.raises(RewardTooWeak) as info:
+        check_reward_model({"heldout_accuracy": 0.52, "heldout_pairs": 40}, RewardConfig())
+    message = str(info.value)
+    assert "0.52" in message and "40 pairs" in message and "0.60" in message
+    assert "stopping before PPO" in message and "\n" not in message
+    with pytest.raises(RewardTooWeak, match="0.60 on 10 pairs is not above 0.60"):
+        check_reward_model({"heldout_accuracy": 0.6, "heldout_pairs": 10}, RewardConfig())
+    with pytest.raises(RewardTooWeak, match="no held-out pairs"):
+        check_reward_model({"heldout_accuracy": None, "heldout_pairs": 0}, RewardConfig())
+    check_reward_model({"heldout_accuracy": 0.75, "heldout_pairs": 40}, RewardConfig())
+
+
+def test_save_load_round_trip_scores_identically_and_batching_does_not_change_scores(
+        trained, tmp_path):
+    result, _, heldout, _ = trained
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    completions = [text for g in heldout for text in g.completions]
+    batched = score(result.model, result.tokenizer, prompts, completions, batch_size=8)
+    one_by_one = score(result.model, result.tokenizer, prompts, completions, batch_size=1)
+    assert batched.shape == (len(completions),)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)  # right padding is inert
+
+    loaded = load_reward_model(save_reward_model(result, tmp_path / "rm"))
+    assert (tmp_path / "rm" / "metrics.json").exists()
+    assert loaded.metrics == result.metrics
+    assert torch.equal(score(loaded.model, loaded.tokenizer, prompts, completions), batched)
