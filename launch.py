@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="settings file, TOML or YAML, with [serve] tables (default: none)")
     p.add_argument("--retrain", action="store_true", help="run RLHF cycle(s) from the feedback in --db, then exit")
     p.add_argument("--cycles", type=int, default=1, help="with --retrain: cycles to run back to back (default: 1)")
+    p.add_argument("--export", type=Path, metavar="DIR", help="write the feedback as TRL-format JSONL into DIR, then exit")
+    p.add_argument("--rollback", metavar="VERSION", help="make an older policy version current again, then exit")
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
     return p.parse_args(argv)
 
@@ -42,9 +44,10 @@ def serve_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.retrain:
-        print("error: --retrain is not available yet in this version; feedback keeps being collected", file=sys.stderr)
-        return 2
+    if args.retrain or args.export or args.rollback:
+        from rlhf.cli import run_offline
+
+        return run_offline(args)
     from app.versions import ModelError
 
     try:

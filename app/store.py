@@ -552,8 +552,11 @@ class Store:
              cycle_id])
 
     @_locked
-    def last_cycle(self) -> dict[str, Any] | None:
-        return self._one("select * from training_cycles order by id desc limit 1")
+    def last_cycle(self, statuses: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+        """The newest training cycle, optionally only among those that ended with one of `statuses`."""
+        where = f"where status in ({', '.join('?' * len(statuses))})" if statuses else ""
+        return _decode(self._one(f"select * from training_cycles {where} order by id desc limit 1",
+                                 list(statuses or [])))
 
     @_locked
     def row_counts(self) -> dict[str, int]:

@@ -1,0 +1,52 @@
+"""`launch.py --retrain / --export / --rollback`: the offline commands, each ending in one line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from app.config import merge, read_config_file
+
+
+def retrain_config(path: Path | None):
+    from rlhf.cycle import CycleConfig
+
+    config = CycleConfig()
+    if path:
+        config = merge(config, read_config_file(path).get("retrain", {}), "retrain")
+    return config
+
+
+def run_offline(args) -> int:
+    from app.embedded import ensure_base
+    from app.store import Store
+    from app.versions import ModelError, ModelRegistry
+    from rlhf.cycle import CycleError, rollback, run_cycle
+    from rlhf.data import NotEnoughData, collect, export_jsonl
+
+    db = args.db or Path("conversations.db")
+    registry = ModelRegistry(args.models_dir or Path("models"))
+    try:
+        if args.rollback:
+            print(rollback(registry, args.rollback))
+            return 0
+        if not db.exists():
+            raise CycleError(f"no feedback database at {db}; start the app and collect feedback first")
+        with Store(db) as store:
+            if args.export:
+                paths = export_jsonl(collect(store), args.export)
+                print(f"wrote {', '.join(str(p) for p in paths.values())}")
+                return 0
+            config = retrain_config(args.config)
+            ensure_base(registry, args.model)
+            for n in range(args.cycles):
+                outcome = run_cycle(store, registry, config)
+                print(f"cycle {n + 1}/{args.cycles}: {outcome.message}")
+                if outcome.status == "nothing_new":
+                    break
+        return 0
+    except (CycleError, NotEnoughData, ModelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the served version and all feedback are unchanged", file=sys.stderr)
+        return 130

@@ -1,0 +1,235 @@
+"""One RLHF cycle, the InstructGPT loop closed inside the app:
+
+    1. data      feedback in the DB -> demonstrations, preference groups, PPO prompts (held out by conversation)
+    2. SFT       on demonstrations, when there are enough (merged: this cycle's reference policy)
+    3. reward    model on all preference pairs so far; stop here unless clearly above chance on held-out pairs
+    4. PPO       the reference policy against the reward model, per-token KL penalty to the reference
+    5. evaluate  new vs current on held-out prompts, and the gate
+    6. promote   write the version whole, then switch models/CURRENT atomically; prune old versions
+
+Nothing is written to the served state before step 6, so Ctrl-C or a crash anywhere leaves the served
+version and every feedback row as they were. One cycle at a time: a lock file guards the models dir.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from app.prompting import TUTOR_SYSTEM_PROMPT
+from app.store import Store
+from app.versions import ModelRegistry
+from rlhf.data import NotEnoughData, check_enough, collect, split_data
+from rlhf.evaluate import GateConfig, evaluate, write_report
+from rlhf.ppo import PPOConfig, save_history, train_ppo
+from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, score, train_reward_model
+from rlhf.sft import SFTSettings, run_sft
+
+
+@dataclass
+class CycleConfig:
+    min_pairs: int = 20
+    min_prompts: int = 8
+    min_heldout_prompts: int = 4
+    heldout_fraction: float = 0.15
+    max_eval_prompts: int = 48
+    keep_versions: int = 3  # besides the base, the current version and its parent
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+class CycleError(RuntimeError):
+    """The cycle could not run; the message is one line for the user."""
+
+
+@dataclass
+class CycleOutcome:
+    status: str  # promoted | rejected | nothing_new
+    message: str
+    version: str | None = None
+
+
+@contextmanager
+def retrain_lock(models_dir: Path):
+    models_dir.mkdir(parents=True, exist_ok=True)
+    path = models_dir / ".retrain.lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise CycleError(f"another retrain is running ({handle.read().strip() or 'unknown pid'}); wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def feedback_digest(data) -> str:
+    """Names the set of feedback rows behind `data`: equal digests mean nothing new to learn from."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data.lineage(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say=print) -> CycleOutcome:
+    with retrain_lock(registry.root):
+        return _run_cycle(store, registry, config, say)
+
+
+def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) -> CycleOutcome:
+    # 1. data -------------------------------------------------------------------------------------
+    data = collect(store)
+    train, heldout = split_data(data, config.heldout_fraction)
+    try:
+        check_enough(train, config.min_pairs, config.min_prompts)
+    except NotEnoughData as exc:
+        raise CycleError(str(exc)) from None
+    if len(heldout.ppo_prompts) < config.min_heldout_prompts:
+        raise CycleError(f"need at least {config.min_heldout_prompts} held-out prompts, have "
+                         f"{len(heldout.ppo_prompts)}; more conversations are needed")
+    digest = feedback_digest(data)
+    last = store.last_cycle(statuses=("promoted", "rejected"))
+    if last and (last.get("metrics") or {}).get("feedback_digest") == digest:
+        return CycleOutcome("nothing_new", f"nothing new to learn from since cycle {last['id']}")
+
+    current = registry.current_version()
+    cycle_id = store.start_cycle()
+    started = time.perf_counter()
+    say(f"cycle {cycle_id}: from policy {current}; {data.counts()} (held out: {heldout.counts()})")
+    try:
+        outcome, metrics = _train_and_gate(store, registry, config, current, train, heldout, cycle_id, say)
+    except KeyboardInterrupt:
+        store.finish_cycle(cycle_id, "interrupted", reason="interrupted by the user")
+        raise
+    except Exception as exc:
+        store.finish_cycle(cycle_id, "failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
+    store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
+                       reward_version=outcome.version and f"reward-{outcome.version}", metrics=metrics)
+    return outcome
+
+
+def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, say):
+    from app.versions import load_pretrained
+
+    workdir = registry.root / "cycles" / f"{cycle_id:04d}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"from_version": current, "train": train.counts(), "heldout": heldout.counts()}
+    policy = load_pretrained(registry.path(current), current)
+    tokenizer = policy.tokenizer
+
+    # 2. SFT on demonstrations -> this cycle's reference policy
+    reference = load_pretrained(registry.path(current), current).model
+    sft_records = [{"prompt": d.prompt, "completion": d.completion} for d in train.demonstrations]
+    if len(sft_records) >= config.sft.min_demonstrations:
+        say(f"2. SFT on {len(sft_records)} demonstrations")
+        reference, sft_metrics = run_sft(reference, tokenizer, sft_records, config.sft,
+                                         progress=lambda s, n, loss: say(f"   sft step {s}/{n} loss {loss:.3f}"))
+        metrics.update(sft_metrics)
+    else:
+        say(f"2. SFT skipped: {len(sft_records)} demonstrations (< {config.sft.min_demonstrations})")
+
+    # 3. reward model on all pairs so far
+    say(f"3. reward model on {train.n_pairs} pairs ({len(train.preference_groups)} groups)")
+    rm = train_reward_model(registry.path(current), train.preference_groups, heldout.preference_groups, config.reward,
+                            progress=lambda s, n, loss: say(f"   reward step {s}/{n} loss {loss:.3f}"))
+    metrics["reward"] = rm.metrics
+    say(f"   held-out pairwise accuracy {rm.metrics['heldout_accuracy']:.2f} on {rm.metrics['heldout_pairs']} pairs; "
+        f"reward-length correlation {rm.metrics['length_correlation']:+.2f}")
+    try:
+        check_reward_model(rm.metrics, config.reward)
+    except RewardTooWeak as exc:
+        return CycleOutcome("rejected", str(exc)), metrics
+
+    def reward_fn(prompts, completions, _token_ids=None):
+        return score(rm.model, rm.tokenizer, prompts, completions)
+
+    # 4. PPO from the reference against the reward model
+    prompts = [p.prompt for p in train.ppo_prompts]
+    say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
+    result = train_ppo(reference, tokenizer, prompts, reward_fn, config.ppo, progress=lambda s: say("   " + _line(s)))
+    save_history(result.history, workdir / "ppo_history.jsonl")
+    metrics["ppo_last"] = result.history[-1] if result.history else {}
+
+    # 5. evaluate and gate
+    eval_prompts = [p.prompt for p in heldout.ppo_prompts][: config.max_eval_prompts]
+    say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
+    base = registry.load(registry.versions()[0]).model
+    reference_for_kl = load_pretrained(registry.path(current), current).model if reference is result.model else reference
+    verdict = evaluate(policy.model, result.model, reference_for_kl, base, tokenizer, reward_fn, eval_prompts,
+                       TUTOR_SYSTEM_PROMPT, config.gate)
+    metrics["gate"] = verdict.metrics
+    write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
+    say(f"   report: {workdir / 'report.md'}")
+    if not verdict.promote:
+        return CycleOutcome("rejected", verdict.summary()), metrics
+
+    # 6. promote: the version directory is complete before CURRENT names it
+    version = registry.next_version()
+    lineage = {"parent": current, "reward_model": f"reward-{version}", "cycle": cycle_id,
+               "feedback_rows": train.lineage()}
+    registry.write_version(version, result.model, tokenizer, {
+        "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
+        "config": asdict(config), "metrics": metrics, "lineage": lineage})
+    rm_dir = registry.root / f"reward-{version}"
+    if not rm_dir.exists():
+        from rlhf.reward import save_reward_model
+
+        save_reward_model(rm, rm_dir)
+    store.add_model_version(f"reward-{version}", "reward", str(rm_dir), parent=None, metrics=rm.metrics)
+    store.add_model_version(version, "policy", str(registry.path(version)), parent=current, metrics=verdict.metrics,
+                            lineage=lineage)
+    registry.set_current(version)
+    prune(registry, config.keep_versions, say)
+    return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version), metrics
+
+
+def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:
+    """Deletes old versions: never the base, the current one or its parent, nor the `keep` newest."""
+    versions = registry.versions()
+    current = registry.current_version()
+    protected = {versions[0], current, registry.meta(current).get("parent"), *versions[-keep:]}
+    removed = []
+    for version in versions:
+        if version not in protected:
+            shutil.rmtree(registry.path(version), ignore_errors=True)
+            shutil.rmtree(registry.root / f"reward-{version}", ignore_errors=True)
+            removed.append(version)
+    if removed:
+        say(f"   pruned old versions {', '.join(removed)} (keeping base, current, parent and the {keep} newest)")
+    return removed
+
+
+def _line(stats: dict) -> str:
+    keys = ("update", "score", "kl", "entropy", "length", "clipfrac", "value_loss", "gen_seconds", "train_seconds")
+    return " ".join(f"{k} {stats[k]:.3g}" if isinstance(stats.get(k), float) else f"{k} {stats.get(k)}"
+                    for k in keys if k in stats)
+
+
+def rollback(registry: ModelRegistry, version: str) -> str:
+    if version not in registry.versions():
+        raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
+    registry.set_current(version)
+    return f"{version} is current again; a running app switches to it before its next reply"
+
+
+def json_default(obj):
+    return str(obj)
+
+
+__all__ = ["CycleConfig", "CycleError", "CycleOutcome", "run_cycle", "rollback", "prune", "json"]

@@ -1,0 +1,186 @@
+"""Evaluate a new policy against the current one on held-out prompts, and the promotion gate.
+
+PPO has just optimised the reward model, so its score alone proves little. The gate asks for all of:
+- reward of new vs current on held-out prompts, controlled for answer length (reward minus its linear
+  dependence on length, fitted on both policies' answers), with a bootstrap 95% CI above zero;
+- KL to this cycle's reference and cumulative KL to the base version, each under its limit;
+- mean answer length within a drift band of the current policy's;
+- correctness on a fixed regression set of checkable tutoring questions not lower beyond noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.ppo_core import logprobs_from_logits
+
+REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
+
+
+@dataclass
+class GateConfig:
+    max_kl_reference: float = 12.0  # nats per answer, new policy vs this cycle's reference
+    max_kl_base: float = 30.0  # nats per answer, new policy vs the base version
+    max_length_ratio: float = 1.6  # mean length new / current, both ways
+    bootstrap_samples: int = 2000
+    regression_z: float = 1.96  # how many standard errors of the accuracy difference count as noise
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    seed: int = 0
+    samples_in_report: int = 6
+
+
+@dataclass
+class Verdict:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "passed the gate" if self.promote else "rejected by the gate: " + "; ".join(self.reasons)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 16, seed: int = 0) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """Left-padded batched generation. Returns texts, prompt token ids and answer token ids (EOS dropped)."""
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    texts, prompt_ids, answer_ids = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sample = temperature > 0
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample, top_k=0,
+                             temperature=temperature if sample else None, top_p=None,
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        for row in range(out.shape[0]):
+            ids = out[row, enc["input_ids"].shape[1]:].tolist()
+            ids = ids[:ids.index(eos)] if eos in ids else ids
+            prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
+            answer_ids.append(ids)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts, prompt_ids, answer_ids
+
+
+@torch.no_grad()
+def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> torch.Tensor:
+    """Sum of log p(answer token) under `model`, one row at a time (answers differ in length)."""
+    totals = []
+    for p, a in zip(prompt_ids, answer_ids):
+        if not a:
+            totals.append(0.0)
+            continue
+        ids = torch.tensor([p + a], device=model.device)
+        logits = model(input_ids=ids).logits[:, len(p) - 1:-1].float()  # (1, len(a), V)
+        totals.append(logprobs_from_logits(logits, ids[:, len(p):]).sum().item())
+    return torch.tensor(totals)
+
+
+def mean_kl(policy, other, prompt_ids, answer_ids) -> float:
+    """Monte Carlo KL(policy || other) per answer, on answers sampled from `policy`."""
+    return float((sequence_logprob(policy, prompt_ids, answer_ids) - sequence_logprob(other, prompt_ids, answer_ids)).mean())
+
+
+def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rewards minus their least-squares linear dependence on answer length."""
+    x = lengths.float() - lengths.float().mean()
+    slope = (x * (rewards - rewards.mean())).sum() / x.pow(2).sum().clamp(min=1e-8)
+    return rewards - slope * x
+
+
+def bootstrap_ci(diffs: list[float], samples: int, seed: int) -> tuple[float, float, float]:
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(samples))
+    return sum(diffs) / n, means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
+def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_correct(answer: str, accepted: list[str]) -> bool:
+    text = answer.lower()
+    return any(re.search(rf"(?<![\w.]){re.escape(a.lower())}(?![\w])", text) for a in accepted)
+
+
+def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict], max_new_tokens: int) -> tuple[float, list[str]]:
+    prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": it["question"]}] for it in items]
+    answers, _, _ = generate(model, tokenizer, prompts, max_new_tokens)  # greedy: repeatable
+    return sum(is_correct(a, it["answers"]) for a, it in zip(answers, items)) / len(items), answers
+
+
+def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: list[list[dict]], system_prompt: str,
+             config: GateConfig) -> Verdict:
+    """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards."""
+    cur_text, _, cur_ids = generate(current, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=config.seed)
+    new_text, new_prompt_ids, new_ids = generate(new, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                                                 seed=config.seed)
+    rewards = reward_score(prompts + prompts, cur_text + new_text).float().cpu()
+    lengths = torch.tensor([len(a) for a in cur_ids + new_ids])
+    adjusted = length_controlled(rewards, lengths)
+    n = len(prompts)
+    diffs = (adjusted[n:] - adjusted[:n]).tolist()
+    mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
+    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids)
+    kl_base = mean_kl(new, base, new_prompt_ids, new_ids) if base is not reference else kl_ref
+    len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
+    items = load_regression_set()
+    acc_cur, _ = regression_accuracy(current, tokenizer, system_prompt, items, config.max_new_tokens)
+    acc_new, _ = regression_accuracy(new, tokenizer, system_prompt, items, config.max_new_tokens)
+    p = (acc_cur + acc_new) / 2
+    noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
+    metrics = {
+        "heldout_prompts": n, "reward_current": rewards[:n].mean().item(), "reward_new": rewards[n:].mean().item(),
+        "reward_gain_length_controlled": mean_diff, "reward_gain_ci95": [low, high],
+        "kl_to_reference": kl_ref, "kl_to_base": kl_base, "length_current": len_cur, "length_new": len_new,
+        "regression_accuracy_current": acc_cur, "regression_accuracy_new": acc_new,
+        "regression_noise": noise, "regression_items": len(items),
+    }
+    reasons = []
+    if low <= 0:
+        reasons.append(f"length-controlled reward gain {mean_diff:+.3f} has 95% CI [{low:+.3f}, {high:+.3f}] not above 0")
+    if kl_ref > config.max_kl_reference:
+        reasons.append(f"KL to reference {kl_ref:.1f} > {config.max_kl_reference}")
+    if kl_base > config.max_kl_base:
+        reasons.append(f"KL to base {kl_base:.1f} > {config.max_kl_base}")
+    ratio = (len_new + 1) / (len_cur + 1)
+    if not 1 / config.max_length_ratio <= ratio <= config.max_length_ratio:
+        reasons.append(f"mean answer length drifted {len_cur:.0f} -> {len_new:.0f} tokens")
+    if acc_new < acc_cur - noise:
+        reasons.append(f"regression-set accuracy fell {acc_cur:.0%} -> {acc_new:.0%} (noise {noise:.0%})")
+    samples = [{"prompt": prompts[i][-1]["content"], "current": cur_text[i], "new": new_text[i],
+                "reward_current": rewards[i].item(), "reward_new": rewards[n + i].item()}
+               for i in range(min(config.samples_in_report, n))]
+    return Verdict(promote=not reasons, reasons=reasons, metrics=metrics, samples=samples)
+
+
+def write_report(verdict: Verdict, path: Path, extra: dict | None = None) -> None:
+    """A Markdown report of the cycle: metrics, the verdict, and answers side by side."""
+    lines = [f"# Training cycle report\n", f"**Verdict:** {verdict.summary()}\n", "## Metrics\n", "| metric | value |",
+             "| --- | --- |"]
+    for key, value in {**(extra or {}), **verdict.metrics}.items():
+        lines.append(f"| {key} | {_fmt(value)} |")
+    lines.append("\n## Sample answers (held-out prompts)\n")
+    for s in verdict.samples:
+        lines += [f"**Prompt:** {s['prompt']}\n", f"- current ({s['reward_current']:+.2f}): {s['current']}",
+                  f"- new ({s['reward_new']:+.2f}): {s['new']}\n"]
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(json.dumps({**asdict(verdict), "extra": extra or {}}, indent=2, default=str))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)

@@ -1,0 +1,379 @@
+"""The real page in a real browser: streaming chat, thumbs with reasons, compare mode and rewrites.
+
+The app runs in this process with the tiny model on a free loopback port; headless Debian chromium is
+driven through selenium, and every click is checked against the rows it must leave in the SQLite file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+    pytest.mark.skipif(not CHROMEDRIVER.exists(),
+                       reason=f"{CHROMEDRIVER} is missing (apt-get install chromium-driver)"),
+]
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException, StaleElementReferenceException, WebDriverException)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from app.config import ServeConfig  # noqa: E402
+from app.engine import SamplingConfig  # noqa: E402
+from app.server import create_app  # noqa: E402
+
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", "--window-size=1400,1000")
+TIMEOUT = 30  # seconds for any single UI step; the tiny model answers in about a second
+
+# Selectors of the Gradio 6 DOM, read from the rendered page.
+BOT = "#chatbot [data-testid='bot']"
+USER = "#chatbot [data-testid='user']"
+CHAT_STATUS = "#chatbot [data-testid='status-tracker']"
+LIKE = "button[aria-label='Like']"
+CANDIDATES = "#compare-panel .candidate[data-testid='markdown']"
+TOAST = "[data-testid='toast-body']"
+
+# Records every distinct text of the latest assistant bubble, as the browser renders it, so that a stream
+# is seen even between two polls from the test.
+RECORD_STREAM = """
+window.__streamed = [];
+const root = document.querySelector('#chatbot');
+const record = () => {
+  const bubbles = root.querySelectorAll("[data-testid='bot']");
+  if (!bubbles.length) return;
+  const text = bubbles[bubbles.length - 1].innerText;
+  const seen = window.__streamed;
+  if (!seen.length || seen[seen.length - 1] !== text) seen.push(text);
+};
+window.__streamObserver && window.__streamObserver.disconnect();
+window.__streamObserver = new MutationObserver(record);
+window.__streamObserver.observe(root, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def wait(driver) -> WebDriverWait:
+    """Svelte replaces nodes while it updates: a node gone stale between two calls is simply asked again."""
+    return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def squash(text: str) -> str:
+    """Rendered text with whitespace runs folded: markdown and the chat bubble break lines differently."""
+    return re.sub(r"\s+", " ", text or "").strip()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-app")
+    config = ServeConfig(host="127.0.0.1", port=free_port(), db=tmp / "c.db", models_dir=tmp / "models",
+                         model=tiny_model_dir, sampling=SamplingConfig(max_new_tokens=80))
+    tutor = create_app(config, say=lambda *_: None)
+    try:
+        url = tutor.launch(block=False)
+        yield {"url": url, "db": config.db}
+    finally:
+        tutor.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={profile}")
+    try:
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    except WebDriverException as exc:
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"chromium does not start here: {exc.msg}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(served, browser, tmp_path):
+    """A freshly loaded page, so each test has its own conversation. The page as it was at the end of the
+    test is left in the test's tmp_path (page.png, page.html) to look at when something fails."""
+    browser.get(served["url"])
+    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#message textarea"))
+    print(f"page at the end of the test: {tmp_path / 'page.png'} and page.html")
+    yield browser
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    (tmp_path / "page.html").write_text(browser.page_source)
+
+
+# -- helpers --
+
+
+def query(db: Path, sql: str, args=()) -> list[dict]:
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute(sql, args)]
+
+
+def eventually(check, what: str, timeout: float = TIMEOUT):
+    """Polls `check` until it returns something truthy; fails with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def toasts(driver, kind: str) -> list[str]:
+    """Texts of the notices on screen; kind is "info", "warning" or "error"."""
+    return fresh(lambda: [" ".join(e.text.split())
+                          for e in driver.find_elements(By.CSS_SELECTOR, f"{TOAST}.{kind}")])
+
+
+def wait_toast(driver, kind: str, text: str) -> None:
+    wait(driver).until(lambda d: any(text in t for t in toasts(d, kind)),
+                                         f"no {kind} notice saying {text!r}")
+
+
+def no_error_toast(driver) -> None:
+    shown = toasts(driver, "error")
+    assert not shown, f"the page shows an error: {shown}"
+
+
+def fresh(read, tries: int = 20):
+    """Runs `read` again when Svelte replaced a node while it was being read."""
+    for _ in range(tries - 1):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.02)
+    return read()
+
+
+def texts(driver, selector: str) -> list[str]:
+    return fresh(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, selector)])
+
+
+def visible(driver, elem_id: str) -> bool:
+    """Gradio 6 takes hidden components out of the DOM; either way they are not visible."""
+    return fresh(lambda: any(e.is_displayed() for e in driver.find_elements(By.ID, elem_id)))
+
+
+def chat_idle(driver) -> bool:
+    return fresh(lambda: "hide" in (driver.find_element(By.CSS_SELECTOR, CHAT_STATUS).get_attribute("class")
+                                    or "").split())
+
+
+def type_message(driver, text: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, "#message textarea")
+    box.click()
+    box.send_keys(text)
+
+
+def ask(driver, text: str) -> tuple[str, list[str]]:
+    """Sends `text` with the Send button; returns the final answer and the texts seen while it streamed."""
+    before = len(texts(driver, BOT))
+    driver.execute_script(RECORD_STREAM)
+    type_message(driver, text)
+    driver.find_element(By.ID, "send").click()
+    polled = []
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # poll as fast as the driver allows while the answer streams in
+        bubbles = texts(driver, BOT)
+        if len(bubbles) > before:
+            polled.append(bubbles[-1])
+            if bubbles[-1] and chat_idle(driver):
+                break
+        if time.monotonic() > deadline:
+            pytest.fail(f"no complete answer within {TIMEOUT}s; bubbles: {bubbles}")
+    final = texts(driver, BOT)[-1]
+    assert final.strip(), "the assistant bubble is empty"
+    assert texts(driver, USER)[-1].strip() == text
+    assert driver.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value") == "", \
+        "the textbox is not cleared after sending"
+    no_error_toast(driver)
+    return final, polled + driver.execute_script("return window.__streamed || []")
+
+
+def conversation_of(db: Path, user_text: str) -> list[dict]:
+    """The messages of the conversation whose user turn is `user_text` (made unique by each test)."""
+    rows = query(db, "select conversation_id from messages where role = 'user' and content = ?", [user_text])
+    assert len(rows) == 1, f"expected one stored user message {user_text!r}, found {len(rows)}"
+    return query(db, "select * from messages where conversation_id = ? order by position, created_at",
+                 [rows[0]["conversation_id"]])
+
+
+def unique(text: str) -> str:
+    return f"{text} [{uuid.uuid4().hex[:8]}]"
+
+
+def click_label(driver, radio_id: str, label: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"#{radio_id} label[data-testid='{label}-radio-label']").click()
+
+
+def answer_message(db: Path, user_text: str) -> dict:
+    rows = [m for m in conversation_of(db, user_text) if m["role"] == "assistant"]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# -- tests --
+
+
+def test_send_streams_the_answer_and_stores_the_turns(page, served):
+    question = unique("What is a fraction?")
+    final, seen = ask(page, question)
+
+    partial = [t for t in seen if t.strip() and squash(t) != squash(final) and squash(final).startswith(squash(t))]
+    print(f"{len(seen)} streamed states, {len(partial)} strict prefixes")
+    assert partial, ("the answer was never seen part-way through: no streamed state was a strict prefix of "
+                     f"the final text; seen {len(seen)} states")
+
+    db = served["db"]
+    messages = eventually(lambda: (m := conversation_of(db, question)) and m[-1]["role"] == "assistant" and m,
+                          "the stored answer")
+    conversation = query(db, "select * from conversations where id = ?", [messages[0]["conversation_id"]])
+    assert conversation and conversation[0]["purpose"] == "chat"
+    roles = [m["role"] for m in messages]
+    assert roles == ["user", "assistant"], roles
+    answer = messages[-1]
+    assert answer["content"].strip() and answer["model_version"] == "v0000"
+    assert json.loads(answer["context"]), "the stored answer does not record the context it saw"
+
+
+def test_thumbs_up_then_reason(page, served):
+    db = served["db"]
+    question = unique("Why is the sky blue?")
+    ask(page, question)
+    answer = answer_message(db, question)
+
+    # The thumbs sit in the button bar right after the answer's row.
+    fresh(lambda: page.find_elements(By.CSS_SELECTOR, "#chatbot .message-row.bot-row")[-1]
+          .find_element(By.XPATH, "following-sibling::div[contains(@class,'message-buttons')][1]")
+          .find_element(By.CSS_SELECTOR, LIKE).click())
+    first = eventually(lambda: query(db, "select * from ratings where message_id = ?", [answer["id"]]),
+                       "a rating row after clicking thumbs up")
+    assert [(r["rating"], r["reason"]) for r in first] == [("up", "")]
+    no_error_toast(page)
+
+    wait(page).until(lambda d: visible(d, "reason"))
+    assert "What was good" in texts(page, "#reason")[0]
+    options = fresh(lambda: [i.get_attribute("value")
+                             for i in page.find_elements(By.CSS_SELECTOR, "#reason input[type=radio]")])
+    assert "clear" in options, options
+    click_label(page, "reason", "clear")
+    rows = eventually(lambda: (r := query(db, "select * from ratings where message_id = ? order by id",
+                                          [answer["id"]])) and len(r) == 2 and r,
+                      "a second rating row with the reason")
+    assert [(r["rating"], r["reason"]) for r in rows] == [("up", ""), ("up", "clear")]
+    wait(page).until(lambda d: not visible(d, "reason"))
+    wait_toast(page, "info", "Thanks for telling us why")
+    no_error_toast(page)
+
+
+def test_compare_and_pick(page, served):
+    db = served["db"]
+    question = unique("Tell me about plants")
+    assert not visible(page, "compare-panel")
+    type_message(page, question)
+    page.find_element(By.ID, "compare").click()
+
+    def candidates(d):
+        return fresh(lambda: [e.text for e in d.find_elements(By.CSS_SELECTOR, CANDIDATES) if e.is_displayed()])
+
+    shown = wait(page).until(lambda d: (b := candidates(d)) and len(b) == 2 and all(t.strip() for t in b) and b)
+    assert shown[0].startswith("Answer A") and shown[1].startswith("Answer B"), shown
+    assert texts(page, USER)[-1].strip() == question
+    assert fresh(lambda: page.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value")) == ""
+
+    comparison = eventually(lambda: query(
+        db, "select c.* from comparisons c join messages m on m.id = c.user_message_id where m.content = ?",
+        [question]), "the stored comparison")[0]
+    assert comparison["k"] == 2 and comparison["decided_at"] is None
+    labels = {c["label"]: c["message_id"] for c in query(
+        db, "select * from comparison_candidates where comparison_id = ?", [comparison["id"]])}
+    assert sorted(labels) == ["A", "B"]
+
+    click_label(page, "choice", "A is best")
+    page.find_element(By.ID, "pick").click()
+    picks = eventually(lambda: query(db, "select * from comparison_picks where comparison_id = ?",
+                                     [comparison["id"]]), "the comparison_picks row")
+    assert len(picks) == 1 and picks[0]["choice"] == "A"
+    winner = query(db, "select * from messages where id = ?", [labels["A"]])[0]
+    assert winner["active"] == 1
+
+    wait(page).until(lambda d: not visible(d, "compare-panel"))
+    bubble = squash(texts(page, BOT)[-1])
+    expected = squash(shown[0].removeprefix("Answer A"))
+    assert bubble == expected, "the chat does not continue with the chosen answer"
+    wait_toast(page, "info", "goes on from the answer you chose")
+    no_error_toast(page)
+
+
+def test_rewrite_the_latest_answer(page, served):
+    db = served["db"]
+    question = unique("How do I add fractions?")
+    ask(page, question)
+    answer = answer_message(db, question)
+
+    page.find_element(By.XPATH, "//button[contains(@class,'label-wrap')][contains(., 'Write a better answer')]") \
+        .click()
+    area = wait(page).until(
+        lambda d: (a := d.find_elements(By.CSS_SELECTOR, "#better textarea")) and a[0].is_displayed() and a[0])
+    time.sleep(0.3)  # let the accordion finish opening before typing into it
+    area = page.find_element(By.CSS_SELECTOR, "#better textarea")
+    assert area.get_attribute("value") == answer["content"], "the box is not filled with the latest answer"
+    better = "Add fractions with the same bottom number by adding the tops: 1/4 + 2/4 = 3/4."
+    area.click()
+    area.send_keys(Keys.CONTROL, "a")
+    area.send_keys(Keys.DELETE)
+    area.send_keys(better)
+    page.find_element(By.ID, "rewrite").click()
+
+    rows = eventually(lambda: query(db, "select * from rewrites where message_id = ?", [answer["id"]]),
+                      "the rewrites row")
+    assert [r["text"] for r in rows] == [better]
+    wait(page).until(lambda d: squash(texts(d, BOT)[-1]) == squash(better))
+    wait_toast(page, "info", "Saved")
+    no_error_toast(page)
+
+
+def test_empty_message_is_refused_and_nothing_is_stored(page, served):
+    db = served["db"]
+    before = query(db, "select count(*) as n from messages")[0]["n"]
+    page.find_element(By.ID, "send").click()
+    wait_toast(page, "error", "empty")
+    assert texts(page, USER) == [] and texts(page, BOT) == []
+    assert query(db, "select count(*) as n from messages")[0]["n"] == before
