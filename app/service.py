@@ -56,7 +56,7 @@ class TutorService:
 
     def chat(self, conversation_id: str, message: str) -> Iterator[dict]:
         """Streams {"message_id", "text", "model_version", "done"}; `text` is the reply so far."""
-        message = self._check_message(message)
+        message = self.check_message(message)
         messages = self._context(conversation_id, message)
         with self._turn(conversation_id):
             request = self._submit(messages)
@@ -86,7 +86,7 @@ class TutorService:
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
             raise UserError(f"k must be a whole number from 2 to {self.limits.max_candidates}, not {k!r}")
-        message = self._check_message(message)
+        message = self.check_message(message)
         messages = self._context(conversation_id, message)
         with self._turn(conversation_id):
             requests = [self._submit(messages) for _ in range(k)]
@@ -138,7 +138,7 @@ class TutorService:
             return self.store.history(conversation_id)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _check_message(self, message: str) -> str:
+    def check_message(self, message: str) -> str:
         if not isinstance(message, str) or not message.strip():
             raise UserError("the message is empty")
         if len(message) > self.limits.max_message_chars:

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import itertools
+
 import gradio as gr
 
 from app.api import register_api
@@ -13,11 +15,15 @@ LABELS = "ABCD"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate",
                        font=["Inter", "Segoe UI", "Helvetica Neue", "Arial", "sans-serif"])
 CSS = """
-#header {display:flex; align-items:center; justify-content:space-between; padding: 4px 4px 0 4px;}
+#header {align-items:center; padding: 4px 4px 0 4px;}
+#header > div:last-child {display:flex; justify-content:flex-end;}
 #header h1 {margin:0; font-size:1.6rem;}
 #header p {margin:2px 0 0 0; color: var(--body-text-color-subdued);}
 .version-badge {font-size:0.85rem; padding:4px 10px; border-radius:999px; background: var(--color-accent-soft);}
-.candidate {border:1px solid var(--border-color-primary); border-radius:12px; padding:10px 14px; min-height:120px;}
+.candidate {border:1px solid var(--border-color-primary); border-radius:12px; padding:10px 14px; min-height:120px;
+           font-size: var(--text-lg);}
+.compare-panel {border:1px solid var(--color-accent); border-radius:14px; padding:12px 16px;
+                background: var(--background-fill-secondary);}
 footer {display:none !important;}
 """
 INTRO = ("Ask about maths, science, languages, programming or history. Your tutor explains step by step. "
@@ -43,6 +49,10 @@ def build_demo(service: TutorService) -> gr.Blocks:
         return state
 
     def send(message: str, history: list, state: dict):
+        try:
+            service.check_message(message)  # before a conversation row is created for nothing
+        except UserError as exc:
+            _fail(exc)
         state = ensure_conversation(state)
         stream = service.chat(state["conversation_id"], message)
         try:
@@ -51,7 +61,7 @@ def build_demo(service: TutorService) -> gr.Blocks:
             _fail(exc)
         history = history + [{"role": "user", "content": message.strip()}, {"role": "assistant", "content": ""}]
         ids = state["ids"] + [None, None]
-        for chunk in [chunk, *stream]:
+        for chunk in itertools.chain([chunk], stream):  # lazily: each chunk reaches the page as it comes
             history[-1] = {"role": "assistant", "content": chunk["text"]}
             if chunk["done"]:
                 ids[-1] = chunk["message_id"]
@@ -59,21 +69,29 @@ def build_demo(service: TutorService) -> gr.Blocks:
         yield history, {**state, "ids": ids}, "", version_badge(), gr.update(value=history[-1]["content"])
 
     def compare(message: str, k: str, history: list, state: dict):
+        try:
+            service.check_message(message)
+        except UserError as exc:
+            _fail(exc)
         state = ensure_conversation(state)
+        waiting = history + [{"role": "user", "content": message.strip()}]
+        note = gr.update(visible=True, value=f"*Writing {k} answers for you to compare…*")
+        yield (waiting, state, "", gr.update(visible=True), note, *[gr.update(visible=False)] * 3,
+               gr.update(choices=[], value=None), gr.update(visible=False))
         try:
             result = service.compare(state["conversation_id"], message, int(k))
         except UserError as exc:
             _fail(exc)
         candidates = result["candidates"]
-        history = history + [{"role": "user", "content": message.strip()}]
+        history = waiting
         state = {**state, "ids": state["ids"] + [None], "comparison": result}
         boxes = [gr.update(visible=i < len(candidates),
                            value=f"**Answer {LABELS[i]}**\n\n{candidates[i]['text']}" if i < len(candidates) else "")
                  for i in range(4)]
         choices = [(f"{LABELS[i]} is best", LABELS[i]) for i in range(len(candidates))]
         choices += [("They are equally good", "tie"), ("Both are bad", "both_bad")]
-        return (history, state, "", gr.update(visible=True), *boxes,
-                gr.update(choices=choices, value=None), gr.update(visible=len(candidates) > 2, value=""))
+        yield (history, state, "", gr.update(visible=True), *boxes,
+               gr.update(choices=choices, value=None), gr.update(visible=len(candidates) > 2, value=""))
 
     def pick(choice: str | None, order: str, history: list, state: dict):
         comparison = state["comparison"]
@@ -142,24 +160,26 @@ def build_demo(service: TutorService) -> gr.Blocks:
             badge = gr.HTML(version_badge())
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id="chatbot", height=480, show_label=False, layout="bubble",
+                chatbot = gr.Chatbot(elem_id="chatbot", height="60vh", show_label=False, layout="bubble",
                                      placeholder=f"**Welcome!** {INTRO}", buttons=["copy"],
                                      feedback_options=("Like", "Dislike"))
-                with gr.Row():
-                    message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
-                                         elem_id="message", autofocus=True, max_lines=6)
-                    send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                with gr.Row():
-                    k = gr.Dropdown(["2", "3", "4"], value="2", label="Answers to compare", scale=1, min_width=120)
-                    compare_btn = gr.Button("Compare answers", scale=2, elem_id="compare")
-                    new_btn = gr.Button("New conversation", scale=2, elem_id="new")
-                with gr.Group(visible=False, elem_id="compare-panel") as panel:
+                # Right under the chat, where the learner is looking, not below the input.
+                with gr.Column(visible=False, elem_id="compare-panel", elem_classes="compare-panel") as panel:
                     gr.Markdown("### Which answer helps you learn best?")
                     with gr.Row():
                         boxes = [gr.Markdown(elem_classes="candidate", visible=False) for _ in range(4)]
                     choice = gr.Radio([], label="Your choice", elem_id="choice")
                     order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B)", visible=False)
                     pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick")
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
+                                         elem_id="message", autofocus=True, max_lines=6)
+                    send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    k = gr.Dropdown(["2", "3", "4"], value="2", label="Answers", scale=1, min_width=90,
+                                    container=False, elem_id="k")
+                    compare_btn = gr.Button("Compare answers", scale=2, elem_id="compare")
+                    new_btn = gr.Button("New conversation", scale=2, elem_id="new")
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("#### Your feedback\nClick 👍 or 👎 under an answer. You can say why, too.")
                 reason = gr.Radio([], label="Why?", visible=False, elem_id="reason")

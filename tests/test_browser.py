@@ -98,7 +98,7 @@ def served(tiny_model_dir, tmp_path_factory):
     tutor = create_app(config, say=lambda *_: None)
     try:
         url = tutor.launch(block=False)
-        yield {"url": url, "db": config.db}
+        yield {"url": url, "db": config.db, "tutor": tutor}
     finally:
         tutor.close()
 
@@ -163,8 +163,7 @@ def toasts(driver, kind: str) -> list[str]:
 
 
 def wait_toast(driver, kind: str, text: str) -> None:
-    wait(driver).until(lambda d: any(text in t for t in toasts(d, kind)),
-                                         f"no {kind} notice saying {text!r}")
+    wait(driver).until(lambda d: any(text in t for t in toasts(d, kind)), f"no {kind} notice saying {text!r}")
 
 
 def no_error_toast(driver) -> None:
@@ -218,13 +217,28 @@ def ask(driver, text: str) -> tuple[str, list[str]]:
                 break
         if time.monotonic() > deadline:
             pytest.fail(f"no complete answer within {TIMEOUT}s; bubbles: {bubbles}")
+        time.sleep(0.01)
     final = texts(driver, BOT)[-1]
     assert final.strip(), "the assistant bubble is empty"
     assert texts(driver, USER)[-1].strip() == text
-    assert driver.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value") == "", \
-        "the textbox is not cleared after sending"
+    assert fresh(lambda: driver.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value")) \
+        == "", "the textbox is not cleared after sending"
     no_error_toast(driver)
     return final, polled + driver.execute_script("return window.__streamed || []")
+
+
+def paced(chat, delay: float, finished: list):
+    """Wraps TutorService.chat: each chunk comes `delay` seconds after the one before, as with the embedded
+    model (~17 tokens/s here) rather than the tiny one (80 tokens in ~0.2 s); the time the final chunk was
+    produced goes into `finished`."""
+    def chat_at_model_speed(*args, **kwargs):
+        for chunk in chat(*args, **kwargs):
+            if chunk["done"]:
+                finished.append(time.monotonic())
+            else:
+                time.sleep(delay)
+            yield chunk
+    return chat_at_model_speed
 
 
 def conversation_of(db: Path, user_text: str) -> list[dict]:
@@ -271,6 +285,29 @@ def test_send_streams_the_answer_and_stores_the_turns(page, served):
     answer = messages[-1]
     assert answer["content"].strip() and answer["model_version"] == "v0000"
     assert json.loads(answer["context"]), "the stored answer does not record the context it saw"
+
+
+def test_answer_is_shown_while_it_is_generated(page, served, monkeypatch):
+    """Streaming must reach the learner live: part of the answer is on screen before the model is done."""
+    service = served["tutor"].service
+    finished = []
+    monkeypatch.setattr(service, "chat", paced(service.chat, 0.03, finished))
+    before = len(texts(page, BOT))
+    type_message(page, unique("What is a fraction?"))
+    page.find_element(By.ID, "send").click()
+    first_partial = None
+    deadline = time.monotonic() + TIMEOUT
+    while not finished or first_partial is None:
+        bubbles = texts(page, BOT)
+        if first_partial is None and len(bubbles) > before and bubbles[-1].strip():
+            first_partial = time.monotonic()
+        if time.monotonic() > deadline:
+            pytest.fail(f"no answer within {TIMEOUT}s")
+        time.sleep(0.01)
+    wait(page).until(lambda d: chat_idle(d))
+    assert first_partial < finished[0], (
+        f"nothing of the answer was shown while it was generated: the first text appeared "
+        f"{first_partial - finished[0]:.2f}s after the model had finished")
 
 
 def test_thumbs_up_then_reason(page, served):
