@@ -167,7 +167,8 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     metrics["ppo_last"] = result.history[-1] if result.history else {}
 
     # 5. evaluate and gate
-    eval_prompts = [p.prompt for p in heldout.ppo_prompts][: config.max_eval_prompts]
+    trained = {json.dumps(p) for p in prompts}  # never evaluate on a prompt that was trained on
+    eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
     reference_for_kl = load_pretrained(registry.path(current), current).model if reference is result.model else reference
