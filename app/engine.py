@@ -92,13 +92,26 @@ class Request:
 
     def tokens(self, timeout: float | None = None):
         """Yields token ids as they are generated; raises the engine's error if admission failed."""
+        for chunk in self.token_chunks(timeout):
+            yield from chunk
+
+    def token_chunks(self, timeout: float | None = None):
+        """Yields lists of the token ids generated since the last list: a slow reader (a busy server
+        streaming to many clients) catches up in one step instead of one message per token."""
         while True:
-            item = self.events.get(timeout=timeout)
-            if item is None:
+            chunk = [self.events.get(timeout=timeout)]
+            while chunk[-1] is not None and not isinstance(chunk[-1], BaseException):
+                try:
+                    chunk.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            done = chunk[-1] is None or isinstance(chunk[-1], BaseException)
+            if [t for t in chunk if isinstance(t, int)]:
+                yield [t for t in chunk if isinstance(t, int)]
+            if isinstance(chunk[-1], BaseException):
+                raise chunk[-1]
+            if done:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
 
 @dataclass

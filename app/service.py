@@ -63,8 +63,8 @@ class TutorService:
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
             try:
-                for token in _user_errors(request.tokens()):
-                    tokens.append(token)
+                for chunk in _user_errors(request.token_chunks()):
+                    tokens.extend(chunk)
                     text = _decode(request, tokens)
                     if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                         continue

@@ -1,0 +1,315 @@
+"""PPO fine-tuning of the tutor against a reward function (InstructGPT, Ouyang et al. 2022).
+
+One update is the numbered steps of lm-human-preferences / cleanrl:
+  1. generate answers to a batch of prompts by sampling from the policy
+  2. score them with the reward function (minus a penalty for answers that never ended)
+  3. log-probs of the policy (old) and the reference, and the values, on the sampled tokens
+  4. per-token rewards: -kl_coef * KL to the reference on every token, the score on the last
+  5. advantages and returns by GAE; advantages whitened
+  6. a few epochs of minibatch PPO (clipped policy loss + vf_coef * clipped value loss),
+     then the adaptive KL controller moves kl_coef towards target_kl
+The maths lives in rlhf/ppo_core.py; this file only wires it up.
+
+Memory holds one copy of the weights: the base model is frozen and the policy is LoRA adapters
+on it; the reference is the same base with the adapters disabled; the value head is a linear
+layer on the policy's last hidden state. Policy and value share the LoRA trunk (cleanrl's shared
+network): a separate value model would cost a second base or a second adapter set swapped in on
+every step, and vf_coef keeps the value regression from dominating the policy's gradient.
+
+Accelerate places the model and runs backward / mixed precision, so `accelerate launch` runs the
+same code data-parallel: every process generates its own rollout_batch_size answers, statistics
+and the KL controller use the mean over processes, advantages are whitened per process.
+
+Alignment: logits at position t predict token t + 1. For a (B, P + R) prompt + response batch,
+logits[:, P - 1 : P + R - 1] score the R response tokens, and the value at the same position is
+V of the state just before that token. The response mask covers the generated tokens up to and
+including the first EOS, never the padding after it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig
+
+from rlhf import ppo_core
+
+Message = dict[str, str]
+RewardFn = Callable[[list[list[Message]], list[str], list[list[int]]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    total_episodes: int = 256  # answers generated over the whole run, all processes together
+    rollout_batch_size: int = 16  # answers per update, per process
+    minibatch_size: int = 8
+    ppo_epochs: int = 2
+    learning_rate: float = 1e-4  # LoRA and value head
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 1.0 samples from the policy as it is
+    top_k: int = 0  # 0: no top-k filtering
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    target_kl: float = 6.0  # nats per answer (summed over its tokens)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    unfinished_penalty: float = 1.0  # subtracted from the score of answers without EOS
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: str | bool = "auto"  # "auto": bf16 autocast when CUDA is available
+
+    def use_bf16(self) -> bool:
+        return torch.cuda.is_available() if self.bf16 == "auto" else bool(self.bf16)
+
+
+@dataclass
+class PPOResult:
+    model: nn.Module  # the policy: LoRA merged into a plain model, or the PeftModel if merge=False
+    value_head: nn.Linear
+    history: list[dict] = field(default_factory=list)  # one entry of statistics per update
+
+
+class PolicyAndValue(nn.Module):
+    """LoRA policy with a value head, on a frozen base that doubles as the reference."""
+
+    def __init__(self, model: nn.Module, config: PPOConfig):
+        super().__init__()
+        # lora_dropout=0: the policy must be deterministic, or the PPO ratio of the first
+        # epoch would not start at 1. get_peft_model freezes the base and wraps it in place.
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        self.policy = get_peft_model(model, lora)
+        hidden = model.config.get_text_config().hidden_size
+        # Starts at V = 0 for every state: the first advantages are the rewards themselves
+        # instead of noise from a random head.
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits (B, R, V) and values (B, R) for the last R tokens of input_ids."""
+        out = causal_lm_forward(self.policy, input_ids, attention_mask, response_len,
+                                output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -response_len - 1:-1]  # (B, R, H), after the final norm
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, R)
+        return out.logits[:, :-1], values.float()
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         response_len: int) -> torch.Tensor:
+        """Logits (B, R, V) of the reference: the same weights with the adapters switched off."""
+        with self.policy.disable_adapter():
+            return causal_lm_forward(self.policy, input_ids, attention_mask, response_len).logits[:, :-1]
+
+
+def causal_lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_len: int, **kwargs):
+    """Forward with the position ids `generate` used for left-padded prompts, keeping only the
+    R + 1 logits that score the response (full-vocabulary logits over the prompt are wasted
+    memory)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, L)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 logits_to_keep=response_len + 1, use_cache=False, **kwargs)
+
+
+def eos_ids_of(model: nn.Module, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[list[Message]]) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where generation starts. Returns ids and mask, (B, P)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, width - len(s):] = 1
+    return input_ids, attention_mask
+
+
+def response_mask(responses: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, R) bool, ended (B,) bool): mask covers the tokens up to and including the
+    first EOS; `generate` pads after it (often with the EOS id itself). Rows without EOS keep
+    every token and are not ended."""
+    is_eos = torch.isin(responses, torch.tensor(list(eos_ids), device=responses.device))  # (B, R)
+    eos_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly earlier
+    return ~eos_before, is_eos.any(1)
+
+
+def score_responses(reward_fn: RewardFn, prompts: list[list[Message]], responses: torch.Tensor,
+                    mask: torch.Tensor, ended: torch.Tensor, tokenizer,
+                    unfinished_penalty: float) -> tuple[torch.Tensor, list[str]]:
+    """Scores (B,) float32 and the decoded answers. The reward function sees each answer's
+    tokens without the closing EOS and padding; answers that never ended lose the penalty."""
+    lengths = mask.sum(1) - ended.long()  # (B,)
+    token_ids = [row[:n].tolist() for row, n in zip(responses.cpu(), lengths.cpu().tolist())]
+    completions = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    score = torch.as_tensor(reward_fn(prompts, completions, token_ids)).float().to(responses.device)
+    score = ppo_core.length_penalty_for_unfinished(score, ended, unfinished_penalty)
+    return score, completions
+
+
+def generation_config_for(config: PPOConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    # Every filter set explicitly, so a checkpoint's own generation_config (a repetition
+    # penalty, a top_p) cannot change the distribution the PPO log-probs assume.
+    return GenerationConfig(do_sample=True, temperature=config.temperature, top_k=config.top_k,
+                            top_p=1.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            max_new_tokens=config.max_new_tokens, eos_token_id=eos_ids,
+                            pad_token_id=pad_id)
+
+
+def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], reward_fn: RewardFn,
+              config: PPOConfig | None = None, progress: Callable[[dict], None] | None = None,
+              merge: bool = True) -> PPOResult:
+    """PPO on `prompts` (chat messages). `model` is a plain causal LM: it is wrapped in LoRA in
+    place, and with merge=True the returned model is that same object with the adapters merged."""
+    config = config or PPOConfig()
+    if config.rollout_batch_size % config.minibatch_size:
+        raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
+    accelerator = Accelerator(mixed_precision="bf16" if config.use_bf16() else "no")
+    set_seed(config.seed + accelerator.process_index)  # each process samples different answers
+
+    eos_ids = eos_ids_of(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    gen_config = generation_config_for(config, eos_ids, pad_id)
+    prompts = list(prompts)
+    encoded = encode_prompts(tokenizer, prompts)
+
+    module = PolicyAndValue(model, config).eval()  # eval: no dropout anywhere, see above
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
+                                  lr=config.learning_rate, eps=1e-5)
+    model_, optimizer = accelerator.prepare(module, optimizer)  # model_ may be the DDP wrapper
+    module = accelerator.unwrap_model(model_)
+    kl_ctl = (ppo_core.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+              if config.adaptive_kl else ppo_core.FixedKLController(config.init_kl_coef))
+
+    # The same prompt order on every process (shared generator); each takes its own slice.
+    order_gen = torch.Generator().manual_seed(config.seed)
+    episodes_per_update = config.rollout_batch_size * accelerator.num_processes
+    num_updates = max(1, config.total_episodes // episodes_per_update)
+    queue: list[int] = []
+    history: list[dict] = []
+    device = accelerator.device
+
+    for update in range(1, num_updates + 1):
+        while len(queue) < episodes_per_update:
+            queue += torch.randperm(len(prompts), generator=order_gen).tolist()
+        batch, queue = queue[:episodes_per_update], queue[episodes_per_update:]
+        start = accelerator.process_index * config.rollout_batch_size
+        b_prompt_idx = batch[start:start + config.rollout_batch_size]
+        b_prompts = [prompts[i] for i in b_prompt_idx]
+        t0 = time.perf_counter()
+
+        with torch.no_grad(), accelerator.autocast():
+            # 1. generate
+            queries, query_mask = left_pad([encoded[i] for i in b_prompt_idx], pad_id)
+            queries, query_mask = queries.to(device), query_mask.to(device)
+            b_query_responses = module.policy.generate(input_ids=queries, attention_mask=query_mask,
+                                                       generation_config=gen_config)  # (B, P + R)
+            P = queries.shape[1]
+            b_responses = b_query_responses[:, P:]  # (B, R)
+            R = b_responses.shape[1]
+            b_mask, b_ended = response_mask(b_responses, eos_ids)  # (B, R), (B,)
+            b_attention = torch.cat([query_mask, b_mask.long()], dim=1)  # (B, P + R)
+            gen_seconds = time.perf_counter() - t0
+
+            # 2. score
+            b_scores, _ = score_responses(reward_fn, b_prompts, b_responses, b_mask, b_ended,
+                                          tokenizer, config.unfinished_penalty)  # (B,)
+
+            # 3. log-probs of policy (old) and reference, and values, one pass each
+            logits, b_values = model_(b_query_responses, b_attention, R)  # (B, R, V), (B, R)
+            logits = logits / config.temperature
+            b_logprobs = ppo_core.logprobs_from_logits(logits, b_responses)  # (B, R)
+            entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits), b_mask)
+            del logits
+            ref_logits = module.reference_logits(b_query_responses, b_attention, R) / config.temperature
+            b_ref_logprobs = ppo_core.logprobs_from_logits(ref_logits, b_responses)  # (B, R)
+            del ref_logits
+
+            # 4. per-token KL penalty + score on the last response token
+            b_rewards, b_kl = ppo_core.per_token_rewards(b_scores, b_logprobs, b_ref_logprobs,
+                                                         b_mask, kl_ctl.value)  # (B, R) each
+            if config.whiten_rewards:
+                b_rewards = ppo_core.masked_whiten(b_rewards, b_mask, shift_mean=False)
+
+            # 5. GAE; whitened advantages
+            b_advantages, b_returns = ppo_core.gae(b_rewards, b_values, b_mask, config.gamma, config.lam)
+            b_advantages = ppo_core.masked_whiten(b_advantages, b_mask)
+
+        # 6. minibatch PPO epochs
+        step_stats: list[torch.Tensor] = []
+        for _ in range(config.ppo_epochs):
+            b_inds = torch.randperm(config.rollout_batch_size, device=device)
+            for mb_start in range(0, config.rollout_batch_size, config.minibatch_size):
+                mb_inds = b_inds[mb_start:mb_start + config.minibatch_size]
+                mb_mask = b_mask[mb_inds]
+                logits, mb_values = model_(b_query_responses[mb_inds], b_attention[mb_inds], R)
+                mb_logprobs = ppo_core.logprobs_from_logits(logits / config.temperature, b_responses[mb_inds])
+                pg_loss, pg_stats = ppo_core.policy_loss(mb_logprobs, b_logprobs[mb_inds],
+                                                         b_advantages[mb_inds], mb_mask, config.clip_range)
+                vf_loss, vf_stats = ppo_core.value_loss(mb_values, b_values[mb_inds], b_returns[mb_inds],
+                                                        mb_mask, config.clip_range_value)
+                loss = pg_loss + config.vf_coef * vf_loss
+                optimizer.zero_grad()
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model_.parameters(), config.max_grad_norm)
+                optimizer.step()
+                step_stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
+                                               pg_stats["approx_kl"], vf_stats["vf_clipfrac"]]))
+        pg_mean, vf_mean, clipfrac, approx_kl, vf_clipfrac = torch.stack(step_stats).mean(0)
+
+        # Statistics averaged over processes; the KL controller sees the same mean KL everywhere.
+        answer_length = (b_mask.sum(1) - b_ended.long()).float()  # tokens, without EOS
+        rollout = torch.stack([b_scores.mean(), b_kl.sum(1).mean(), entropy, answer_length.mean(),
+                               b_ended.float().mean(), pg_mean, vf_mean, clipfrac, approx_kl,
+                               vf_clipfrac, b_rewards.sum(1).mean()]).float()
+        rollout = accelerator.reduce(rollout, reduction="mean").tolist()
+        stats = {"update": update, "episodes": update * episodes_per_update, "kl_coef": kl_ctl.value}
+        stats |= dict(zip(["score", "kl", "entropy", "answer_length", "frac_ended", "policy_loss",
+                           "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "total_reward"], rollout))
+        kl_ctl.update(stats["kl"], episodes_per_update)
+        # train_seconds: everything but sampling (scoring, the three forward passes, PPO epochs).
+        stats |= {"gen_seconds": gen_seconds, "train_seconds": time.perf_counter() - t0 - gen_seconds}
+        history.append(stats)
+        if progress is not None and accelerator.is_main_process:
+            progress(stats)
+
+    accelerator.wait_for_everyone()
+    policy = module.policy.merge_and_unload() if merge else module.policy
+    return PPOResult(model=policy, value_head=module.value_head, history=history)
+
+
+def save_history(history: list[dict], path: str | Path) -> Path:
+    """One JSON object per update, appendable and readable line by line while a run goes on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for stats in history:
+            f.write(json.dumps(stats) + "\n")
+    return path
