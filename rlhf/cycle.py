@@ -217,7 +217,7 @@ def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:
 
 
 def _line(stats: dict) -> str:
-    keys = ("update", "score", "kl", "entropy", "length", "clipfrac", "value_loss", "gen_seconds", "train_seconds")
+    keys = ("update", "score", "kl", "kl_coef", "entropy", "answer_length", "frac_ended", "clipfrac", "value_loss", "gen_seconds", "train_seconds")
     return " ".join(f"{k} {stats[k]:.3g}" if isinstance(stats.get(k), float) else f"{k} {stats.get(k)}"
                     for k in keys if k in stats)
 

@@ -203,8 +203,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     module = PolicyAndValue(model, config).eval()  # eval: no dropout anywhere, see above
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.learning_rate, eps=1e-5)
-    model_, optimizer = accelerator.prepare(module, optimizer)  # model_ may be the DDP wrapper
-    module = accelerator.unwrap_model(model_)
+    wrapped, optimizer = accelerator.prepare(module, optimizer)  # wrapped: DDP under accelerate launch
+    module = accelerator.unwrap_model(wrapped)
     kl_ctl = (ppo_core.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
               if config.adaptive_kl else ppo_core.FixedKLController(config.init_kl_coef))
 
@@ -243,7 +243,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                                           tokenizer, config.unfinished_penalty)  # (B,)
 
             # 3. log-probs of policy (old) and reference, and values, one pass each
-            logits, b_values = model_(b_query_responses, b_attention, R)  # (B, R, V), (B, R)
+            logits, b_values = wrapped(b_query_responses, b_attention, R)  # (B, R, V), (B, R)
             logits = logits / config.temperature
             b_logprobs = ppo_core.logprobs_from_logits(logits, b_responses)  # (B, R)
             entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits), b_mask)
@@ -269,7 +269,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             for mb_start in range(0, config.rollout_batch_size, config.minibatch_size):
                 mb_inds = b_inds[mb_start:mb_start + config.minibatch_size]
                 mb_mask = b_mask[mb_inds]
-                logits, mb_values = model_(b_query_responses[mb_inds], b_attention[mb_inds], R)
+                logits, mb_values = wrapped(b_query_responses[mb_inds], b_attention[mb_inds], R)
                 mb_logprobs = ppo_core.logprobs_from_logits(logits / config.temperature, b_responses[mb_inds])
                 pg_loss, pg_stats = ppo_core.policy_loss(mb_logprobs, b_logprobs[mb_inds],
                                                          b_advantages[mb_inds], mb_mask, config.clip_range)
@@ -278,7 +278,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                 loss = pg_loss + config.vf_coef * vf_loss
                 optimizer.zero_grad()
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model_.parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
                 optimizer.step()
                 step_stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
                                                pg_stats["approx_kl"], vf_stats["vf_clipfrac"]]))
@@ -306,7 +306,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
 
 
 def save_history(history: list[dict], path: str | Path) -> Path:
-    """One JSON object per update, appendable and readable line by line while a run goes on."""
+    """Writes the per-update statistics as JSONL: one JSON object per update, in order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
