@@ -13,7 +13,7 @@ from app.prompting import fit_context
 from app.service import TutorService
 from app.store import Store
 from app.ui import THEME, CSS, build_demo
-from app.versions import ModelRegistry
+from app.versions import ModelRegistry, record_versions
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,7 @@ def create_app(config: ServeConfig, say=print) -> TutorApp:
     registry = ModelRegistry(config.models_dir)
     base = ensure_base(registry, config.model, say=say)
     store = Store(config.db)
-    known = {v["version"] for v in store.model_versions()}
-    for version in registry.versions():
-        if version not in known:  # versions written before this DB existed, e.g. the base
-            meta = registry.meta(version)
-            store.add_model_version(version, "policy", str(registry.path(version)), parent=meta.get("parent"),
-                                    metrics=meta.get("metrics"), lineage={"source": meta.get("source")})
+    record_versions(store, registry)
     engine = GenerationEngine(registry, fit_context, config.sampling, config.engine)
     service = TutorService(store, engine, config.limits)
     demo = build_demo(service)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.failpoints import failpoint
+
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v\d{4,}$")
 
@@ -100,7 +102,7 @@ class ModelRegistry:
     def load(self, version: str) -> LoadedPolicy:
         return load_pretrained(self.path(version), version)
 
-    def write_version(self, version: str, model, tokenizer, meta: dict) -> Path:
+    def write_version(self, version: str, model, tokenizer, meta: dict, extra=None) -> Path:
         """Saves into a temporary directory, then renames it: a version exists whole or not at all."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(version)
@@ -110,7 +112,10 @@ class ModelRegistry:
         if tmp.exists():
             _rmtree(tmp)
         model.save_pretrained(tmp)
+        failpoint("saving")
         tokenizer.save_pretrained(tmp)
+        if extra is not None:  # more files that belong to the version, e.g. its reward model
+            extra(tmp)
         (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
         os.replace(tmp, final)
         return final
@@ -120,3 +125,14 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def record_versions(store, registry: ModelRegistry) -> None:
+    """Adds to the DB the versions on disk that it does not know yet (the base; one promoted just
+    before a crash), so that lineage in the DB always has its parents."""
+    known = {v["version"] for v in store.model_versions()}
+    for version in registry.versions():
+        if version not in known:
+            meta = registry.meta(version)
+            store.add_model_version(version, "policy", str(registry.path(version)), parent=meta.get("parent"),
+                                    metrics=meta.get("metrics"), lineage=meta.get("lineage") or {"source": meta.get("source")})

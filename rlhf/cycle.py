@@ -12,6 +12,7 @@ version and every feedback row as they were. One cycle at a time: a lock file gu
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -22,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from app.failpoints import failpoint
 from app.prompting import TUTOR_SYSTEM_PROMPT
 from app.store import Store
-from app.versions import ModelRegistry
+from app.versions import ModelRegistry, record_versions
 from rlhf.data import NotEnoughData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, evaluate, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
-from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, score, train_reward_model
+from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, score, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
 
 
@@ -107,6 +109,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
         return CycleOutcome("nothing_new", f"nothing new to learn from since cycle {last['id']}")
 
     current = registry.current_version()
+    record_versions(store, registry)
     cycle_id = store.start_cycle()
     started = time.perf_counter()
     say(f"cycle {cycle_id}: from policy {current}; {data.counts()} (held out: {heldout.counts()})")
@@ -120,7 +123,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
         raise
     metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
-                       reward_version=outcome.version and f"reward-{outcome.version}", metrics=metrics)
+                       reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=metrics)
     return outcome
 
 
@@ -162,7 +165,12 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     # 4. PPO from the reference against the reward model
     prompts = [p.prompt for p in train.ppo_prompts]
     say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
-    result = train_ppo(reference, tokenizer, prompts, reward_fn, config.ppo, progress=lambda s: say("   " + _line(s)))
+    def ppo_progress(stats):
+        say("   " + _line(stats))
+        failpoint("training")
+
+    # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
+    result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
     save_history(result.history, workdir / "ppo_history.jsonl")
     metrics["ppo_last"] = result.history[-1] if result.history else {}
 
@@ -171,8 +179,7 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
-    reference_for_kl = load_pretrained(registry.path(current), current).model if reference is result.model else reference
-    verdict = evaluate(policy.model, result.model, reference_for_kl, base, tokenizer, reward_fn, eval_prompts,
+    verdict = evaluate(policy.model, result.model, reference, base, tokenizer, reward_fn, eval_prompts,
                        TUTOR_SYSTEM_PROMPT, config.gate)
     metrics["gate"] = verdict.metrics
     write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
@@ -182,20 +189,20 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
 
     # 6. promote: the version directory is complete before CURRENT names it
     version = registry.next_version()
-    lineage = {"parent": current, "reward_model": f"reward-{version}", "cycle": cycle_id,
+    lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": cycle_id,
                "feedback_rows": train.lineage()}
+    # The reward model that trained this version lives inside it: written, renamed and pruned together.
     registry.write_version(version, result.model, tokenizer, {
         "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
-        "config": asdict(config), "metrics": metrics, "lineage": lineage})
-    rm_dir = registry.root / f"reward-{version}"
-    if not rm_dir.exists():
-        from rlhf.reward import save_reward_model
-
-        save_reward_model(rm, rm_dir)
-    store.add_model_version(f"reward-{version}", "reward", str(rm_dir), parent=None, metrics=rm.metrics)
+        "config": asdict(config), "metrics": metrics, "lineage": lineage},
+        extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
+    failpoint("before_switch")
+    registry.set_current(version)
+    # Recorded after the switch: a crash before it leaves the DB as it was (the app adds unknown versions on start).
+    store.add_model_version(f"{version}/reward_model", "reward", str(registry.path(version) / "reward_model"),
+                            metrics=rm.metrics)
     store.add_model_version(version, "policy", str(registry.path(version)), parent=current, metrics=verdict.metrics,
                             lineage=lineage)
-    registry.set_current(version)
     prune(registry, config.keep_versions, say)
     return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version), metrics
 
@@ -209,7 +216,6 @@ def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:
     for version in versions:
         if version not in protected:
             shutil.rmtree(registry.path(version), ignore_errors=True)
-            shutil.rmtree(registry.root / f"reward-{version}", ignore_errors=True)
             removed.append(version)
     if removed:
         say(f"   pruned old versions {', '.join(removed)} (keeping base, current, parent and the {keep} newest)")

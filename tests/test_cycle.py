@@ -1,0 +1,170 @@
+"""The training cycle end to end on a tiny model: data -> reward model -> PPO -> gate -> promote -> served.
+
+Also: too little data and random feedback are refused honestly, a second retrain is refused while one
+runs, and SIGKILL at any point of a cycle leaves the current version and the feedback rows as they were.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.embedded import ensure_base
+from app.engine import EngineConfig, GenerationEngine, SamplingConfig
+from app.prompting import TUTOR_SYSTEM_PROMPT, fit_context
+from app.store import Store
+from app.versions import ModelRegistry
+from rlhf.cycle import CycleConfig, CycleError, retrain_lock, rollback, run_cycle
+from rlhf.evaluate import GateConfig
+from rlhf.ppo import PPOConfig
+from rlhf.reward import RewardConfig
+from rlhf.sft import SFTSettings
+from tiny import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FEEDBACK_TABLES = ("conversations", "messages", "ratings", "comparisons", "comparison_candidates",
+                   "comparison_picks", "rewrites")
+TOPICS = ["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets", "loops", "Paris", "water",
+          "gravity", "ratios", "volcanoes", "circuits", "seasons", "history"]
+
+TINY_CYCLE = CycleConfig(
+    min_pairs=20, min_prompts=8, min_heldout_prompts=2, heldout_fraction=0.3, max_eval_prompts=32,
+    sft=SFTSettings(min_demonstrations=1000),
+    reward=RewardConfig(learning_rate=2e-3, epochs=3, min_heldout_accuracy=0.6),
+    ppo=PPOConfig(total_episodes=160, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=1e-2,
+                  init_kl_coef=0.02),
+    gate=GateConfig(max_new_tokens=8, bootstrap_samples=300, max_kl_reference=50.0, max_kl_base=50.0,
+                    max_length_ratio=3.0),
+)
+
+
+def learnable_policy(path: Path) -> Path:
+    """A tiny policy with a realistic logit scale (a random init has near-uniform logits)."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=7, hidden=64)
+    model.model.norm.weight.data *= 4
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def give_feedback(store: Store, n: int, prefer, seed: int = 0) -> None:
+    """n conversations, each a k=2 comparison picked by `prefer(a, b) -> 'A' | 'B'`."""
+    rng = random.Random(seed)
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        conversation = store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT)
+        question = f"Question {i}: tell me about {topic}?"
+        context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        with_example = f"Here is an example about {topic}. " + "Water boils at one hundred degrees. " * rng.randint(0, 2)
+        without = f"Let me say something about {topic}. " + "The capital of France is Paris. " * rng.randint(0, 2)
+        candidates = [with_example, without]
+        rng.shuffle(candidates)
+        comparison, _ = store.add_comparison(conversation, question, context,
+                                             [{"text": t, "model_version": "v0000"} for t in candidates])
+        store.decide_comparison(comparison, prefer(*candidates))
+
+
+def prefers_examples(a: str, b: str) -> str:
+    return "A" if "example" in a else "B"
+
+
+@pytest.fixture
+def setup(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    ensure_base(registry, learnable_policy(tmp_path / "tiny"), say=lambda *_: None)
+    store = Store(tmp_path / "c.db")
+    yield registry, store, tmp_path
+    store.close()
+
+
+def test_too_little_data_changes_nothing(setup):
+    registry, store, _ = setup
+    give_feedback(store, 3, prefers_examples)
+    before = store.row_counts()
+    with pytest.raises(CycleError, match=r"need at least 20 preference pairs, have \d"):
+        run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+    assert store.row_counts() == before and registry.current_version() == "v0000"
+
+
+def test_consistent_feedback_is_learned_promoted_and_served(setup):
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    feedback_before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
+    engine = GenerationEngine(registry, fit_context, SamplingConfig(max_new_tokens=4), EngineConfig(poll_interval_s=0.05))
+    try:
+        lines = []
+        outcome = run_cycle(store, registry, TINY_CYCLE, say=lines.append)
+        cycle = store.last_cycle()
+        assert cycle["metrics"]["reward"]["heldout_accuracy"] >= 0.8, cycle["metrics"]["reward"]
+        history = [json.loads(x) for x in (registry.root / "cycles" / "0001" / "ppo_history.jsonl").read_text().splitlines()]
+        assert len(history) == 160 // 16
+        assert {"score", "kl", "entropy", "answer_length", "clipfrac", "value_loss", "gen_seconds", "train_seconds"} <= set(history[0])
+        assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
+        assert history[-1]["score"] > history[0]["score"]  # the policy moved towards what the reward model likes
+        assert registry.current_version() == outcome.version == "v0001" == cycle["policy_version"]
+        meta = registry.meta("v0001")
+        assert meta["parent"] == "v0000" and meta["lineage"]["feedback_rows"]["picks"]
+        assert meta["config"]["ppo"]["total_episodes"] == 160 and (registry.path("v0001") / "reward_model").is_dir()
+        assert (registry.root / "cycles" / "0001" / "report.md").read_text().count("**Prompt:**") >= 2
+        assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == feedback_before  # feedback untouched
+        deadline = time.time() + 10
+        while engine.version != "v0001" and time.time() < deadline:  # the running server switches by itself
+            time.sleep(0.05)
+        request = engine.submit([{"role": "user", "content": "hi"}])
+        list(request.tokens(timeout=30))
+        assert request.model_version == "v0001"
+        # nothing new since: the next cycle says so and changes nothing
+        again = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+        assert again.status == "nothing_new" and registry.current_version() == "v0001"
+        assert rollback(registry, "v0000") and registry.current_version() == "v0000"
+    finally:
+        engine.close()
+
+
+def test_random_feedback_is_rejected_before_ppo(setup):
+    registry, store, _ = setup
+    rng = random.Random(1)
+    give_feedback(store, 80, lambda a, b: rng.choice("AB"))
+    outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+    assert outcome.status == "rejected" and "stopping before PPO" in outcome.message
+    assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
+    assert store.last_cycle()["status"] == "rejected"
+
+
+def test_second_retrain_is_refused_while_one_runs(setup):
+    registry, store, _ = setup
+    with retrain_lock(registry.root):
+        with pytest.raises(CycleError, match="another retrain is running"):
+            run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+
+
+@pytest.mark.parametrize("point", ["training", "saving", "before_switch"])
+def test_sigkill_during_a_cycle_leaves_served_version_and_feedback_intact(setup, point):
+    registry, store, tmp = setup
+    give_feedback(store, 80, prefers_examples)
+    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
+    config = tmp / "cycle.json"
+    config.write_text(json.dumps(_asdict(TINY_CYCLE)))
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1]];"
+            "from app.config import merge; from app.store import Store; from app.versions import ModelRegistry;"
+            "from rlhf.cycle import CycleConfig, run_cycle;"
+            "cfg = merge(CycleConfig(), json.load(open(sys.argv[2])));"
+            "run_cycle(Store(sys.argv[3]), ModelRegistry(sys.argv[4]), cfg)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(config), str(tmp / "c.db"), str(registry.root)],
+                          env={**os.environ, "TUTOR_FAILPOINT": point}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed at the failpoint, not finished
+    assert registry.current_version() == "v0000"
+    assert registry.versions() in (["v0000"], ["v0000", "v0001"])  # a whole version at most, never current
+    assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == before
+    assert registry.load("v0000").version == "v0000"
+
+
+def _asdict(config):
+    from dataclasses import asdict
+
+    return asdict(config)
