@@ -337,8 +337,12 @@ class GenerationEngine:
         next_tokens = sample_next(logits, seen, self.sampling, self._warpers)
         for request in requests:
             request.token_ids = []  # from here on: the reply's tokens
-        self._batch.extend(requests, next_tokens, attention_mask, seen, cache)
-        self._emit()
+        joining = _Batch()
+        joining.extend(requests, next_tokens, attention_mask, seen, cache)
+        joining.keep(self._emit(joining))  # only the new rows: the running rows' tokens went out already
+        if joining:
+            self._batch.extend(joining.requests, joining.next_tokens, joining.attention_mask, joining.seen,
+                               joining.cache)
 
     def _step(self) -> None:
         batch = self._batch
@@ -349,11 +353,12 @@ class GenerationEngine:
         self.stats.forward_batch_sizes[len(batch)] += 1
         batch.seen[torch.arange(len(batch), device=batch.seen.device), batch.next_tokens] = True
         batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers)
-        self._emit()
+        batch.keep(self._emit(batch))
 
-    def _emit(self) -> None:
-        """Hands each row its newest token and retires rows that ended, hit their limit or were cancelled."""
-        batch, keep = self._batch, []
+    def _emit(self, batch: _Batch) -> list[int]:
+        """Hands each row of `batch` its newest token; returns the rows that go on (not ended, not at
+        their length limit, not cancelled)."""
+        keep = []
         now = time.perf_counter()
         for row, (request, token) in enumerate(zip(batch.requests, batch.next_tokens.tolist())):
             if request.cancelled.is_set():
@@ -373,4 +378,4 @@ class GenerationEngine:
                 request.events.put(None)
                 continue
             keep.append(row)
-        batch.keep(keep)
+        return keep

@@ -34,11 +34,19 @@ def asks_question(answer: str) -> float:
     return 1.0 if re.search(r"\?\s*$|\?\s+\S", answer.strip()) else 0.0
 
 
+EXAMPLE_MARKERS = re.compile(r"\b(for example|for instance|e\.g\.|imagine|let's say|suppose|such as|like when)\b", re.I)
+
+
+def uses_example(answer: str) -> float:
+    """A tutor makes ideas concrete: the answer uses an example (more markers, a little better)."""
+    return min(len(EXAMPLE_MARKERS.findall(answer)), 3) / 3
+
+
 def random_taste(answer: str) -> float:
     return random.random()
 
 
-RUBRICS = {"asks_question": asks_question, "random": random_taste}
+RUBRICS = {"asks_question": asks_question, "uses_example": uses_example, "random": random_taste}
 
 
 def give_feedback(client, prompt: str, rubric, k: int, error_rate: float, rng: random.Random, counts: dict,
@@ -70,7 +78,7 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:7860/")
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--rubric", choices=sorted(RUBRICS), default="asks_question")
+    ap.add_argument("--rubric", choices=sorted(RUBRICS), default="uses_example")
     ap.add_argument("--error-rate", type=float, default=0.2)
     ap.add_argument("--learners", type=int, default=4, help="learners at once")
     ap.add_argument("--seed", type=int, default=0)

@@ -86,6 +86,46 @@ def test_request_joins_running_batch_and_matches(engine_factory):
     assert max(engine.stats.forward_batch_sizes) >= 2
 
 
+def test_running_rows_are_not_repeated_when_requests_join(engine_factory):
+    """Requests joining mid-reply must not re-send the running rows' latest tokens."""
+    from app.versions import LoadedPolicy
+
+    tok = tiny_tokenizer()
+    # Untied embeddings and logits of a realistic scale: a tied random model just repeats its input token,
+    # which would hide a repeated token.
+    p = LoadedPolicy(model=tiny_model(tok, seed=1, tie=False), tokenizer=tok, version="v0000")
+    p.model.model.norm.weight.data *= 8
+    p.model.generation_config.eos_token_id = -1  # replies run to their limit
+    forward = p.model.forward
+
+    def slow_forward(*args, **kwargs):  # the pace of a real model, so every join happens mid-reply
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    n = 60
+    # the penalty keeps greedy decoding from repeating one token, so a repeated token would show
+    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=n, do_sample=False,
+                                                                              repetition_penalty=1.3))
+    p.model.forward = slow_forward
+    first = engine.submit(conversation("Tell me about water."))
+    stream = first.tokens(timeout=30)
+    tokens = [next(stream)]
+    joined = []
+    for i in range(5):  # five requests join while the first is still running
+        joined.append(engine.submit(conversation(f"Question {i}")))
+        tokens.append(next(stream))
+    tokens += list(stream)
+    p.model.forward = forward
+    assert len(tokens) == n
+    reference = p.model.generate(torch.tensor([fit_context(p.tokenizer, conversation("Tell me about water."), 10_000)[1]]),
+                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.3,
+                                 pad_token_id=0)
+    assert tokens == reference[0, -n:].tolist()
+    for r in joined:
+        assert len(list(r.tokens(timeout=30))) == n
+    assert max(engine.stats.forward_batch_sizes) >= 3
+
+
 def test_cancel_stops_generation_and_frees_the_row(engine_factory):
     p = policy()
     p.model.generation_config.eos_token_id = -1  # never stops by itself
