@@ -127,6 +127,22 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     return outcome
 
 
+@contextmanager
+def stage(metrics: dict, name: str):
+    """Records a stage's wall time and the process's peak memory so far (RSS, and GPU when there is one)."""
+    import resource
+
+    import torch
+
+    started = time.perf_counter()
+    yield
+    entry = {"seconds": round(time.perf_counter() - started, 1),
+             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if torch.cuda.is_available():
+        entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    metrics.setdefault("stages", {})[name] = entry
+
+
 def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, say):
     from app.versions import load_pretrained
 
@@ -141,16 +157,18 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     sft_records = [{"prompt": d.prompt, "completion": d.completion} for d in train.demonstrations]
     if len(sft_records) >= config.sft.min_demonstrations:
         say(f"2. SFT on {len(sft_records)} demonstrations")
-        reference, sft_metrics = run_sft(reference, tokenizer, sft_records, config.sft,
-                                         progress=lambda s, n, loss: say(f"   sft step {s}/{n} loss {loss:.3f}"))
+        with stage(metrics, "sft"):
+            reference, sft_metrics = run_sft(reference, tokenizer, sft_records, config.sft,
+                                             progress=lambda s, n, loss: say(f"   sft step {s}/{n} loss {loss:.3f}"))
         metrics.update(sft_metrics)
     else:
         say(f"2. SFT skipped: {len(sft_records)} demonstrations (< {config.sft.min_demonstrations})")
 
     # 3. reward model on all pairs so far
     say(f"3. reward model on {train.n_pairs} pairs ({len(train.preference_groups)} groups)")
-    rm = train_reward_model(registry.path(current), train.preference_groups, heldout.preference_groups, config.reward,
-                            progress=lambda s, n, loss: say(f"   reward step {s}/{n} loss {loss:.3f}"))
+    with stage(metrics, "reward"):
+        rm = train_reward_model(registry.path(current), train.preference_groups, heldout.preference_groups,
+                                config.reward, progress=lambda s, n, loss: say(f"   reward step {s}/{n} loss {loss:.3f}"))
     metrics["reward"] = rm.metrics
     say(f"   held-out pairwise accuracy {rm.metrics['heldout_accuracy']:.2f} on {rm.metrics['heldout_pairs']} pairs; "
         f"reward-length correlation {rm.metrics['length_correlation']:+.2f}")
@@ -170,7 +188,8 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
         failpoint("training")
 
     # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
-    result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
+    with stage(metrics, "ppo"):
+        result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
     save_history(result.history, workdir / "ppo_history.jsonl")
     metrics["ppo_last"] = result.history[-1] if result.history else {}
 
@@ -179,8 +198,9 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
-    verdict = evaluate(policy.model, result.model, reference, base, tokenizer, reward_fn, eval_prompts,
-                       TUTOR_SYSTEM_PROMPT, config.gate)
+    with stage(metrics, "evaluate"):
+        verdict = evaluate(policy.model, result.model, reference, base, tokenizer, reward_fn, eval_prompts,
+                           TUTOR_SYSTEM_PROMPT, config.gate)
     metrics["gate"] = verdict.metrics
     write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
     say(f"   report: {workdir / 'report.md'}")
@@ -192,10 +212,11 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": cycle_id,
                "feedback_rows": train.lineage()}
     # The reward model that trained this version lives inside it: written, renamed and pruned together.
-    registry.write_version(version, result.model, tokenizer, {
-        "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
-        "config": asdict(config), "metrics": metrics, "lineage": lineage},
-        extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
+    with stage(metrics, "save"):
+        registry.write_version(version, result.model, tokenizer, {
+            "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
+            "config": asdict(config), "metrics": metrics, "lineage": lineage},
+            extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
     failpoint("before_switch")
     registry.set_current(version)
     # Recorded after the switch: a crash before it leaves the DB as it was (the app adds unknown versions on start).
