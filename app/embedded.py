@@ -65,15 +65,40 @@ def ensure_base(registry: ModelRegistry, model_path: Path | None = None, say=pri
         if not Path(model_path).is_dir():
             raise ModelError(f"--model {model_path}: no such directory (a local Hugging Face model directory is needed)")
         say(f"Loading base policy from {model_path} ...")
-        policy = load_pretrained(model_path)
-        model, tokenizer = policy.model.float().cpu(), policy.tokenizer
     else:
         say(f"Converting the embedded {EMBEDDED_NAME} into {registry.root}/v0000 (one time, about 30 s) ...")
-        model, tokenizer = load_embedded()
     version = registry.next_version()
-    registry.write_version(version, model, tokenizer, {
-        "parent": None, "source": source, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "base",
-    })
+
+    def convert() -> None:
+        if model_path:
+            policy = load_pretrained(model_path)
+            model, tokenizer = policy.model.float().cpu(), policy.tokenizer
+        else:
+            model, tokenizer = load_embedded()
+        registry.write_version(version, model, tokenizer, {
+            "parent": None, "source": source, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "base"})
+
+    _in_own_thread(convert)
     registry.set_current(version)
     say(f"Base policy {version} ready in {time.perf_counter() - started:.0f} s")
     return version
+
+
+def _in_own_thread(fn) -> None:
+    """Runs torch work on a thread that then exits, so that the caller's thread never starts an
+    OpenMP team of its own (see GenerationEngine: a second live team slows decoding)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="convert-base-policy")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]

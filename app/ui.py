@@ -80,7 +80,8 @@ def build_demo(service: TutorService) -> gr.Blocks:
                gr.update(choices=[], value=None), gr.update(visible=False))
         try:
             result = service.compare(state["conversation_id"], message, int(k))
-        except UserError as exc:
+        except UserError as exc:  # e.g. the tutor is busy: put the page back as it was, message included
+            yield (history, state, message, gr.update(visible=False), *[gr.update()] * 4, gr.update(), gr.update())
             _fail(exc)
         candidates = result["candidates"]
         history = waiting

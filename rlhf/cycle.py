@@ -254,10 +254,3 @@ def rollback(registry: ModelRegistry, version: str) -> str:
         raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
     registry.set_current(version)
     return f"{version} is current again; a running app switches to it before its next reply"
-
-
-def json_default(obj):
-    return str(obj)
-
-
-__all__ = ["CycleConfig", "CycleError", "CycleOutcome", "run_cycle", "rollback", "prune", "json"]
