@@ -105,7 +105,8 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         assert len(history) == 160 // 16
         assert {"score", "kl", "entropy", "answer_length", "clipfrac", "value_loss", "gen_seconds", "train_seconds"} <= set(history[0])
         assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
-        assert history[-1]["score"] > history[0]["score"]  # the policy moved towards what the reward model likes
+        scores = [h["score"] for h in history]  # the policy moved towards what the reward model likes:
+        assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores  # (means of 3 updates: one update is 16 samples)
         assert registry.current_version() == outcome.version == "v0001" == cycle["policy_version"]
         meta = registry.meta("v0001")
         assert meta["parent"] == "v0000" and meta["lineage"]["feedback_rows"]["picks"]
