@@ -42,6 +42,7 @@ class CycleConfig:
     heldout_fraction: float = 0.15
     max_eval_prompts: int = 48
     keep_versions: int = 3  # besides the base, the current version and its parent
+    skip_if_nothing_new: bool = True  # False re-runs on the same feedback (benchmarks, new settings)
     sft: SFTSettings = field(default_factory=SFTSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -105,7 +106,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
                          f"{len(heldout.ppo_prompts)}; more conversations are needed")
     digest = feedback_digest(data)
     last = store.last_cycle(statuses=("promoted", "rejected"))
-    if last and (last.get("metrics") or {}).get("feedback_digest") == digest:
+    if config.skip_if_nothing_new and last and (last.get("metrics") or {}).get("feedback_digest") == digest:
         return CycleOutcome("nothing_new", f"nothing new to learn from since cycle {last['id']}")
 
     current = registry.current_version()
