@@ -6,6 +6,7 @@ message the client sees as is.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Iterator
 
 import gradio as gr
@@ -15,7 +16,7 @@ from app.service import TutorService, UserError
 
 def user_errors(fn):
     """Turns UserError into gr.Error for plain functions and generators alike."""
-    if _is_generator(fn):
+    if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
@@ -31,12 +32,6 @@ def user_errors(fn):
         except UserError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
     return wrapper
-
-
-def _is_generator(fn) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 def register_api(service: TutorService, concurrency_limit: int | None = 64) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,7 @@ class ModelRegistry:
             raise ModelError(f"version {version} already exists in {self.root}")
         tmp = self.root / f".{version}.partial"
         if tmp.exists():
-            _rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
         model.save_pretrained(tmp)
         failpoint("saving")
         tokenizer.save_pretrained(tmp)
@@ -119,12 +120,6 @@ class ModelRegistry:
         (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
         os.replace(tmp, final)
         return final
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def record_versions(store, registry: ModelRegistry) -> None:
