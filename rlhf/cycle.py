@@ -43,6 +43,7 @@ class CycleConfig:
     max_eval_prompts: int = 48
     keep_versions: int = 3  # besides the base, the current version and its parent
     skip_if_nothing_new: bool = True  # False re-runs on the same feedback (benchmarks, new settings)
+    run_ppo: bool = True  # False: the cycle's policy is its SFT step alone (to measure what PPO adds)
     sft: SFTSettings = field(default_factory=SFTSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -156,6 +157,8 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     # 2. SFT on demonstrations -> this cycle's reference policy
     reference = load_pretrained(registry.path(current), current).model
     sft_records = [{"prompt": d.prompt, "completion": d.completion} for d in train.demonstrations]
+    if config.sft.ranking_winners:
+        sft_records += ranking_winners(train.preference_groups)
     if len(sft_records) >= config.sft.min_demonstrations:
         say(f"2. SFT on {len(sft_records)} demonstrations")
         with stage(metrics, "sft"):
@@ -183,16 +186,22 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
 
     # 4. PPO from the reference against the reward model
     prompts = [p.prompt for p in train.ppo_prompts]
-    say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
-    def ppo_progress(stats):
-        say("   " + _line(stats))
-        failpoint("training")
+    if config.run_ppo:
+        say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
 
-    # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
-    with stage(metrics, "ppo"):
-        result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
-    save_history(result.history, workdir / "ppo_history.jsonl")
-    metrics["ppo_last"] = result.history[-1] if result.history else {}
+        def ppo_progress(stats):
+            say("   " + _line(stats))
+            failpoint("training")
+
+        # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
+        with stage(metrics, "ppo"):
+            result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
+        save_history(result.history, workdir / "ppo_history.jsonl")
+        metrics["ppo_last"] = result.history[-1] if result.history else {}
+        new_policy = result.model
+    else:
+        say("4. PPO switched off: the new policy is this cycle's SFT step")
+        new_policy = copy.deepcopy(reference)
 
     # 5. evaluate and gate
     trained = {json.dumps(p) for p in prompts}  # never evaluate on a prompt that was trained on
@@ -200,7 +209,7 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
     with stage(metrics, "evaluate"):
-        verdict = evaluate(policy.model, result.model, reference, base, tokenizer, reward_fn, eval_prompts,
+        verdict = evaluate(policy.model, new_policy, reference, base, tokenizer, reward_fn, eval_prompts,
                            TUTOR_SYSTEM_PROMPT, config.gate)
     metrics["gate"] = verdict.metrics
     write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
@@ -214,7 +223,7 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
                "feedback_rows": train.lineage()}
     # The reward model that trained this version lives inside it: written, renamed and pruned together.
     with stage(metrics, "save"):
-        registry.write_version(version, result.model, tokenizer, {
+        registry.write_version(version, new_policy, tokenizer, {
             "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
             "config": asdict(config), "metrics": metrics, "lineage": lineage},
             extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
@@ -227,6 +236,18 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
                             lineage=lineage)
     prune(registry, config.keep_versions, say)
     return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version), metrics
+
+
+def ranking_winners(groups) -> list[dict]:
+    """SFT records from the answers that top a ranking: chosen in some pair and rejected in none."""
+    records = []
+    for group in groups:
+        if group.source != "ranking":
+            continue
+        rejected = {r for _, r in group.pairs}
+        for index in sorted({c for c, _ in group.pairs} - rejected):
+            records.append({"prompt": group.prompt, "completion": [{"role": "assistant", "content": group.completions[index]}]})
+    return records
 
 
 def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:

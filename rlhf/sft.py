@@ -16,6 +16,7 @@ import torch
 @dataclass
 class SFTSettings:
     min_demonstrations: int = 8  # fewer than this: skip SFT, PPO starts from the current policy
+    ranking_winners: bool = False  # also imitate the top answer of each ranking (best-of-k); on for SFT-only cycles
     epochs: int = 2
     learning_rate: float = 2e-4
     batch_size: int = 4

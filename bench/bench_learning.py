@@ -1,0 +1,238 @@
+"""Does the loop learn? Simulated learners with a known taste teach the embedded tutor through the app.
+
+    python bench/bench_learning.py --rubric stays_short --out docs/learning/stays_short
+    python bench/bench_learning.py --rubric stays_short --no-ppo --out docs/learning/stays_short-no-ppo
+
+1. start the app (`launch.py`) on a fresh database and models dir, serving the base version;
+2. measure the base: every held-out opener of the prompt set, `--samples-per-prompt` times, through the
+   API in `eval` conversations (never training data), scored by the rubric;
+3. for each cycle: learners give `--items` feedback items through the API, then `launch.py --retrain`
+   runs as a user would run it; the app picks up a promoted version without a restart; measure again;
+4. score fluency with the base model (perplexity of every answer), and write `results.json`, `report.md`
+   (the table with 95% intervals, the cycles' verdicts, answers before and after) and `curves.png`.
+
+`--no-ppo` runs the same cycles with PPO switched off (SFT on the same feedback only), to show what PPO adds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.learner import LearnerConfig, collect_answers, give_feedback, load_prompt_set  # noqa: E402
+from bench.learning_metrics import summarise  # noqa: E402
+from bench.rubrics import RUBRICS  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "bench" / "configs" / "learning.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServedApp:
+    """`launch.py` in its own process, as a user starts it."""
+
+    def __init__(self, workdir: Path, config: Path, model: Path | None, log):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        command = [sys.executable, str(ROOT / "launch.py"), "--db", str(workdir / "conversations.db"),
+                   "--models-dir", str(workdir / "models"), "--port", str(self.port), "--config", str(config)]
+        if model:
+            command += ["--model", str(model)]
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited with {self.process.returncode}; see the log")
+            try:
+                urllib.request.urlopen(self.url, timeout=5)
+                return
+            except OSError:
+                time.sleep(2)
+        raise TimeoutError("the app did not start in time")
+
+    def served_version(self) -> str:
+        from gradio_client import Client
+
+        client = Client(self.url, verbose=False)
+        try:
+            return client.predict(api_name="/status")["model_version"]
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def retrain(workdir: Path, config: Path, log) -> dict:
+    """`launch.py --retrain`, then the cycle as the database recorded it."""
+    from app.store import Store
+
+    command = [sys.executable, str(ROOT / "launch.py"), "--retrain", "--db", str(workdir / "conversations.db"),
+               "--models-dir", str(workdir / "models"), "--config", str(config)]
+    with Store(workdir / "conversations.db") as store:
+        before = (store.last_cycle() or {}).get("id")
+    started = time.perf_counter()
+    finished = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    log.write(finished.stdout)
+    log.flush()
+    last_line = (finished.stdout.strip().splitlines() or [""])[-1]
+    with Store(workdir / "conversations.db") as store:
+        cycle = store.last_cycle() or {}
+    if cycle.get("id") == before:  # refused before a cycle began (too little data, say)
+        cycle = {}
+    return {"exit_code": finished.returncode, "seconds": round(time.perf_counter() - started, 1),
+            "status": cycle.get("status") or "not_run", "reason": cycle.get("reason") or last_line, "version": cycle.get("policy_version"),
+            "reward": (cycle.get("metrics") or {}).get("reward", {}), "gate": (cycle.get("metrics") or {}).get("gate", {})}
+
+
+def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: str, batch_size: int = 8) -> list[float]:
+    """Mean negative log-likelihood per answer token under the base model, one value per sample."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    values = []
+    for i in range(0, len(samples), batch_size):
+        for sample in samples[i:i + batch_size]:
+            prompt = [{"role": "system", "content": system_prompt}, *sample["dialogue"]]
+            context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            answer = tokenizer(sample["answer"], add_special_tokens=False)["input_ids"]
+            if not answer:
+                values.append(float("nan"))
+                continue
+            ids = torch.tensor([context + answer])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(context) - 1:-1]
+            values.append(torch.nn.functional.cross_entropy(logits.float(), ids[0, len(context):]).item())
+    return values
+
+
+def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, learners: int, seed: int) -> list[dict]:
+    return collect_answers(app.url, [p for p in prompts for _ in range(samples_per_prompt)], rubric, learners, seed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rubric", choices=sorted(RUBRICS), default="stays_short")
+    ap.add_argument("--cycles", type=int, default=2)
+    ap.add_argument("--items", type=int, default=150, help="feedback items per cycle")
+    ap.add_argument("--error-rate", type=float, default=0.2)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--learners", type=int, default=4)
+    ap.add_argument("--samples-per-prompt", type=int, default=2, help="per held-out opener, per measurement")
+    ap.add_argument("--max-heldout", type=int, default=0, help="use only this many held-out openers (0: all)")
+    ap.add_argument("--no-ppo", action="store_true", help="cycles with PPO switched off: SFT on the same feedback only")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="settings for the app and the retrain")
+    ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
+    ap.add_argument("--workdir", type=Path, help="where the run's database and models go (default: a new temp dir)")
+    ap.add_argument("--out", type=Path, required=True, help="report folder")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import yaml
+
+    from app.config import read_config_file
+    from app.prompting import TUTOR_SYSTEM_PROMPT
+    from bench.learning_report import write_report
+
+    started = time.perf_counter()
+    workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"learning-{args.rubric}-{int(time.time())}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = args.config
+    if args.no_ppo:  # the same settings with PPO off: SFT on the ranking winners, rewrites and up-votes
+        settings = read_config_file(args.config)
+        settings.setdefault("retrain", {})["run_ppo"] = False
+        settings["retrain"].setdefault("sft", {})["ranking_winners"] = True
+        config = workdir / "no-ppo.yaml"
+        config.write_text(yaml.safe_dump(settings))
+    rubric = RUBRICS[args.rubric]
+    heldout = load_prompt_set(split="heldout")
+    if args.max_heldout:
+        heldout = random.Random(args.seed).sample(heldout, args.max_heldout)
+    train = load_prompt_set(split="train")
+    keywords = [p.keywords for p in heldout for _ in range(args.samples_per_prompt)]
+    learner_config = LearnerConfig(k=args.k, error_rate=args.error_rate)
+    log = open(workdir / "run.log", "a")
+    say = lambda line: print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True)  # noqa: E731
+
+    say(f"workdir {workdir}; rubric {args.rubric}; {len(heldout)} held-out openers x {args.samples_per_prompt}; "
+        f"{args.cycles} cycles of {args.items} items{'; PPO off' if args.no_ppo else ''}")
+    app = ServedApp(workdir, config, args.model, log)
+    rows, cycles, all_samples = [], [], {}
+    try:
+        app.wait_ready()
+        base_version = app.served_version()
+        say(f"app ready at {app.url}, serving {base_version}; measuring the base")
+        samples = measure(app, heldout, rubric, args.samples_per_prompt, args.learners, args.seed)
+        base_scores = [s["score"] for s in samples]
+        all_samples[base_version] = samples
+        rows.append({"cycle": 0, "version": base_version, "feedback_items": 0, **summarise(samples, None, keywords)})
+        say(f"base success {rows[-1]['success'][0]:.1%}")
+        items_so_far = 0
+        for n in range(1, args.cycles + 1):
+            counts = give_feedback(app.url, train, rubric, args.items, learner_config, args.learners,
+                                   args.seed + n, say=say)
+            items_so_far += counts.items
+            say(f"cycle {n}: {counts.items} feedback items given; retraining")
+            outcome = retrain(workdir, config, log)
+            cycles.append({"cycle": n, "feedback": counts.as_dict(), **outcome})
+            say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
+            if outcome["status"] != "promoted":
+                continue
+            deadline = time.time() + 120
+            while app.served_version() != outcome["version"] and time.time() < deadline:
+                time.sleep(2)
+            samples = measure(app, heldout, rubric, args.samples_per_prompt, args.learners, args.seed)
+            served = {s["model_version"] for s in samples}
+            if served != {outcome["version"]}:
+                raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
+            all_samples[outcome["version"]] = samples
+            rows.append({"cycle": n, "version": outcome["version"], "feedback_items": items_so_far,
+                         "kl_base": outcome["gate"].get("kl_base"),
+                         **summarise(samples, base_scores, keywords)})
+            say(f"cycle {n}: success {rows[-1]['success'][0]:.1%}, win rate vs base {rows[-1]['vs_base']['win_rate']:.1%}")
+    finally:
+        app.stop()
+    say("scoring fluency with the base model")
+    base_dir = workdir / "models" / "v0000"
+    for row in rows:
+        samples = all_samples[row["version"]]
+        logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
+        row.update({k: v for k, v in summarise(samples, base_scores if row["cycle"] else None, keywords, logppl).items()
+                    if k == "perplexity"})
+    results = {"rubric": args.rubric, "no_ppo": args.no_ppo, "error_rate": args.error_rate, "k": args.k,
+               "items_per_cycle": args.items, "heldout_openers": len(heldout),
+               "samples_per_measurement": len(base_scores), "minutes": round((time.perf_counter() - started) / 60, 1),
+               "rows": rows, "cycles": cycles, "config": config.read_text(), "workdir": str(workdir)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / "samples.json").write_text(json.dumps(all_samples, indent=1))
+    write_report(results, all_samples, args.out)
+    say(f"report: {args.out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""A simulated learner: uses the running app only through its public API, as a person would.
+
+    python bench/learner.py --url http://127.0.0.1:7860/ --items 150 --rubric uses_example
+
+For each tutoring opener of the prompt set's training part it opens a conversation, asks for k answers
+(/compare), ranks them by its rubric (making mistakes at `error_rate`: the order reversed), sometimes rates
+the winner with a reason, sometimes rewrites a winner that fails the rubric, and sometimes follows up and
+rates the follow-up answer. A feedback item is one /pick, /rate or /rewrite call; the learner stops once
+the budget is spent. Evaluation conversations (`evaluate`) are opened with purpose "eval" and never become
+training data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.rubrics import RUBRICS, Rubric, rewrite_for  # noqa: E402
+
+PROMPT_SET = Path(__file__).resolve().parents[1] / "rlhf" / "assets" / "tutoring_prompts.jsonl"
+LABELS = "ABCD"
+
+
+@dataclass(frozen=True)
+class TutoringPrompt:
+    id: str
+    subject: str
+    level: str
+    opener: str
+    follow_up: str | None
+    keywords: tuple[str, ...]
+    split: str  # train | heldout
+
+
+def load_prompt_set(path: Path = PROMPT_SET, split: str | None = None) -> list[TutoringPrompt]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prompts = [TutoringPrompt(r["id"], r["subject"], r["level"], r["opener"], r.get("follow_up"),
+                              tuple(r["keywords"]), r["split"]) for r in rows]
+    return [p for p in prompts if split is None or p.split == split]
+
+
+@dataclass
+class LearnerConfig:
+    k: int = 4  # answers per comparison
+    error_rate: float = 0.2  # share of decisions made the wrong way round
+    rate_share: float = 0.3  # share of picked winners also rated, with a reason
+    rewrite_share: float = 0.1  # share of failing winners rewritten
+    follow_up_share: float = 0.3  # share of prompts with a follow-up where the learner asks it (and rates it)
+
+
+@dataclass
+class FeedbackCounts:
+    picks: int = 0
+    ties: int = 0
+    ratings: int = 0
+    rewrites: int = 0
+    follow_ups: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def items(self) -> int:
+        return self.picks + self.ratings + self.rewrites
+
+    def as_dict(self) -> dict[str, int]:
+        return {"items": self.items, "picks": self.picks, "ties": self.ties, "ratings": self.ratings,
+                "rewrites": self.rewrites, "follow_ups": self.follow_ups}
+
+    def add(self, other: Counter) -> None:
+        with self.lock:
+            for key, value in other.items():
+                setattr(self, key, getattr(self, key) + value)
+
+
+def decide(scores: list[float], error_rate: float, rng: random.Random) -> str:
+    """The learner's choice for /pick: 'tie', the winner's label, or an order best first.
+
+    Answers are ordered by score; the lowest-scoring ones are left out of the order (they lose to every
+    ranked answer). Equal scores keep a random order among themselves, as a person's would.
+    """
+    if len(set(scores)) == 1:
+        return "tie"
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], rng.random()))
+    if rng.random() < error_rate:
+        order.reverse()
+    if len(scores) == 2:
+        return LABELS[order[0]]
+    worst = scores[order[-1]]
+    ranked = [i for i in order if scores[i] != worst] or order[:1]
+    return ",".join(LABELS[i] for i in ranked)
+
+
+class SimulatedLearner:
+    def __init__(self, client, rubric: Rubric, config: LearnerConfig, rng: random.Random, name: str = "learner"):
+        self.client, self.rubric, self.config, self.rng, self.name = client, rubric, config, rng, name
+
+    def _call(self, api_name: str, *args):
+        return self.client.predict(*args, api_name=api_name)
+
+    def give_feedback(self, prompt: TutoringPrompt) -> Counter:
+        counts: Counter = Counter()
+        conversation = self._call("/new_conversation", self.name, "chat")["conversation_id"]
+        dialogue = [{"role": "user", "content": prompt.opener}]
+        result = self._call("/compare", conversation, prompt.opener, self.config.k)
+        candidates = result["candidates"]
+        scores = [self.rubric.score(dialogue, c["text"]) for c in candidates]
+        choice = decide(scores, self.config.error_rate, self.rng)
+        self._call("/pick", result["comparison_id"], choice)
+        counts.update(picks=1, ties=choice == "tie")
+        winner = candidates[0] if choice == "tie" else candidates[LABELS.index(choice[0])]
+        counts += self._rate_or_rewrite(dialogue, winner, prompt)
+        if prompt.follow_up and self.rng.random() < self.config.follow_up_share:
+            dialogue += [{"role": "assistant", "content": winner["text"]}, {"role": "user", "content": prompt.follow_up}]
+            reply = self._call("/chat", conversation, prompt.follow_up)
+            counts.update(follow_ups=1)
+            counts += self._rate(dialogue, reply)
+        return counts
+
+    def _rate_or_rewrite(self, dialogue, answer: dict, prompt: TutoringPrompt) -> Counter:
+        if not self.rubric.success(dialogue, answer["text"]) and self.rng.random() < self.config.rewrite_share:
+            better = rewrite_for(self.rubric.name, dialogue, answer["text"], list(prompt.keywords), self.rng)
+            if better:
+                self._call("/rewrite", answer["message_id"], better)
+                return Counter(rewrites=1)
+        if self.rng.random() < self.config.rate_share:
+            return self._rate(dialogue, answer)
+        return Counter()
+
+    def _rate(self, dialogue, answer: dict) -> Counter:
+        good = self.rubric.success(dialogue, answer["text"])
+        if self.rng.random() < self.config.error_rate:
+            good = not good
+        reason = self.rng.choice(["clear", "good example"] if good else ["unclear", "too long", "other"])
+        self._call("/rate", answer["message_id"], "up" if good else "down", reason)
+        return Counter(ratings=1)
+
+    def ask(self, prompt: TutoringPrompt) -> dict:
+        """One evaluation sample: a fresh `eval` conversation, the opener, the streamed answer to the end."""
+        conversation = self._call("/new_conversation", self.name, "eval")["conversation_id"]
+        reply = self._call("/chat", conversation, prompt.opener)
+        return {"prompt_id": prompt.id, "dialogue": [{"role": "user", "content": prompt.opener}],
+                "answer": reply["text"], "model_version": reply["model_version"]}
+
+
+def _clients(url: str, n: int) -> list:
+    from gradio_client import Client
+
+    return [Client(url, verbose=False) for _ in range(n)]
+
+
+def give_feedback(url: str, prompts: list[TutoringPrompt], rubric: Rubric, items: int, config: LearnerConfig,
+                  learners: int = 4, seed: int = 0, say=print) -> FeedbackCounts:
+    """Learners at once give about `items` feedback items (each stops when the budget is spent)."""
+    counts = FeedbackCounts()
+    rng = random.Random(seed)
+    queue = iter(rng.sample(prompts, len(prompts)) * (items // max(1, len(prompts)) + 1))
+    queue_lock = threading.Lock()
+    clients = _clients(url, learners)
+
+    def work(index: int) -> None:
+        learner = SimulatedLearner(clients[index], rubric, config, random.Random(seed * 1000 + index),
+                                   f"learner-{index}")
+        while True:
+            with queue_lock:
+                if counts.items >= items:
+                    return
+                prompt = next(queue)
+            counts.add(learner.give_feedback(prompt))
+            if counts.picks % 10 == 0:
+                say(f"   {counts.items}/{items} feedback items ({counts.picks} picks, {counts.ties} ties, "
+                    f"{counts.ratings} ratings, {counts.rewrites} rewrites)")
+
+    try:
+        with ThreadPoolExecutor(learners) as pool:
+            for job in [pool.submit(work, i) for i in range(learners)]:
+                job.result()
+    finally:
+        for client in clients:
+            client.close()
+    return counts
+
+
+def collect_answers(url: str, prompts: Iterable[TutoringPrompt], rubric: Rubric, learners: int = 4, seed: int = 0) -> list[dict]:
+    """Evaluation samples through the API, in the prompts' order; each carries its rubric score."""
+    prompts = list(prompts)
+    clients = _clients(url, learners)
+    try:
+        pool_learners = [SimulatedLearner(c, rubric, LearnerConfig(), random.Random(seed), "eval-learner") for c in clients]
+        with ThreadPoolExecutor(learners) as pool:
+            samples = list(pool.map(lambda ip: pool_learners[ip[0] % learners].ask(ip[1]), enumerate(prompts)))
+    finally:
+        for client in clients:
+            client.close()
+    for sample in samples:
+        sample["score"] = rubric.score(sample["dialogue"], sample["answer"])
+    return samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:7860/")
+    ap.add_argument("--items", type=int, default=100, help="feedback items to give (picks + ratings + rewrites)")
+    ap.add_argument("--rubric", choices=sorted(RUBRICS), default="uses_example")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--error-rate", type=float, default=0.2)
+    ap.add_argument("--learners", type=int, default=4, help="learners at once")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    config = LearnerConfig(k=args.k, error_rate=args.error_rate)
+    counts = give_feedback(args.url, load_prompt_set(split="train"), RUBRICS[args.rubric], args.items, config,
+                           args.learners, args.seed)
+    print(f"done: {counts.items} feedback items: {counts.picks} picks ({counts.ties} ties), {counts.ratings} ratings, "
+          f"{counts.rewrites} rewrites, {counts.follow_ups} follow-ups")
+
+
+if __name__ == "__main__":
+    main()

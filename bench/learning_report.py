@@ -1,0 +1,92 @@
+"""The learning benchmark's report: a table with 95% intervals, the cycles' verdicts, a PNG of the
+curves, and answers of the base and the last version side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _ci(value) -> str:
+    if not value:
+        return "-"
+    mean, low, high = value
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def _pct(value) -> str:
+    mean, low, high = value
+    return f"{mean:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| cycle | version | feedback items | rubric success | win rate vs base (W/L/T) | KL to base | words | "
+             "perplexity (base model) | distinct-2 | repeated endings | on topic |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        vs = row.get("vs_base")
+        win = (f"{vs['win_rate']:.1%} [{vs['ci'][0]:.1%}, {vs['ci'][1]:.1%}] ({vs['wins']}/{vs['losses']}/{vs['ties']})"
+               if vs else "-")
+        kl = f"{row['kl_base']:.2f}" if row.get("kl_base") is not None else "-"
+        lines.append(f"| {row['cycle']} | {row['version']} | {row['feedback_items']} | {_pct(row['success'])} | {win} | "
+                     f"{kl} | {_ci(row['length_words'])} | {_ci(row.get('perplexity'))} | {_ci(row['distinct_2'])} | "
+                     f"{_pct(row['repeated_endings'])} | {_pct(row['on_topic'])} |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [r["feedback_items"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    series = [("rubric success", [r["success"] for r in rows], axes[0]),
+              ("win rate vs base", [(r["vs_base"]["win_rate"], *r["vs_base"]["ci"]) if r.get("vs_base") else None
+                                    for r in rows], axes[0]),
+              ("perplexity (base model)", [r.get("perplexity") for r in rows], axes[1]),
+              ("distinct-2", [r["distinct_2"] for r in rows], axes[2]),
+              ("repeated endings", [r["repeated_endings"] for r in rows], axes[2])]
+    for label, values, ax in series:
+        points = [(x, v) for x, v in zip(items, values) if v]
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[0] - v[1] for _, v in points], [v[2] - v[0] for _, v in points]],
+                    marker="o", capsize=3, label=label)
+    for ax, name in zip(axes, ("rate", "perplexity", "share")):
+        ax.set_xlabel("feedback items")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_examples: int = 6) -> None:
+    rows = results["rows"]
+    arm = "PPO off (SFT on the same feedback only)" if results["no_ppo"] else "RLHF (reward model + PPO)"
+    title = f"Learning curve: rubric {results['rubric']}, {arm}"
+    plot(rows, out / "curves.png", title)
+    lines = [f"# {title}", "",
+             f"{results['samples_per_measurement']} answers per measurement ({results['heldout_openers']} held-out openers, "
+             f"never trained on), learners' error rate {results['error_rate']:.0%}, k = {results['k']}, "
+             f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes.",
+             "Intervals are 95% (Wilson for rates, bootstrap otherwise). Win rate: the new version's answer against "
+             "the base's on the same opener, judged by the rubric's score; ties are left out of the rate.", "",
+             *table(rows), "", "![curves](curves.png)", "", "## Cycles", ""]
+    for cycle in results["cycles"]:
+        rm = cycle.get("reward") or {}
+        lines.append(f"- cycle {cycle['cycle']}: **{cycle['status']}** after {cycle['seconds']:.0f} s "
+                     f"(feedback {cycle['feedback']}); reward model held-out accuracy {rm.get('heldout_accuracy')} on "
+                     f"{rm.get('heldout_pairs')} pairs, length correlation {rm.get('length_correlation')}; {cycle['reason']}")
+    first, last = rows[0]["version"], rows[-1]["version"]
+    if first != last:
+        lines += ["", f"## Answers before ({first}) and after ({last})", ""]
+        for before, after in list(zip(samples[first], samples[last]))[:: max(1, len(samples[first]) // n_examples)][:n_examples]:
+            lines += [f"**Learner:** {before['dialogue'][-1]['content']}", "",
+                      f"- before (score {before['score']:.2f}): {before['answer']!r}",
+                      f"- after (score {after['score']:.2f}): {after['answer']!r}", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
