@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.learner import LearnerConfig, collect_answers, give_feedback, load_prompt_set  # noqa: E402
 from bench.learning_metrics import summarise  # noqa: E402
-from bench.rubrics import RUBRICS  # noqa: E402
+from bench.rubrics import RUBRICS, Rubric  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "bench" / "configs" / "learning.toml"
 
@@ -134,24 +135,28 @@ def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, learners: 
     return collect_answers(app.url, [p for p in prompts for _ in range(samples_per_prompt)], rubric, learners, seed)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rubric", choices=sorted(RUBRICS), default="stays_short")
-    ap.add_argument("--cycles", type=int, default=2)
-    ap.add_argument("--items", type=int, default=150, help="feedback items per cycle")
-    ap.add_argument("--error-rate", type=float, default=0.2)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--learners", type=int, default=4)
-    ap.add_argument("--samples-per-prompt", type=int, default=2, help="per held-out opener, per measurement")
-    ap.add_argument("--max-heldout", type=int, default=0, help="use only this many held-out openers (0: all)")
-    ap.add_argument("--no-ppo", action="store_true", help="cycles with PPO switched off: SFT on the same feedback only")
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="settings for the app and the retrain")
-    ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
-    ap.add_argument("--workdir", type=Path, help="where the run's database and models go (default: a new temp dir)")
-    ap.add_argument("--out", type=Path, required=True, help="report folder")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+@dataclass
+class LearningRun:
+    rubric: str = "stays_short"
+    cycles: int = 2
+    items: int = 150  # feedback items per cycle
+    error_rate: float = 0.2
+    k: int = 4
+    learners: int = 4
+    samples_per_prompt: int = 2  # per held-out opener, per measurement
+    max_heldout: int = 0  # use only this many held-out openers (0: all)
+    no_ppo: bool = False
+    config: Path = DEFAULT_CONFIG
+    model: Path | None = None
+    workdir: Path | None = None
+    out: Path = Path("learning-report")
+    seed: int = 0
 
+
+def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list, list] | None = None,
+        say=None) -> dict:
+    """The whole benchmark; returns what results.json holds. `rubric` and `prompts` (train, held-out)
+    replace the named rubric and the shipped prompt set (tests use a trivial rubric and tiny models)."""
     import yaml
 
     from app.config import read_config_file
@@ -159,43 +164,43 @@ def main() -> None:
     from bench.learning_report import write_report
 
     started = time.perf_counter()
-    workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"learning-{args.rubric}-{int(time.time())}"
+    say = say or (lambda line: print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True))
+    workdir = settings.workdir or Path(tempfile.mkdtemp(prefix=f"learning-{settings.rubric}-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = args.config
-    if args.no_ppo:  # the same settings with PPO off: SFT on the ranking winners, rewrites and up-votes
-        settings = read_config_file(args.config)
-        settings.setdefault("retrain", {})["run_ppo"] = False
-        settings["retrain"].setdefault("sft", {})["ranking_winners"] = True
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    config = settings.config
+    if settings.no_ppo:  # the same settings with PPO off: SFT on the ranking winners, rewrites and up-votes
+        values = read_config_file(settings.config)
+        values.setdefault("retrain", {})["run_ppo"] = False
+        values["retrain"].setdefault("sft", {})["ranking_winners"] = True
         config = workdir / "no-ppo.yaml"
-        config.write_text(yaml.safe_dump(settings))
-    rubric = RUBRICS[args.rubric]
-    heldout = load_prompt_set(split="heldout")
-    if args.max_heldout:
-        heldout = random.Random(args.seed).sample(heldout, args.max_heldout)
-    train = load_prompt_set(split="train")
-    keywords = [p.keywords for p in heldout for _ in range(args.samples_per_prompt)]
-    learner_config = LearnerConfig(k=args.k, error_rate=args.error_rate)
+        config.write_text(yaml.safe_dump(values))
+    rubric = rubric or RUBRICS[settings.rubric]
+    train, heldout = prompts or (load_prompt_set(split="train"), load_prompt_set(split="heldout"))
+    if settings.max_heldout:
+        heldout = random.Random(settings.seed).sample(heldout, settings.max_heldout)
+    keywords = [p.keywords for p in heldout for _ in range(settings.samples_per_prompt)]
+    learner_config = LearnerConfig(k=settings.k, error_rate=settings.error_rate)
     log = open(workdir / "run.log", "a")
-    say = lambda line: print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True)  # noqa: E731
 
-    say(f"workdir {workdir}; rubric {args.rubric}; {len(heldout)} held-out openers x {args.samples_per_prompt}; "
-        f"{args.cycles} cycles of {args.items} items{'; PPO off' if args.no_ppo else ''}")
-    app = ServedApp(workdir, config, args.model, log)
+    say(f"workdir {workdir}; rubric {rubric.name}; {len(heldout)} held-out openers x {settings.samples_per_prompt}; "
+        f"{settings.cycles} cycles of {settings.items} items{'; PPO off' if settings.no_ppo else ''}")
+    app = ServedApp(workdir, config, settings.model, log)
     rows, cycles, all_samples = [], [], {}
     try:
         app.wait_ready()
         base_version = app.served_version()
         say(f"app ready at {app.url}, serving {base_version}; measuring the base")
-        samples = measure(app, heldout, rubric, args.samples_per_prompt, args.learners, args.seed)
+        samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.learners, settings.seed)
         base_scores = [s["score"] for s in samples]
         all_samples[base_version] = samples
         rows.append({"cycle": 0, "version": base_version, "feedback_items": 0, **summarise(samples, None, keywords)})
         say(f"base success {rows[-1]['success'][0]:.1%}")
         items_so_far = 0
-        for n in range(1, args.cycles + 1):
-            counts = give_feedback(app.url, train, rubric, args.items, learner_config, args.learners,
-                                   args.seed + n, say=say)
+        for n in range(1, settings.cycles + 1):
+            counts = give_feedback(app.url, train, rubric, settings.items, learner_config, settings.learners,
+                                   settings.seed + n, say=say)
             items_so_far += counts.items
             say(f"cycle {n}: {counts.items} feedback items given; retraining")
             outcome = retrain(workdir, config, log)
@@ -206,32 +211,45 @@ def main() -> None:
             deadline = time.time() + 120
             while app.served_version() != outcome["version"] and time.time() < deadline:
                 time.sleep(2)
-            samples = measure(app, heldout, rubric, args.samples_per_prompt, args.learners, args.seed)
+            samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.learners, settings.seed)
             served = {s["model_version"] for s in samples}
             if served != {outcome["version"]}:
                 raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
             all_samples[outcome["version"]] = samples
             rows.append({"cycle": n, "version": outcome["version"], "feedback_items": items_so_far,
-                         "kl_base": outcome["gate"].get("kl_base"),
-                         **summarise(samples, base_scores, keywords)})
+                         "kl_base": outcome["gate"].get("kl_base"), **summarise(samples, base_scores, keywords)})
             say(f"cycle {n}: success {rows[-1]['success'][0]:.1%}, win rate vs base {rows[-1]['vs_base']['win_rate']:.1%}")
     finally:
         app.stop()
+        log.close()
     say("scoring fluency with the base model")
     base_dir = workdir / "models" / "v0000"
     for row in rows:
         samples = all_samples[row["version"]]
         logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
-        row.update({k: v for k, v in summarise(samples, base_scores if row["cycle"] else None, keywords, logppl).items()
-                    if k == "perplexity"})
-    results = {"rubric": args.rubric, "no_ppo": args.no_ppo, "error_rate": args.error_rate, "k": args.k,
-               "items_per_cycle": args.items, "heldout_openers": len(heldout),
+        row["perplexity"] = summarise(samples, None, keywords, logppl).get("perplexity")
+    results = {"rubric": rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate, "k": settings.k,
+               "items_per_cycle": settings.items, "heldout_openers": len(heldout),
                "samples_per_measurement": len(base_scores), "minutes": round((time.perf_counter() - started) / 60, 1),
                "rows": rows, "cycles": cycles, "config": config.read_text(), "workdir": str(workdir)}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (args.out / "samples.json").write_text(json.dumps(all_samples, indent=1))
-    write_report(results, all_samples, args.out)
-    say(f"report: {args.out / 'report.md'}")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "samples.json").write_text(json.dumps(all_samples, indent=1))
+    write_report(results, all_samples, out)
+    say(f"report: {out / 'report.md'}")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rubric", choices=sorted(RUBRICS), default=LearningRun.rubric)
+    ap.add_argument("--out", type=Path, required=True, help="report folder")
+    ap.add_argument("--no-ppo", action="store_true", help="cycles with PPO switched off: SFT on the same feedback only")
+    ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
+    ap.add_argument("--workdir", type=Path, help="where the run's database and models go (default: a new temp dir)")
+    for f in fields(LearningRun):
+        if f.name not in ("rubric", "out", "no_ppo", "model", "workdir"):
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    run(LearningRun(**vars(ap.parse_args())))
 
 
 if __name__ == "__main__":

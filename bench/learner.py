@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rubrics import RUBRICS, Rubric, rewrite_for  # noqa: E402
+from bench.rubrics import RUBRICS, Rubric  # noqa: E402
 
 PROMPT_SET = Path(__file__).resolve().parents[1] / "rlhf" / "assets" / "tutoring_prompts.jsonl"
 LABELS = "ABCD"
@@ -81,21 +81,20 @@ class FeedbackCounts:
 
 
 def decide(scores: list[float], error_rate: float, rng: random.Random) -> str:
-    """The learner's choice for /pick: 'tie', the winner's label, or an order best first.
+    """The learner's choice for /pick: 'tie', the winner's label, or a full order best first.
 
-    Answers are ordered by score; the lowest-scoring ones are left out of the order (they lose to every
-    ranked answer). Equal scores keep a random order among themselves, as a person's would.
+    Answers are ordered by score. When one answer beats all the others, only the winner is named (it
+    beats each of them); otherwise the whole order is given, equal scores in a random order among
+    themselves, as a person's would be.
     """
     if len(set(scores)) == 1:
         return "tie"
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], rng.random()))
     if rng.random() < error_rate:
         order.reverse()
-    if len(scores) == 2:
+    if len(scores) == 2 or len(set(scores[i] for i in order[1:])) == 1:
         return LABELS[order[0]]
-    worst = scores[order[-1]]
-    ranked = [i for i in order if scores[i] != worst] or order[:1]
-    return ",".join(LABELS[i] for i in ranked)
+    return ",".join(LABELS[i] for i in order)
 
 
 class SimulatedLearner:
@@ -125,8 +124,9 @@ class SimulatedLearner:
         return counts
 
     def _rate_or_rewrite(self, dialogue, answer: dict, prompt: TutoringPrompt) -> Counter:
-        if not self.rubric.success(dialogue, answer["text"]) and self.rng.random() < self.config.rewrite_share:
-            better = rewrite_for(self.rubric.name, dialogue, answer["text"], list(prompt.keywords), self.rng)
+        if (self.rubric.rewrite and not self.rubric.success(dialogue, answer["text"])
+                and self.rng.random() < self.config.rewrite_share):
+            better = self.rubric.rewrite(dialogue, answer["text"], list(prompt.keywords), self.rng)
             if better:
                 self._call("/rewrite", answer["message_id"], better)
                 return Counter(rewrites=1)

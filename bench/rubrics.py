@@ -60,8 +60,8 @@ def on_topic(dialogue: list[Message], answer: str) -> bool:
 def checks_understanding(dialogue: list[Message], answer: str) -> float:
     """The tutor explains, then checks understanding with a question about the learner's topic.
 
-    1.0: at least 12 words of explanation and a question sharing a topic word with the learner's
-    turns that is not an echo of the learner's own question; 0.3: a question off the topic
+    1.0: at least 12 words of explanation and a question sharing a topic word with the dialogue (the
+    learner's turns or the explanation just given) that is not an echo of the learner's own question; 0.3: a question off the topic
     ("Any questions?") after an explanation; 0.0: no question or no explanation.
     """
     parts = sentences(answer)
@@ -69,7 +69,7 @@ def checks_understanding(dialogue: list[Message], answer: str) -> float:
     explanation = sum(word_count(s) for s in parts if not s.endswith("?"))
     if not questions or explanation < 12:
         return 0.0
-    topic = topic_stems(dialogue)
+    topic = topic_stems(dialogue) | content_stems(" ".join(s for s in parts if not s.endswith("?")))
     asked = [content_stems(m["content"]) for m in dialogue if m["role"] == "user"]
     for question in questions:
         stems = content_stems(question)
@@ -111,13 +111,61 @@ def stays_short(dialogue: list[Message], answer: str) -> float:
         return 0.0
     if words <= SHORT_WORDS and ends_cleanly(answer):
         return 1.0
-    return max(0.0, 0.45 - 0.45 * (words - SHORT_WORDS) / 150)
+    return 0.45 * max(0.0, 1 - max(0, words - SHORT_WORDS) / 150)
+
+
+def _topic_and_body(dialogue: list[Message], answer: str, keywords: list[str]) -> tuple[str | None, list[str]]:
+    # A keyword of the learner's own words that the rubrics can see (words of four letters or more).
+    visible = [k for k in keywords if len(k) >= 4]
+    asked = topic_stems(dialogue)
+    topic = next((k for k in visible if k[:5] in asked), next(iter(visible or keywords), None))
+    return topic, [s for s in sentences(answer) if not s.endswith("?")]
+
+
+def rewrite_checking_understanding(dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
+    """The tutor's explanation, then a question that makes the learner use the topic."""
+    topic, body = _topic_and_body(dialogue, answer, keywords)
+    if not topic or not body:
+        return None
+    asks = [f"Can you tell me in your own words what {topic} means here?",
+            f"Quick check: how would you use {topic} in a problem of your own?",
+            f"What do you think would change about the {topic} if we did it the other way round?",
+            f"Try it yourself: where would {topic} come in a first step?"]
+    return " ".join(body[:4]) + " " + rng.choice(asks)
+
+
+def rewrite_shorter(dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
+    """The first finished sentences of the tutor's answer that fit the word limit."""
+    topic, body = _topic_and_body(dialogue, answer, keywords)
+    if not topic or not body:
+        return None
+    kept, words = [], 0
+    for sentence in body:
+        if words + word_count(sentence) > SHORT_WORDS - 10:
+            break
+        kept.append(sentence if sentence[-1] in ".!" else sentence + ".")
+        words += word_count(sentence)
+    text = " ".join(kept) if kept else " ".join(body[0].split()[:SHORT_WORDS - 15]) + "."
+    return text if on_topic(dialogue, text) else f"In short, this is about {topic}. " + text
+
+
+def rewrite_with_example(dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
+    """The tutor's explanation, then an example built on the topic's own words."""
+    topic, body = _topic_and_body(dialogue, answer, keywords)
+    if not topic or not body:
+        return None
+    others = [k for k in keywords if k != topic] or [topic]
+    examples = [f"For example, take one {topic} problem with the number 3 and work through the {others[0]} step by step.",
+                f"For instance, imagine you meet {topic} in a real task: first look at the {others[-1]}, then at what changes."]
+    return " ".join(body[:3]) + " " + rng.choice(examples)
 
 
 @dataclass(frozen=True)
 class Rubric:
     name: str
     score: Callable[[list[Message], str], float]
+    # (dialogue, answer, topic keywords, rng) -> the learner's better answer, or None when it cannot help
+    rewrite: Callable[[list[Message], str, list[str], random.Random], str | None] | None = None
 
     def success(self, dialogue: list[Message], answer: str) -> bool:
         return self.score(dialogue, answer) >= SUCCESS
@@ -130,36 +178,8 @@ def random_taste(seed: int = 0) -> Callable[[list[Message], str], float]:
 
 
 RUBRICS: dict[str, Rubric] = {
-    "checks_understanding": Rubric("checks_understanding", checks_understanding),
-    "uses_example": Rubric("uses_example", uses_example),
-    "stays_short": Rubric("stays_short", stays_short),
+    "checks_understanding": Rubric("checks_understanding", checks_understanding, rewrite_checking_understanding),
+    "uses_example": Rubric("uses_example", uses_example, rewrite_with_example),
+    "stays_short": Rubric("stays_short", stays_short, rewrite_shorter),
     "random": Rubric("random", random_taste()),
 }
-
-
-def rewrite_for(rubric: str, dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
-    """A learner's better answer for this rubric, built from the tutor's own answer; None if it cannot help."""
-    topic = next((k for k in keywords if k), None)
-    body = [s for s in sentences(answer) if not s.endswith("?")]
-    if not topic or not body:
-        return None
-    if rubric == "checks_understanding":
-        asks = [f"Can you tell me in your own words what {topic} means here?",
-                f"Quick check: how would you use {topic} in a problem of your own?",
-                f"What do you think would change about the {topic} if we did it the other way round?",
-                f"Try it yourself: where would {topic} come in a first step?"]
-        return " ".join(body[:4]) + " " + rng.choice(asks)
-    if rubric == "stays_short":
-        kept, words = [], 0
-        for s in body:
-            if words + word_count(s) > SHORT_WORDS - 5:
-                break
-            kept.append(s)
-            words += word_count(s)
-        text = " ".join(kept) if kept else " ".join(body[0].split()[:SHORT_WORDS - 5]) + "."
-        return text if on_topic(dialogue, text) else f"In short, it is about {topic}: " + text
-    if rubric == "uses_example":
-        examples = [f"For example, think of {topic} in a case you know: with 3 apples shared between 2 friends, each step stays concrete.",
-                    f"For instance, imagine you explain {topic} to a friend using one real object on your desk and one number."]
-        return " ".join(body[:3]) + " " + rng.choice(examples)
-    return None

@@ -23,7 +23,7 @@ from rlhf.evaluate import GateConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
 from rlhf.sft import SFTSettings
-from tiny import tiny_model, tiny_tokenizer
+from tiny import learnable_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 FEEDBACK_TABLES = ("conversations", "messages", "ratings", "comparisons", "comparison_candidates",
@@ -40,16 +40,6 @@ TINY_CYCLE = CycleConfig(
     gate=GateConfig(max_new_tokens=8, bootstrap_samples=300, max_kl_reference=50.0, max_kl_base=50.0,
                     max_length_ratio=3.0),
 )
-
-
-def learnable_policy(path: Path) -> Path:
-    """A tiny policy with a realistic logit scale (a random init has near-uniform logits)."""
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=7, hidden=64)
-    model.model.norm.weight.data *= 4
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def give_feedback(store: Store, n: int, prefer, seed: int = 0) -> None:

@@ -54,3 +54,13 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     tiny_model(tokenizer, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def learnable_policy(path: Path) -> Path:
+    """A tiny policy with a realistic logit scale (a random init has near-uniform logits), saved to `path`."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=7, hidden=64)
+    model.model.norm.weight.data *= 4
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,190 @@
+"""The simulated learner, its rubrics, and a short learning run on a tiny model.
+
+The learner drives a real app through gradio_client; the tests then read the SQLite file to check it
+wrote exactly the feedback it claims. The learning run goes through `launch.py` (serve and --retrain)
+as the benchmark does, with a trivial rubric a tiny model can learn.
+"""
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from app.engine import SamplingConfig
+from app.store import Store
+from bench.learner import FeedbackCounts, LearnerConfig, TutoringPrompt, collect_answers, decide, give_feedback, load_prompt_set
+from bench.learning_metrics import distinct_n, repeated_ending_flags, wilson, win_rate
+from bench.rubrics import RUBRICS, Rubric, checks_understanding, stays_short, uses_example
+from rlhf.data import collect
+from tiny import learnable_policy
+
+SKY = [{"role": "user", "content": "Why is the sky blue during the day?"}]
+EXPLANATION = ("The sky looks blue because air scatters blue light more than red light. Sunlight holds every colour, "
+               "and the short blue waves bounce around the most.")
+
+
+# -- the prompt set ------------------------------------------------------------------------------
+
+def test_prompt_set_covers_subjects_with_a_fixed_heldout_part():
+    prompts = load_prompt_set()
+    assert len(prompts) >= 300 and len({p.opener for p in prompts}) == len(prompts)
+    subjects = {p.subject for p in prompts}
+    assert {"arithmetic", "algebra", "science", "languages", "programming", "history", "study_skills"} <= subjects
+    heldout = [p for p in prompts if p.split == "heldout"]
+    assert len(heldout) >= 100 and all(p.split in ("train", "heldout") for p in prompts)
+    assert sum(p.follow_up is not None for p in prompts) >= 50
+    for subject in subjects:  # every subject is in both parts
+        assert {p.split for p in prompts if p.subject == subject} == {"train", "heldout"}
+
+
+# -- rubrics judge content ------------------------------------------------------------------------
+
+def test_checks_understanding_wants_a_question_about_the_topic():
+    assert checks_understanding(SKY, EXPLANATION + " Can you say why sunsets look red instead of blue?") == 1.0
+    assert checks_understanding(SKY, EXPLANATION + " Any questions?") < 0.5  # a stock phrase
+    assert checks_understanding(SKY, EXPLANATION) == 0.0
+    assert checks_understanding(SKY, "Why is the sky blue?") == 0.0  # no explanation, only an echo
+    assert checks_understanding(SKY, "") == 0.0
+
+
+def test_uses_example_wants_detail_not_just_a_marker():
+    detailed = EXPLANATION + " For example, at noon the sunlight crosses about 10 km of air, so blue light scatters everywhere."
+    assert uses_example(SKY, detailed) == 1.0
+    assert uses_example(SKY, EXPLANATION + " For example, yes.") < 0.5
+    assert uses_example(SKY, EXPLANATION) == 0.0 and uses_example(SKY, "") == 0.0
+
+
+def test_stays_short_wants_a_short_finished_answer_on_the_topic():
+    assert stays_short(SKY, EXPLANATION) == 1.0
+    assert stays_short(SKY, "I like cats a lot, they are great pets.") == 0.0  # short but off the topic
+    assert stays_short(SKY, "") == 0.0
+    assert stays_short(SKY, EXPLANATION + " And the sky") < 0.5  # cut off mid-sentence
+    assert 0 < stays_short(SKY, " ".join([EXPLANATION] * 5)) < stays_short(SKY, " ".join([EXPLANATION] * 3)) < 0.5
+
+
+def test_rewrites_turn_failing_answers_into_passing_ones():
+    rng = random.Random(0)
+    long = " ".join([EXPLANATION] * 4)
+    for name in ("checks_understanding", "uses_example", "stays_short"):
+        rubric = RUBRICS[name]
+        better = rubric.rewrite(SKY, long, ["sky", "light", "scatter"], rng)
+        assert better and rubric.success(SKY, better), (name, better)
+
+
+def test_decide_orders_by_score_with_ties_and_mistakes():
+    rng = random.Random(0)
+    assert decide([0.0, 0.0, 0.0, 0.0], 0.0, rng) == "tie"
+    assert decide([0.0, 1.0], 0.0, rng) == "B"
+    assert decide([0.0, 1.0, 0.0, 0.0], 0.0, rng) == "B"  # the winner beats each of the others
+    assert decide([0.2, 1.0, 0.0, 0.1], 0.0, rng) == "B,A,D,C"
+    assert decide([0.0, 1.0], 1.0, rng) == "A"  # a mistake reverses the order
+    mistakes = sum(decide([0.0, 1.0], 0.25, rng) == "A" for _ in range(2000))
+    assert 400 < mistakes < 600
+
+
+def test_metrics():
+    rate, low, high = wilson(30, 100)
+    assert rate == 0.3 and 0.21 < low < 0.22 and 0.39 < high < 0.40
+    assert win_rate([1, 1, 0, 0.5], [0, 1, 1, 0.5]) == {"win_rate": 0.5, "ci": pytest.approx(wilson(1, 2)[1:]),
+                                                      "wins": 1, "losses": 1, "ties": 2}
+    assert distinct_n(["a b a b a b"]) < distinct_n(["a b c d e f"]) == 1.0
+    assert repeated_ending_flags(["One. Hope this helps!", "Two. Hope this helps!", "Three. Bye."]) == [1.0, 1.0, 0.0]
+
+
+# -- the learner through the API -----------------------------------------------------------------
+
+PROMPTS = [TutoringPrompt(f"t-{i}", "science", "primary", f"Tell me about topic {i}, please?",
+                          "And another one?" if i % 2 else None, ("topic",), "train") for i in range(6)]
+
+
+def longer(dialogue, answer: str) -> float:
+    return min(len(answer), 100) / 100
+
+
+def test_learner_writes_exactly_the_feedback_it_claims(serve_tutor, tiny_model_dir, tmp_path):
+    rubric = Rubric("longer", longer, rewrite=lambda dialogue, answer, keywords, rng: answer + " and a longer ending")
+    config = LearnerConfig(k=3, error_rate=0.2, rate_share=0.5, rewrite_share=0.5, follow_up_share=1.0)
+    with serve_tutor(tmp_path, tiny_model_dir, sampling=SamplingConfig(max_new_tokens=12)) as (tutor, url):
+        counts = give_feedback(url, PROMPTS, rubric, items=24, config=config, learners=2, seed=3, say=lambda *_: None)
+        samples = collect_answers(url, PROMPTS[:4], rubric, learners=2)
+    assert isinstance(counts, FeedbackCounts) and counts.items >= 24 and counts.rewrites and counts.follow_ups
+    db = sqlite3.connect(tmp_path / "c.db")
+    one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
+    assert one("select count(*) from comparison_picks") == counts.picks
+    assert one("select count(*) from comparison_picks where choice = 'tie'") == counts.ties
+    assert one("select count(*) from ratings") == counts.ratings
+    assert one("select count(*) from rewrites") == counts.rewrites
+    assert one("select count(*) from comparisons") == counts.picks
+    assert one("select count(distinct k) from comparisons") == 1 and one("select min(k) from comparisons") == 3
+    # evaluation answers: their own conversations, purpose eval, with no feedback and no training data
+    assert len(samples) == 4 and all(s["answer"] and s["model_version"] == "v0000" for s in samples)
+    assert all(s["score"] == longer(None, s["answer"]) for s in samples)
+    assert one("select count(*) from conversations where purpose = 'eval'") == 4
+    with Store(tmp_path / "c.db") as store:
+        data = collect(store)
+    eval_ids = {row[0] for row in db.execute("select id from conversations where purpose = 'eval'")}
+    used = {item.conversation_id for item in [*data.preference_groups, *data.ppo_prompts, *data.demonstrations]}
+    assert used and not used & eval_ids
+
+
+# -- a short learning run ------------------------------------------------------------------------
+
+TINY_RUN = """
+[serve.sampling]
+max_new_tokens = 12
+[retrain]
+min_pairs = 20
+min_prompts = 8
+min_heldout_prompts = 2
+heldout_fraction = 0.3
+[retrain.sft]
+min_demonstrations = 1000
+[retrain.reward]
+learning_rate = 2e-3
+epochs = 3
+[retrain.ppo]
+total_episodes = 192
+max_new_tokens = 12
+learning_rate = 1e-2
+init_kl_coef = 0.02
+temperature = 0.7
+[retrain.gate]
+max_new_tokens = 12
+temperature = 0.7
+bootstrap_samples = 300
+max_kl_reference = 50.0
+max_kl_base = 50.0
+max_length_ratio = 3.0
+"""
+
+
+def says_a(dialogue, answer: str) -> float:
+    """A trivial taste a tiny model can learn: the letter 'a' in the answer (about 1 in 4 at first)."""
+    return 1.0 if "a" in answer else 0.0
+
+
+def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
+    from bench.bench_learning import LearningRun, run
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_RUN)
+    prompts = [TutoringPrompt(f"p-{i}", "science", "primary", f"Question {i}: tell me about {topic}?", None, (topic,),
+                              "heldout" if i % 4 == 0 else "train")
+               for i, topic in enumerate(["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets",
+                                          "loops", "Paris", "water", "gravity", "ratios"] * 4)]
+    train = [p for p in prompts if p.split == "train"]
+    heldout = [p for p in prompts if p.split == "heldout"]
+    results = run(LearningRun(rubric="says_a", cycles=1, items=120, k=4, error_rate=0.1, learners=4,
+                              samples_per_prompt=4, config=config, model=learnable_policy(tmp_path / "tiny"),
+                              workdir=tmp_path / "run", out=tmp_path / "report"),
+                  rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
+    cycle = results["cycles"][0]
+    assert cycle["status"] == "promoted", cycle
+    base, after = results["rows"][0], results["rows"][-1]
+    assert after["version"] == "v0001" and after["samples"] == base["samples"] == 48
+    assert after["success"][0] > base["success"][0] + 0.15, (base["success"], after["success"])
+    assert after["vs_base"]["wins"] > after["vs_base"]["losses"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 1 | v0001 |" in report and (tmp_path / "report" / "curves.png").stat().st_size > 10_000
