@@ -4,7 +4,7 @@
 
 Reports per stage: wall time and peak memory; for PPO also episodes/s, generation tokens/s and the
 share of time spent generating vs training (from the cycle's own PPO log). Feedback for it can come
-from `bench/scripted_feedback.py` against a running app.
+from `bench/learner.py` against a running app.
 """
 from __future__ import annotations
 

@@ -217,7 +217,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
                 raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
             all_samples[outcome["version"]] = samples
             rows.append({"cycle": n, "version": outcome["version"], "feedback_items": items_so_far,
-                         "kl_base": outcome["gate"].get("kl_base"), **summarise(samples, base_scores, keywords)})
+                         **summarise(samples, base_scores, keywords)})
             say(f"cycle {n}: success {rows[-1]['success'][0]:.1%}, win rate vs base {rows[-1]['vs_base']['win_rate']:.1%}")
     finally:
         app.stop()

@@ -17,7 +17,8 @@ def _pct(value) -> str:
     return f"{mean:.1%} [{low:.1%}, {high:.1%}]"
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], cycles: list[dict]) -> list[str]:
+    kl_to_base = {c["version"]: c["gate"].get("kl_to_base") for c in cycles if c.get("version")}
     lines = ["| cycle | version | feedback items | rubric success | win rate vs base (W/L/T) | KL to base | words | "
              "perplexity (base model) | distinct-2 | repeated endings | on topic |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -25,7 +26,7 @@ def table(rows: list[dict]) -> list[str]:
         vs = row.get("vs_base")
         win = (f"{vs['win_rate']:.1%} [{vs['ci'][0]:.1%}, {vs['ci'][1]:.1%}] ({vs['wins']}/{vs['losses']}/{vs['ties']})"
                if vs else "-")
-        kl = f"{row['kl_base']:.2f}" if row.get("kl_base") is not None else "-"
+        kl = f"{kl_to_base[row['version']]:.2f}" if kl_to_base.get(row["version"]) is not None else "-"
         lines.append(f"| {row['cycle']} | {row['version']} | {row['feedback_items']} | {_pct(row['success'])} | {win} | "
                      f"{kl} | {_ci(row['length_words'])} | {_ci(row.get('perplexity'))} | {_ci(row['distinct_2'])} | "
                      f"{_pct(row['repeated_endings'])} | {_pct(row['on_topic'])} |")
@@ -75,8 +76,9 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
              f"never trained on), learners' error rate {results['error_rate']:.0%}, k = {results['k']}, "
              f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes.",
              "Intervals are 95% (Wilson for rates, bootstrap otherwise). Win rate: the new version's answer against "
-             "the base's on the same opener, judged by the rubric's score; ties are left out of the rate.", "",
-             *table(rows), "", "![curves](curves.png)", "", "## Cycles", ""]
+             "the base's on the same opener, judged by the rubric's score; ties are left out of the rate. KL to base: "
+             "nats per answer, measured by the cycle's gate on its held-out prompts.", "",
+             *table(rows, results["cycles"]), "", "![curves](curves.png)", "", "## Cycles", ""]
     for cycle in results["cycles"]:
         rm = cycle.get("reward") or {}
         lines.append(f"- cycle {cycle['cycle']}: **{cycle['status']}** after {cycle['seconds']:.0f} s "

@@ -147,9 +147,8 @@ epochs = 3
 [retrain.ppo]
 total_episodes = 192
 max_new_tokens = 12
-learning_rate = 1e-2
+learning_rate = 3e-3
 init_kl_coef = 0.02
-temperature = 0.7
 [retrain.gate]
 max_new_tokens = 12
 temperature = 0.7
@@ -177,14 +176,14 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
     train = [p for p in prompts if p.split == "train"]
     heldout = [p for p in prompts if p.split == "heldout"]
     results = run(LearningRun(rubric="says_a", cycles=1, items=120, k=4, error_rate=0.1, learners=4,
-                              samples_per_prompt=4, config=config, model=learnable_policy(tmp_path / "tiny"),
+                              samples_per_prompt=8, config=config, model=learnable_policy(tmp_path / "tiny"),
                               workdir=tmp_path / "run", out=tmp_path / "report"),
                   rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
     cycle = results["cycles"][0]
     assert cycle["status"] == "promoted", cycle
     base, after = results["rows"][0], results["rows"][-1]
-    assert after["version"] == "v0001" and after["samples"] == base["samples"] == 48
-    assert after["success"][0] > base["success"][0] + 0.15, (base["success"], after["success"])
+    assert after["version"] == "v0001" and after["samples"] == base["samples"] == 96
+    assert after["success"][0] > base["success"][0] + 0.1, (base["success"], after["success"])
     assert after["vs_base"]["wins"] > after["vs_base"]["losses"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| 1 | v0001 |" in report and (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+    assert "| 1 | v0001 | " in report and "KL to base" in report and (tmp_path / "report" / "curves.png").stat().st_size > 10_000
