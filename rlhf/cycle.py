@@ -28,7 +28,7 @@ from app.prompting import TUTOR_SYSTEM_PROMPT
 from app.store import Store
 from app.versions import ModelRegistry, record_versions
 from rlhf.data import NotEnoughData, check_enough, collect, split_data
-from rlhf.evaluate import GateConfig, evaluate, write_report
+from rlhf.evaluate import GateConfig, evaluate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
 from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, score, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
@@ -208,9 +208,12 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
+    lengths = length_preference([[(len(g.completions[c]), len(g.completions[r])) for c, r in g.pairs]
+                                 for g in heldout.preference_groups])
+    metrics["length_preference_heldout"] = lengths
     with stage(metrics, "evaluate"):
         verdict = evaluate(policy.model, new_policy, reference, base, tokenizer, reward_fn, eval_prompts,
-                           TUTOR_SYSTEM_PROMPT, config.gate)
+                           TUTOR_SYSTEM_PROMPT, config.gate, preferred_length=lengths["preferred"])
     metrics["gate"] = verdict.metrics
     write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
     say(f"   report: {workdir / 'report.md'}")

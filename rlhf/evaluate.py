@@ -6,6 +6,11 @@ PPO has just optimised the reward model, so its score alone proves little. The g
 - KL to this cycle's reference and cumulative KL to the base version, each under its limit;
 - mean answer length within a drift band of the current policy's;
 - correctness on a fixed regression set of checkable tutoring questions not lower beyond noise.
+
+Length control guards against the known failure of reward models: a gain bought by length alone. When
+the users' own held-out choices show that they prefer shorter (or longer) answers, with a 95% interval
+clear of 50%, length is a real preference: a policy that moved in that direction is then judged on its
+uncorrected reward, and the drift band applies only the other way.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
 class GateConfig:
     max_kl_reference: float = 12.0  # nats per answer, new policy vs this cycle's reference
     max_kl_base: float = 30.0  # nats per answer, new policy vs the base version
-    max_length_ratio: float = 1.6  # mean length new / current, both ways
+    max_length_ratio: float = 1.6  # mean length new / current, both ways (but see length_preference)
+    length_control: str = "auto"  # "auto": unless held-out feedback prefers the direction moved; "always"
     bootstrap_samples: int = 2000
     regression_z: float = 1.96  # how many standard errors of the accuracy difference count as noise
     max_new_tokens: int = 96
@@ -97,6 +103,30 @@ def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     return rewards - slope * x
 
 
+def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> dict:
+    """From held-out feedback, a list of groups of pairs (chosen length, rejected length): which length
+    the users prefer. Each group (one ranking, say) is one vote, since its pairs are not independent:
+    the shorter side wins it when it wins most of the group's pairs of unequal length.
+
+    'shorter' or 'longer' when the share of votes won by the shorter side has a Wilson interval that
+    excludes one half; None otherwise (or with no votes).
+    """
+    votes = []
+    for pairs in groups:
+        margin = sum((c < r) - (c > r) for c, r in pairs)
+        if margin:
+            votes.append(margin > 0)
+    n = len(votes)
+    if not n:
+        return {"preferred": None, "shorter_wins": None, "ci95": None, "groups": 0}
+    share = sum(votes) / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = centre - half, centre + half
+    preferred = "shorter" if low > 0.5 else "longer" if high < 0.5 else None
+    return {"preferred": preferred, "shorter_wins": share, "ci95": [low, high], "groups": n}
+
+
 def bootstrap_ci(diffs: list[float], samples: int, seed: int) -> tuple[float, float, float]:
     rng = random.Random(seed)
     n = len(diffs)
@@ -120,20 +150,23 @@ def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict],
 
 
 def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: list[list[dict]], system_prompt: str,
-             config: GateConfig) -> Verdict:
-    """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards."""
+             config: GateConfig, preferred_length: str | None = None) -> Verdict:
+    """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards;
+    preferred_length: 'shorter' | 'longer' | None, what held-out feedback shows (length_preference)."""
     cur_text, _, cur_ids = generate(current, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=config.seed)
     new_text, new_prompt_ids, new_ids = generate(new, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                                  seed=config.seed)
     rewards = reward_score(prompts + prompts, cur_text + new_text).float().cpu()
     lengths = torch.tensor([len(a) for a in cur_ids + new_ids])
-    adjusted = length_controlled(rewards, lengths)
     n = len(prompts)
+    len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
+    moved = "shorter" if len_new < len_cur else "longer"
+    users_asked = config.length_control == "auto" and preferred_length == moved
+    adjusted = rewards if users_asked else length_controlled(rewards, lengths)
     diffs = (adjusted[n:] - adjusted[:n]).tolist()
     mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
     kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids)
     kl_base = mean_kl(new, base, new_prompt_ids, new_ids) if base is not reference else kl_ref
-    len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
     items = load_regression_set()
     acc_cur, _ = regression_accuracy(current, tokenizer, system_prompt, items, config.max_new_tokens)
     acc_new, _ = regression_accuracy(new, tokenizer, system_prompt, items, config.max_new_tokens)
@@ -142,19 +175,21 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     metrics = {
         "heldout_prompts": n, "reward_current": rewards[:n].mean().item(), "reward_new": rewards[n:].mean().item(),
         "reward_gain_length_controlled": mean_diff, "reward_gain_ci95": [low, high],
+        "length_controlled": not users_asked, "preferred_length": preferred_length,
         "kl_to_reference": kl_ref, "kl_to_base": kl_base, "length_current": len_cur, "length_new": len_new,
         "regression_accuracy_current": acc_cur, "regression_accuracy_new": acc_new,
         "regression_noise": noise, "regression_items": len(items),
     }
     reasons = []
     if low <= 0:
-        reasons.append(f"length-controlled reward gain {mean_diff:+.3f} has 95% CI [{low:+.3f}, {high:+.3f}] not above 0")
+        what = "reward gain" if users_asked else "length-controlled reward gain"
+        reasons.append(f"{what} {mean_diff:+.3f} has 95% CI [{low:+.3f}, {high:+.3f}] not above 0")
     if kl_ref > config.max_kl_reference:
         reasons.append(f"KL to reference {kl_ref:.1f} > {config.max_kl_reference}")
     if kl_base > config.max_kl_base:
         reasons.append(f"KL to base {kl_base:.1f} > {config.max_kl_base}")
     ratio = (len_new + 1) / (len_cur + 1)
-    if not 1 / config.max_length_ratio <= ratio <= config.max_length_ratio:
+    if not users_asked and not 1 / config.max_length_ratio <= ratio <= config.max_length_ratio:
         reasons.append(f"mean answer length drifted {len_cur:.0f} -> {len_new:.0f} tokens")
     if acc_new < acc_cur - noise:
         reasons.append(f"regression-set accuracy fell {acc_cur:.0%} -> {acc_new:.0%} (noise {noise:.0%})")

@@ -1,0 +1,55 @@
+"""The promotion gate's length rule: a gain bought by length alone is refused, unless the users' own
+held-out choices show they want that length."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf.evaluate import GateConfig, evaluate, length_preference
+from tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = [[{"role": "user", "content": f"Question {i}: tell me about fractions?"}] for i in range(24)]
+GATE = GateConfig(max_new_tokens=16, temperature=1.0, bootstrap_samples=300, max_kl_reference=1e6, max_kl_base=1e6)
+
+
+def test_length_preference_counts_each_group_once():
+    shorter_wins = [[(10, 20), (10, 30), (20, 30)]] * 20 + [[(30, 10)]] * 5
+    assert length_preference(shorter_wins)["preferred"] == "shorter"
+    assert length_preference([[(30, 10), (20, 10)]] * 20)["preferred"] == "longer"
+    # 6 pairs per ranking do not make 6 votes: 7 rankings against 5 is no clear preference
+    assert length_preference([[(10, 20)] * 6] * 7 + [[(20, 10)] * 6] * 5)["preferred"] is None
+    assert length_preference([[(10, 10)]])["preferred"] is None
+
+
+@pytest.fixture(scope="module")
+def shorter_policy():
+    """A tiny policy, and a copy whose end-of-answer logit was raised: its answers are shorter."""
+    tokenizer = tiny_tokenizer()
+    current = tiny_model(tokenizer, seed=3, hidden=64, tie=False)
+    enc = tokenizer.apply_chat_template(PROMPTS, add_generation_prompt=True, return_tensors="pt", padding=True,
+                                        return_dict=True)
+    with torch.no_grad():
+        hidden = current.model(**enc).last_hidden_state.mean((0, 1))
+    new = copy.deepcopy(current)
+    new.lm_head.weight.data[tokenizer.eos_token_id] += 4.0 * hidden / hidden.norm() ** 2
+    return tokenizer, current, new
+
+
+def test_a_gain_from_length_alone_needs_the_users_to_want_that_length(shorter_policy):
+    tokenizer, current, new = shorter_policy
+
+    def shortness(prompts, answers):  # a reward model that learned nothing but "shorter is better"
+        return torch.tensor([-float(len(tokenizer(a)["input_ids"])) for a in answers])
+
+    asked = evaluate(current, new, current, current, tokenizer, shortness, PROMPTS, "", GATE, preferred_length="shorter")
+    assert asked.metrics["length_new"] < asked.metrics["length_current"] / 1.6  # a drift the band would refuse
+    assert asked.promote, asked.reasons
+    assert asked.metrics["length_controlled"] is False
+
+    for preferred in (None, "longer"):
+        refused = evaluate(current, new, current, current, tokenizer, shortness, PROMPTS, "", GATE,
+                           preferred_length=preferred)
+        assert not refused.promote and refused.metrics["length_controlled"] is True
+        assert any("length" in reason for reason in refused.reasons), refused.reasons
