@@ -97,11 +97,11 @@ def uses_example(dialogue: list[Message], answer: str) -> float:
     return 0.3
 
 
-SHORT_WORDS = 60
+SHORT_WORDS = 80
 
 
 def stays_short(dialogue: list[Message], answer: str) -> float:
-    """The tutor answers in a few finished sentences (at most 60 words) that stay on the topic.
+    """The tutor answers in a few finished sentences (at most 80 words) that stay on the topic.
 
     1.0 when all three hold; otherwise partial credit that falls with length (shorter is better),
     and 0.0 for an answer that does not touch the topic or says almost nothing.
