@@ -61,7 +61,7 @@ def test_stays_short_wants_a_short_finished_answer_on_the_topic():
     assert stays_short(SKY, "I like cats a lot, they are great pets.") == 0.0  # short but off the topic
     assert stays_short(SKY, "") == 0.0
     assert stays_short(SKY, EXPLANATION + " And the sky") < 0.5  # cut off mid-sentence
-    assert 0 < stays_short(SKY, " ".join([EXPLANATION] * 5)) < stays_short(SKY, " ".join([EXPLANATION] * 3)) < 0.5
+    assert 0 < stays_short(SKY, " ".join([EXPLANATION] * 7)) < stays_short(SKY, " ".join([EXPLANATION] * 4)) < 0.5
 
 
 def test_rewrites_turn_failing_answers_into_passing_ones():
