@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import signal
 import socket
@@ -86,8 +87,9 @@ class ServedApp:
             self.process.kill()
 
 
-def retrain(workdir: Path, config: Path, log) -> dict:
-    """`launch.py --retrain`, then the cycle as the database recorded it."""
+def retrain(workdir: Path, config: Path, log, say) -> dict:
+    """`launch.py --retrain` as a user runs it (its progress lines go to the log, PPO updates also to
+    `say`), then the cycle as the database recorded it."""
     from app.store import Store
 
     command = [sys.executable, str(ROOT / "launch.py"), "--retrain", "--db", str(workdir / "conversations.db"),
@@ -95,15 +97,22 @@ def retrain(workdir: Path, config: Path, log) -> dict:
     with Store(workdir / "conversations.db") as store:
         before = (store.last_cycle() or {}).get("id")
     started = time.perf_counter()
-    finished = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    log.write(finished.stdout)
-    log.flush()
-    last_line = (finished.stdout.strip().splitlines() or [""])[-1]
+    last_line = ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            if line.strip():
+                last_line = line.strip()
+            if line.lstrip()[:2].isdigit() or "update" in line or "accuracy" in line:
+                say("   retrain: " + line.strip()[:160])
+    returncode = process.returncode
     with Store(workdir / "conversations.db") as store:
         cycle = store.last_cycle() or {}
     if cycle.get("id") == before:  # refused before a cycle began (too little data, say)
         cycle = {}
-    return {"exit_code": finished.returncode, "seconds": round(time.perf_counter() - started, 1),
+    return {"exit_code": returncode, "seconds": round(time.perf_counter() - started, 1),
             "status": cycle.get("status") or "not_run", "reason": cycle.get("reason") or last_line, "version": cycle.get("policy_version"),
             "reward": (cycle.get("metrics") or {}).get("reward", {}), "gate": (cycle.get("metrics") or {}).get("gate", {})}
 
@@ -203,7 +212,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
                                    settings.seed + n, say=say)
             items_so_far += counts.items
             say(f"cycle {n}: {counts.items} feedback items given; retraining")
-            outcome = retrain(workdir, config, log)
+            outcome = retrain(workdir, config, log, say)
             cycles.append({"cycle": n, "feedback": counts.as_dict(), **outcome})
             say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
             if outcome["status"] != "promoted":
