@@ -117,6 +117,30 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         engine.close()
 
 
+def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):
+    """PPO switched off (the learning benchmark's baseline): the new policy is SFT on the winners."""
+    import dataclasses
+
+    from rlhf.cycle import ranking_winners
+    from rlhf.data import collect, split_data
+
+    registry, store, _ = setup
+    give_feedback(store, 40, prefers_examples)
+    train, _ = split_data(collect(store), TINY_CYCLE.heldout_fraction)
+    winners = ranking_winners(train.preference_groups)
+    assert len(winners) == len(train.preference_groups)  # k = 2: one winner per comparison
+    assert all("example" in w["completion"][0]["content"] for w in winners)
+    config = dataclasses.replace(TINY_CYCLE, run_ppo=False,
+                                 sft=dataclasses.replace(TINY_CYCLE.sft, min_demonstrations=1, ranking_winners=True))
+    lines = []
+    run_cycle(store, registry, config, say=lines.append)
+    metrics = store.last_cycle()["metrics"]
+    assert metrics["sft_examples"] == len(winners) and metrics["sft_loss_last"] < metrics["sft_loss_first"]
+    assert "sft" in metrics["stages"] and "ppo" not in metrics["stages"]
+    assert not (registry.root / "cycles" / "0001" / "ppo_history.jsonl").exists()
+    assert any("PPO switched off" in line for line in lines)
+
+
 def test_random_feedback_is_rejected_before_ppo(setup):
     registry, store, _ = setup
     rng = random.Random(1)
