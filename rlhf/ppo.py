@@ -94,6 +94,10 @@ class PolicyAndValue(nn.Module):
         # epoch would not start at 1. get_peft_model freezes the base and wraps it in place.
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
+        # A model fresh from a Trainer (this cycle's SFT step) keeps gradient checkpointing on; with
+        # the base frozen, reentrant checkpointing would let no gradient reach the adapters.
+        if hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
         self.policy = get_peft_model(model, lora)
         hidden = model.config.get_text_config().hidden_size
         # Starts at V = 0 for every state: the first advantages are the rewards themselves
@@ -117,6 +121,13 @@ class PolicyAndValue(nn.Module):
         """Logits (B, R, V) of the reference: the same weights with the adapters switched off."""
         with self.policy.disable_adapter():
             return causal_lm_forward(self.policy, input_ids, attention_mask, response_len).logits[:, :-1]
+
+
+def check_gradients_reach(module: nn.Module) -> None:
+    """Fails loudly when no gradient reaches the policy's adapters (the update would do nothing)."""
+    adapters = [p for name, p in module.named_parameters() if p.requires_grad and "lora_" in name]
+    if not any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in adapters):
+        raise RuntimeError("PPO: no gradient reaches the LoRA adapters; the policy would not change")
 
 
 def causal_lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -278,6 +289,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                 loss = pg_loss + config.vf_coef * vf_loss
                 optimizer.zero_grad()
                 accelerator.backward(loss)
+                if not history and not step_stats:
+                    check_gradients_reach(module)
                 accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
                 optimizer.step()
                 step_stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM
 
 
 @dataclass
@@ -57,7 +58,12 @@ def run_sft(model, tokenizer, records: list[dict], settings: SFTSettings, progre
                              processing_class=tokenizer, peft_config=lora, callbacks=[Report()])
         trainer.train()
         merged = trainer.model.merge_and_unload()
-    merged = merged.float().cpu() if not torch.cuda.is_available() else merged
-    return merged.eval(), {"sft_examples": len(records), "sft_loss_first": losses[0] if losses else None,
+    # A plain model built anew from the merged weights: the model the Trainer leaves behind carries
+    # state of its training (hooks, checkpointing) under which PPO's adapters got no gradient.
+    clean = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
+    clean.load_state_dict(merged.state_dict())
+    clean.generation_config = merged.generation_config
+    clean = clean.float().cpu() if not torch.cuda.is_available() else clean.to(merged.device)
+    return clean.eval(), {"sft_examples": len(records), "sft_loss_first": losses[0] if losses else None,
                            "sft_loss_last": losses[-1] if losses else None,
                            "sft_seconds": round(time.perf_counter() - started, 1)}
