@@ -60,14 +60,16 @@ def test_sft_loss_is_on_the_completion_only():
 
 
 def test_ppo_can_train_the_policy_that_sft_returns():
-    """The SFT step hands PPO a plain model whose LoRA adapters get gradients: the policy moves away
-    from the reference (KL > 0) from the second update on."""
+    """The SFT step hands PPO a plain model whose LoRA adapters get gradients, also when copied (as the
+    cycle copies it to keep the reference apart): the policy moves away from the reference (KL > 0)."""
+    import copy
+
     from rlhf.ppo import PPOConfig, train_ppo
 
     tok = tiny_tokenizer()
     merged, _ = run_sft(tiny_model(tok, seed=3, hidden=64), tok, records(), SFTSettings(epochs=1))
     prompts = [[SYSTEM, {"role": "user", "content": f"Question {i}?"}] for i in range(16)]
     history = []
-    train_ppo(merged, tok, prompts, lambda p, c, t=None: [float("a" in x) for x in c],
+    train_ppo(copy.deepcopy(merged), tok, prompts, lambda p, c, t=None: [float("a" in x) for x in c],
               PPOConfig(total_episodes=48, max_new_tokens=8, learning_rate=1e-2), progress=history.append)
     assert history[0]["approx_kl"] > 0 and all(h["kl"] > 0 for h in history[1:]), history
