@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{'total':10s} {total:8.1f}")
     history_path = work / "models" / "cycles" / f"{cycle['id']:04d}" / "ppo_history.jsonl"
     if history_path.exists():
-        history = [json.loads(line) for line in history_path.read_text().splitlines()]
+        history = [h for h in map(json.loads, history_path.read_text().splitlines()) if "score" in h]
         gen = sum(h["gen_seconds"] for h in history)
         train = sum(h["train_seconds"] for h in history)
         episodes = history[-1]["episodes"]

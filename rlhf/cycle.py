@@ -190,14 +190,17 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
         say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
 
         def ppo_progress(stats):
-            say("   " + _line(stats))
+            say(f"   PPO stopped early at update {stats['update']}: {stats['stopped']}" if "stopped" in stats
+                else "   " + _line(stats))
             failpoint("training")
 
         # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
         with stage(metrics, "ppo"):
             result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
         save_history(result.history, workdir / "ppo_history.jsonl")
-        metrics["ppo_last"] = result.history[-1] if result.history else {}
+        updates = [h for h in result.history if "score" in h]
+        metrics["ppo_last"] = updates[-1] if updates else {}
+        metrics["ppo_stopped"] = next((h["stopped"] for h in result.history if "stopped" in h), None)
         new_policy = result.model
     else:
         say("4. PPO switched off: the new policy is this cycle's SFT step")

@@ -63,6 +63,10 @@ class PPOConfig:
     adaptive_kl: bool = True
     target_kl: float = 6.0  # nats per answer (summed over its tokens)
     kl_horizon: int = 10000
+    # Early stop: the run ends before training on a batch whose rollouts are this far (nats per answer)
+    # from the reference. Past it PPO mostly exploits the reward model (on the embedded model: answers
+    # shrank from 88 to 19 tokens between KL 6 and 13 while the reward kept rising). 0 turns it off.
+    stop_kl: float = 8.0
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -268,6 +272,14 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                                                          b_mask, kl_ctl.value)  # (B, R) each
             if config.whiten_rewards:
                 b_rewards = ppo_core.masked_whiten(b_rewards, b_mask, shift_mean=False)
+
+            mean_kl = accelerator.reduce(b_kl.sum(1).mean().float(), reduction="mean").item()
+            if config.stop_kl and mean_kl > config.stop_kl:
+                history.append({"update": update, "episodes": (update - 1) * episodes_per_update,
+                                "stopped": f"KL to the reference {mean_kl:.2f} > stop_kl {config.stop_kl}"})
+                if progress is not None and accelerator.is_main_process:
+                    progress(history[-1])
+                break
 
             # 5. GAE; whitened advantages
             b_advantages, b_returns = ppo_core.gae(b_rewards, b_values, b_mask, config.gamma, config.lam)

@@ -60,7 +60,7 @@ def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path
         return torch.tensor([float(sum(t in vowel_tokens for t in ids)) for ids in token_ids])
 
     config = PPOConfig(total_episodes=40 * 16, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2,
-                       max_new_tokens=8, learning_rate=1e-3, seed=0)
+                       max_new_tokens=8, learning_rate=1e-3, seed=0, stop_kl=0)  # the whole run; early stop: below
     seen = []
     result = train_ppo(model, tokenizer, PROMPTS, reward_fn, config, progress=seen.append, merge=False)
     history = result.history
@@ -191,3 +191,20 @@ def test_train_ppo_returns_a_plain_merged_model():
     assert isinstance(result.model, LlamaForCausalLM) and len(result.history) == 1
     assert not any("lora_" in n for n, _ in result.model.named_parameters())
     assert 0 < result.history[0]["answer_length"] <= 4
+
+
+def test_early_stop_ends_the_run_before_training_on_rollouts_too_far_from_the_reference():
+    tokenizer = tiny_tokenizer()
+    vowel_tokens = {i for i in range(3, len(tokenizer))
+                    if any(c in tokenizer.convert_ids_to_tokens(i) for c in "aeiou")}
+
+    def reward_fn(prompts, completions, token_ids):
+        return torch.tensor([float(sum(t in vowel_tokens for t in ids)) for ids in token_ids])
+
+    config = PPOConfig(total_episodes=40 * 16, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8,
+                       learning_rate=1e-2, seed=0, stop_kl=2.0)
+    history = train_ppo(make_model(tokenizer), tokenizer, PROMPTS, reward_fn, config).history
+    *trained, stop = history
+    assert len(history) < 40 and "stopped" in stop and "score" not in stop  # that batch was not trained on
+    assert all(h["kl"] <= 2.0 for h in trained) and trained
+    assert float(stop["stopped"].split()[4]) > 2.0 and stop["episodes"] == len(trained) * 16
