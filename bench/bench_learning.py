@@ -215,7 +215,8 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
             outcome = retrain(workdir, config, log, say)
             cycles.append({"cycle": n, "feedback": counts.as_dict(), **outcome})
             say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
-            if outcome["status"] != "promoted":
+            if outcome["status"] != "promoted":  # the app still serves the same version: same measurements
+                rows.append({**rows[-1], "cycle": n, "feedback_items": items_so_far, "unchanged": True})
                 continue
             deadline = time.time() + 120
             while app.served_version() != outcome["version"] and time.time() < deadline:
@@ -233,10 +234,13 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
         log.close()
     say("scoring fluency with the base model")
     base_dir = workdir / "models" / "v0000"
+    perplexity = {}
     for row in rows:
-        samples = all_samples[row["version"]]
-        logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
-        row["perplexity"] = summarise(samples, None, keywords, logppl).get("perplexity")
+        if row["version"] not in perplexity:
+            samples = all_samples[row["version"]]
+            logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
+            perplexity[row["version"]] = summarise(samples, None, keywords, logppl).get("perplexity")
+        row["perplexity"] = perplexity[row["version"]]
     results = {"rubric": rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate, "k": settings.k,
                "items_per_cycle": settings.items, "heldout_openers": len(heldout),
                "samples_per_measurement": len(base_scores), "minutes": round((time.perf_counter() - started) / 60, 1),

@@ -27,7 +27,8 @@ def table(rows: list[dict], cycles: list[dict]) -> list[str]:
         win = (f"{vs['win_rate']:.1%} [{vs['ci'][0]:.1%}, {vs['ci'][1]:.1%}] ({vs['wins']}/{vs['losses']}/{vs['ties']})"
                if vs else "-")
         kl = f"{kl_to_base[row['version']]:.2f}" if kl_to_base.get(row["version"]) is not None else "-"
-        lines.append(f"| {row['cycle']} | {row['version']} | {row['feedback_items']} | {_pct(row['success'])} | {win} | "
+        version = f"{row['version']} (cycle rejected, unchanged)" if row.get("unchanged") else row["version"]
+        lines.append(f"| {row['cycle']} | {version} | {row['feedback_items']} | {_pct(row['success'])} | {win} | "
                      f"{kl} | {_ci(row['length_words'])} | {_ci(row.get('perplexity'))} | {_ci(row['distinct_2'])} | "
                      f"{_pct(row['repeated_endings'])} | {_pct(row['on_topic'])} |")
     return lines
