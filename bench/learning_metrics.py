@@ -15,18 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from bench.rubrics import SUCCESS, sentences, word_count
-
-Z95 = 1.96
-
-
-def wilson(successes: int, n: int) -> tuple[float, float, float]:
-    """Rate and its 95% Wilson score interval."""
-    if n == 0:
-        return (float("nan"),) * 3
-    p = successes / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return p, centre - half, centre + half
+from rlhf.evaluate import wilson
 
 
 def bootstrap(values: Sequence[float], statistic=lambda v: sum(v) / len(v), samples: int = 1000,

@@ -103,6 +103,16 @@ def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     return rewards - slope * x
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """A rate and its Wilson score interval (95% for z = 1.96); NaNs when n = 0."""
+    if n == 0:
+        return (float("nan"),) * 3
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, centre - half, centre + half
+
+
 def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> dict:
     """From held-out feedback, a list of groups of pairs (chosen length, rejected length): which length
     the users prefer. Each group (one ranking, say) is one vote, since its pairs are not independent:
@@ -119,10 +129,7 @@ def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> d
     n = len(votes)
     if not n:
         return {"preferred": None, "shorter_wins": None, "ci95": None, "groups": 0}
-    share = sum(votes) / n
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    low, high = centre - half, centre + half
+    share, low, high = wilson(sum(votes), n, z)
     preferred = "shorter" if low > 0.5 else "longer" if high < 0.5 else None
     return {"preferred": preferred, "shorter_wins": share, "ci95": [low, high], "groups": n}
 
