@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -105,7 +106,7 @@ def retrain(workdir: Path, config: Path, log, say) -> dict:
             log.flush()
             if line.strip():
                 last_line = line.strip()
-            if line.lstrip()[:2].isdigit() or "update" in line or "accuracy" in line:
+            if re.match(r"\s*(\d\. |update |held-out |cycle |PPO stopped|error)", line):
                 say("   retrain: " + line.strip()[:160])
     returncode = process.returncode
     with Store(workdir / "conversations.db") as store:
