@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from rlhf.data import Message, PreferenceGroup
+from rlhf.evaluate import wilson
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -256,6 +257,11 @@ def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = No
     if not accuracy > config.min_heldout_accuracy:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is "
                             f"not above {config.min_heldout_accuracy:.2f}; stopping before PPO")
+    # Few held-out pairs make a chance-level model look good: random feedback gave 0.60 on 84 pairs.
+    _, low, _ = wilson(round(accuracy * pairs), pairs)
+    if low <= 0.5:
+        raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is not clearly "
+                            f"above chance (95% interval from {low:.2f}); more feedback is needed; stopping before PPO")
 
 
 # -- scoring and storage -----------------------------------------------------------------------

@@ -149,6 +149,9 @@ def test_gate_stops_a_reward_model_at_chance():
     with pytest.raises(RewardTooWeak, match="no held-out pairs"):
         check_reward_model({"heldout_accuracy": None, "heldout_pairs": 0}, RewardConfig())
     check_reward_model({"heldout_accuracy": 0.75, "heldout_pairs": 40}, RewardConfig())
+    # above the bar, but on too few pairs to tell from chance
+    with pytest.raises(RewardTooWeak, match="0.63 on 30 pairs is not clearly above chance"):
+        check_reward_model({"heldout_accuracy": 0.63, "heldout_pairs": 30}, RewardConfig())
 
 
 def test_save_load_round_trip_scores_identically_and_batching_does_not_change_scores(
