@@ -211,9 +211,11 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
+    # Which length the users prefer is a count of their own choices, not a fit, so every group votes:
+    # held-out groups alone are too few to see a real preference (31 vs 142 groups in one run).
     lengths = length_preference([[(len(g.completions[c]), len(g.completions[r])) for c, r in g.pairs]
-                                 for g in heldout.preference_groups])
-    metrics["length_preference_heldout"] = lengths
+                                 for g in train.preference_groups + heldout.preference_groups])
+    metrics["length_preference"] = lengths
     with stage(metrics, "evaluate"):
         verdict = evaluate(policy.model, new_policy, reference, base, tokenizer, reward_fn, eval_prompts,
                            TUTOR_SYSTEM_PROMPT, config.gate, preferred_length=lengths["preferred"])

@@ -8,7 +8,7 @@ PPO has just optimised the reward model, so its score alone proves little. The g
 - correctness on a fixed regression set of checkable tutoring questions not lower beyond noise.
 
 Length control guards against the known failure of reward models: a gain bought by length alone. When
-the users' own held-out choices show that they prefer shorter (or longer) answers, with a 95% interval
+the users' own choices (all their rankings, ratings and rewrites so far) show that they prefer shorter (or longer) answers, with a 95% interval
 clear of 50%, length is a real preference: a policy that moved in that direction is then judged on its
 uncorrected reward, and the drift band applies only the other way.
 """
@@ -159,7 +159,7 @@ def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict],
 def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: list[list[dict]], system_prompt: str,
              config: GateConfig, preferred_length: str | None = None) -> Verdict:
     """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards;
-    preferred_length: 'shorter' | 'longer' | None, what held-out feedback shows (length_preference)."""
+    preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference)."""
     cur_text, _, cur_ids = generate(current, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=config.seed)
     new_text, new_prompt_ids, new_ids = generate(new, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                                  seed=config.seed)
