@@ -78,22 +78,26 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
 
 
 @torch.no_grad()
-def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> torch.Tensor:
-    """Sum of log p(answer token) under `model`, one row at a time (answers differ in length)."""
+def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[int]],
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Sum of log p(answer token) under `model` sampling at `temperature`, one row at a time (answers
+    differ in length)."""
     totals = []
     for p, a in zip(prompt_ids, answer_ids):
         if not a:
             totals.append(0.0)
             continue
         ids = torch.tensor([p + a], device=model.device)
-        logits = model(input_ids=ids).logits[:, len(p) - 1:-1].float()  # (1, len(a), V)
+        logits = model(input_ids=ids).logits[:, len(p) - 1:-1].float() / temperature  # (1, len(a), V)
         totals.append(logprobs_from_logits(logits, ids[:, len(p):]).sum().item())
     return torch.tensor(totals)
 
 
-def mean_kl(policy, other, prompt_ids, answer_ids) -> float:
-    """Monte Carlo KL(policy || other) per answer, on answers sampled from `policy`."""
-    return float((sequence_logprob(policy, prompt_ids, answer_ids) - sequence_logprob(other, prompt_ids, answer_ids)).mean())
+def mean_kl(policy, other, prompt_ids, answer_ids, temperature: float = 1.0) -> float:
+    """Monte Carlo KL(policy || other) per answer, on answers sampled from `policy` at `temperature`:
+    the divergence of the two distributions that are really sampled (the one PPO's penalty measures)."""
+    return float((sequence_logprob(policy, prompt_ids, answer_ids, temperature)
+                  - sequence_logprob(other, prompt_ids, answer_ids, temperature)).mean())
 
 
 def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -172,8 +176,9 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     adjusted = rewards if users_asked else length_controlled(rewards, lengths)
     diffs = (adjusted[n:] - adjusted[:n]).tolist()
     mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
-    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids)
-    kl_base = mean_kl(new, base, new_prompt_ids, new_ids) if base is not reference else kl_ref
+    temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
+    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature)
+    kl_base = mean_kl(new, base, new_prompt_ids, new_ids, temperature) if base is not reference else kl_ref
     items = load_regression_set()
     acc_cur, _ = regression_accuracy(current, tokenizer, system_prompt, items, config.max_new_tokens)
     acc_new, _ = regression_accuracy(new, tokenizer, system_prompt, items, config.max_new_tokens)

@@ -53,3 +53,22 @@ def test_a_gain_from_length_alone_needs_the_users_to_want_that_length(shorter_po
                            preferred_length=preferred)
         assert not refused.promote and refused.metrics["length_controlled"] is True
         assert any("length" in reason for reason in refused.reasons), refused.reasons
+
+
+def test_gate_kl_is_the_divergence_of_the_sampled_distributions():
+    """KL at the gate's temperature: the exact per-token sum for one answer, and zero for a model vs itself."""
+    from rlhf.evaluate import mean_kl, sequence_logprob
+
+    tokenizer = tiny_tokenizer()
+    a, b = tiny_model(tokenizer, seed=1), tiny_model(tokenizer, seed=2)
+    prompt, answer = [5, 6, 7], [8, 9, 10, 11]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = a(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
+    expected = torch.log_softmax(logits, -1)[range(len(answer)), answer].sum().item()
+    assert sequence_logprob(a, [prompt], [answer], temperature=0.7).item() == pytest.approx(expected, abs=1e-4)
+    assert mean_kl(a, a, [prompt], [answer], 0.7) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        ref = b(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
+    other = torch.log_softmax(ref, -1)[range(len(answer)), answer].sum().item()
+    assert mean_kl(a, b, [prompt], [answer], 0.7) == pytest.approx(expected - other, abs=1e-4)
