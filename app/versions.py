@@ -39,7 +39,12 @@ class LoadedPolicy:
 
 def serving_device() -> tuple[str, torch.dtype]:
     # bf16 halves memory and is fast on GPUs; CPUs without AMX are faster in fp32.
-    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    if torch.cuda.is_available():
+        # cuDNN's attention builds an execution plan for every new sequence length, and each decoding
+        # step has a new one; flash / memory-efficient attention need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
 
 
 def load_pretrained(path: Path | str, version: str = "") -> LoadedPolicy:

@@ -1,10 +1,11 @@
 """One retraining cycle on the embedded model, timed per stage, on copies of a DB and models dir.
 
-    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE]
+    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--no-reward-check]
 
-Reports per stage: wall time and peak memory; for PPO also episodes/s, generation tokens/s and the
-share of time spent generating vs training (from the cycle's own PPO log). Feedback for it can come
-from `bench/learner.py` against a running app.
+Reports per stage: wall time and peak memory (RSS, and GPU memory on a GPU); for PPO also episodes/s,
+generation tokens/s and the share of time spent generating vs training (from the cycle's own PPO log).
+Feedback for it can come from `bench/learner.py` against a running app. `--no-reward-check` lets a
+timing run reach PPO whatever the reward model's held-out accuracy (not a product setting).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("--db", type=Path, required=True)
     ap.add_argument("--models-dir", type=Path, required=True)
     ap.add_argument("--config", type=Path)
+    ap.add_argument("--no-reward-check", action="store_true",
+                    help="go on to PPO whatever the reward model's held-out accuracy (timing runs only)")
     args = ap.parse_args()
 
     import torch
@@ -38,18 +41,28 @@ def main() -> None:
     shutil.copy(args.db, work / "c.db")
     shutil.copytree(args.models_dir, work / "models", ignore=shutil.ignore_patterns(".retrain.lock", "cycles"))
     config = retrain_config(args.config)
+    if args.no_reward_check:
+        import rlhf.cycle
+
+        rlhf.cycle.check_reward_model = lambda metrics, config=None: None
     started = time.perf_counter()
     with Store(work / "c.db") as store:
         outcome = run_cycle(store, ModelRegistry(work / "models"), config)
         cycle = store.last_cycle()
     total = time.perf_counter() - started
     metrics = cycle["metrics"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ncycle on {device}: {outcome.status} — {outcome.message}")
+    if gpu:
+        print(f"PPO bf16 autocast: {config.ppo.use_bf16()}; GPU peak allocated "
+              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB, reserved {torch.cuda.max_memory_reserved() / 2**20:.0f} MiB")
     print(f"data: train {metrics.get('train')}, held out {metrics.get('heldout')}")
-    print(f"{'stage':10s} {'seconds':>8s} {'peak RSS MiB':>13s}")
+    # Peaks are the process's so far at the end of each stage (RSS; GPU memory allocated by torch).
+    print(f"{'stage':10s} {'seconds':>8s} {'peak RSS MiB':>13s}" + (f" {'peak GPU MiB':>13s}" if gpu else ""))
     for name, entry in metrics.get("stages", {}).items():
-        print(f"{name:10s} {entry['seconds']:8.1f} {entry['peak_rss_mib']:13d}")
+        print(f"{name:10s} {entry['seconds']:8.1f} {entry['peak_rss_mib']:13d}"
+              + (f" {entry.get('peak_gpu_mib', 0):13d}" if gpu else ""))
     print(f"{'total':10s} {total:8.1f}")
     history_path = work / "models" / "cycles" / f"{cycle['id']:04d}" / "ppo_history.jsonl"
     if history_path.exists():

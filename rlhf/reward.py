@@ -114,10 +114,16 @@ def collate_groups(tokenizer, groups: Sequence[PreferenceGroup], max_length: int
 # -- model and loss ----------------------------------------------------------------------------
 
 
+def reward_device() -> torch.device:
+    """Where the reward model trains and scores: the GPU when there is one (in fp32 either way)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per row, read at the row's last non-pad token (the model does this from
-    config.pad_token_id). (R, T) -> (R,)"""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+    config.pad_token_id), on the model's device. (R, T) -> (R,)"""
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float()
 
 
 def grouped_bt_loss(rewards: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
@@ -125,11 +131,12 @@ def grouped_bt_loss(rewards: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
     group-weighted mean over groups (a plain mean when every weight is 1)."""
     pair_loss = -F.logsigmoid(rewards[batch.chosen] - rewards[batch.rejected])  # (P,)
     n_groups = batch.group_weight.shape[0]
-    total = torch.zeros(n_groups, dtype=pair_loss.dtype).index_add(0, batch.pair_group, pair_loss)
-    count = torch.zeros(n_groups, dtype=pair_loss.dtype).index_add(
-        0, batch.pair_group, torch.ones_like(pair_loss))
+    pair_group = batch.pair_group.to(pair_loss.device)
+    total = torch.zeros(n_groups, dtype=pair_loss.dtype, device=pair_loss.device).index_add(0, pair_group, pair_loss)
+    count = torch.zeros(n_groups, dtype=pair_loss.dtype, device=pair_loss.device).index_add(
+        0, pair_group, torch.ones_like(pair_loss))
     group_loss = total / count.clamp_min(1)  # (G,)
-    w = batch.group_weight.to(group_loss.dtype)
+    w = batch.group_weight.to(group_loss.device, group_loss.dtype)
     return (w * group_loss).sum() / w.sum()
 
 
@@ -142,7 +149,7 @@ def build_reward_model(policy_dir: str | Path, config: RewardConfig):
     tokenizer.padding_side = "right"
     torch.manual_seed(config.seed)
     model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1,
-                                                               dtype=torch.float32)
+                                                               dtype=torch.float32).to(reward_device())
     model.config.pad_token_id = tokenizer.pad_token_id
     if config.use_lora:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -282,7 +289,7 @@ def score(model, tokenizer, prompts: Sequence[list[Message]], completions: Seque
         input_ids, attention_mask = _pad(tokenizer, rows)
         out.append(rewards_of(model, input_ids, attention_mask))
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 def save_reward_model(result: RewardResult, out_dir: str | Path) -> Path:
