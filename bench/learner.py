@@ -80,6 +80,22 @@ class FeedbackCounts:
                 setattr(self, key, getattr(self, key) + value)
 
 
+class Budget:
+    """Feedback items left to give, shared by learners at once: an item is taken before its call, so
+    the learners together never give more than the budget."""
+
+    def __init__(self, items: int):
+        self.left = items
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
+
+
 def decide(scores: list[float], error_rate: float, rng: random.Random) -> str:
     """The learner's choice for /pick: 'tie', the winner's label, or a full order best first.
 
@@ -104,8 +120,13 @@ class SimulatedLearner:
     def _call(self, api_name: str, *args):
         return self.client.predict(*args, api_name=api_name)
 
-    def give_feedback(self, prompt: TutoringPrompt) -> Counter:
+    def give_feedback(self, prompt: TutoringPrompt, budget: Budget | None = None) -> Counter:
+        """One opener: compare and pick, maybe rate or rewrite, maybe follow up and rate; each feedback
+        item only while the budget lasts."""
+        budget = budget or Budget(3)
         counts: Counter = Counter()
+        if not budget.take():
+            return counts
         conversation = self._call("/new_conversation", self.name, "chat")["conversation_id"]
         dialogue = [{"role": "user", "content": prompt.opener}]
         result = self._call("/compare", conversation, prompt.opener, self.config.k)
@@ -115,24 +136,25 @@ class SimulatedLearner:
         self._call("/pick", result["comparison_id"], choice)
         counts.update(picks=1, ties=choice == "tie")
         winner = candidates[0] if choice == "tie" else candidates[LABELS.index(choice[0])]
-        counts += self._rate_or_rewrite(dialogue, winner, prompt)
-        if prompt.follow_up and self.rng.random() < self.config.follow_up_share:
+        counts += self._rate_or_rewrite(dialogue, winner, prompt, budget)
+        if prompt.follow_up and self.rng.random() < self.config.follow_up_share and budget.take():
             dialogue += [{"role": "assistant", "content": winner["text"]}, {"role": "user", "content": prompt.follow_up}]
             reply = self._call("/chat", conversation, prompt.follow_up)
             counts.update(follow_ups=1)
             counts += self._rate(dialogue, reply)
         return counts
 
-    def _rate_or_rewrite(self, dialogue, answer: dict, prompt: TutoringPrompt) -> Counter:
-        if (self.rubric.rewrite and not self.rubric.success(dialogue, answer["text"])
-                and self.rng.random() < self.config.rewrite_share):
-            better = self.rubric.rewrite(dialogue, answer["text"], list(prompt.keywords), self.rng)
-            if better:
-                self._call("/rewrite", answer["message_id"], better)
-                return Counter(rewrites=1)
-        if self.rng.random() < self.config.rate_share:
-            return self._rate(dialogue, answer)
-        return Counter()
+    def _rate_or_rewrite(self, dialogue, answer: dict, prompt: TutoringPrompt, budget: Budget) -> Counter:
+        wants_rewrite = (self.rubric.rewrite and not self.rubric.success(dialogue, answer["text"])
+                         and self.rng.random() < self.config.rewrite_share)
+        better = self.rubric.rewrite(dialogue, answer["text"], list(prompt.keywords), self.rng) if wants_rewrite else None
+        wants_rate = not better and self.rng.random() < self.config.rate_share
+        if (better or wants_rate) and not budget.take():
+            return Counter()
+        if better:
+            self._call("/rewrite", answer["message_id"], better)
+            return Counter(rewrites=1)
+        return self._rate(dialogue, answer) if wants_rate else Counter()
 
     def _rate(self, dialogue, answer: dict) -> Counter:
         good = self.rubric.success(dialogue, answer["text"])
@@ -158,8 +180,9 @@ def _clients(url: str, n: int) -> list:
 
 def give_feedback(url: str, prompts: list[TutoringPrompt], rubric: Rubric, items: int, config: LearnerConfig,
                   learners: int = 4, seed: int = 0, say=print) -> FeedbackCounts:
-    """Learners at once give about `items` feedback items (each stops when the budget is spent)."""
+    """Learners at once give `items` feedback items (each stops when the budget is spent)."""
     counts = FeedbackCounts()
+    budget = Budget(items)
     rng = random.Random(seed)
     queue = iter(rng.sample(prompts, len(prompts)) * (items // max(1, len(prompts)) + 1))
     queue_lock = threading.Lock()
@@ -169,11 +192,11 @@ def give_feedback(url: str, prompts: list[TutoringPrompt], rubric: Rubric, items
         learner = SimulatedLearner(clients[index], rubric, config, random.Random(seed * 1000 + index),
                                    f"learner-{index}")
         while True:
+            if budget.left <= 0:
+                return
             with queue_lock:
-                if counts.items >= items:
-                    return
                 prompt = next(queue)
-            counts.add(learner.give_feedback(prompt))
+            counts.add(learner.give_feedback(prompt, budget))
             if counts.picks % 10 == 0:
                 say(f"   {counts.items}/{items} feedback items ({counts.picks} picks, {counts.ties} ties, "
                     f"{counts.ratings} ratings, {counts.rewrites} rewrites)")
