@@ -2,7 +2,8 @@
 
 PPO has just optimised the reward model, so its score alone proves little. The gate asks for all of:
 - reward of new vs current on held-out prompts, controlled for answer length (reward minus its linear
-  dependence on length, fitted on both policies' answers), with a bootstrap 95% CI above zero;
+  dependence on length, fitted on both policies' answers), with a bootstrap 95% CI above zero (several
+  sampled answers per prompt, prompts resampled);
 - KL to this cycle's reference and cumulative KL to the base version, each under its limit;
 - mean answer length within a drift band of the current policy's;
 - correctness on a fixed regression set of checkable tutoring questions not lower beyond noise.
@@ -35,6 +36,9 @@ class GateConfig:
     max_length_ratio: float = 1.6  # mean length new / current, both ways (but see length_preference)
     length_control: str = "auto"  # "auto": unless held-out feedback prefers the direction moved; "always"
     bootstrap_samples: int = 2000
+    # Answers per held-out prompt from each policy: a cycle holds out few prompts, and one sampled answer
+    # each leaves the gain's interval mostly sampling noise. The bootstrap resamples prompts.
+    samples_per_prompt: int = 4
     regression_z: float = 1.96  # how many standard errors of the accuracy difference count as noise
     max_new_tokens: int = 96
     temperature: float = 0.7
@@ -164,17 +168,19 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
              config: GateConfig, preferred_length: str | None = None) -> Verdict:
     """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards;
     preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference)."""
-    cur_text, _, cur_ids = generate(current, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=config.seed)
-    new_text, new_prompt_ids, new_ids = generate(new, tokenizer, prompts, config.max_new_tokens, config.temperature,
+    k = max(1, config.samples_per_prompt) if config.temperature > 0 else 1  # greedy answers repeat themselves
+    asked = [p for p in prompts for _ in range(k)]
+    cur_text, _, cur_ids = generate(current, tokenizer, asked, config.max_new_tokens, config.temperature, seed=config.seed)
+    new_text, new_prompt_ids, new_ids = generate(new, tokenizer, asked, config.max_new_tokens, config.temperature,
                                                  seed=config.seed)
-    rewards = reward_score(prompts + prompts, cur_text + new_text).float().cpu()
+    rewards = reward_score(asked + asked, cur_text + new_text).float().cpu()
     lengths = torch.tensor([len(a) for a in cur_ids + new_ids])
-    n = len(prompts)
+    n = len(asked)
     len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"
     users_asked = config.length_control == "auto" and preferred_length == moved
     adjusted = rewards if users_asked else length_controlled(rewards, lengths)
-    diffs = (adjusted[n:] - adjusted[:n]).tolist()
+    diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
     mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
     kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature)
@@ -185,7 +191,7 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     p = (acc_cur + acc_new) / 2
     noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
     metrics = {
-        "heldout_prompts": n, "reward_current": rewards[:n].mean().item(), "reward_new": rewards[n:].mean().item(),
+        "heldout_prompts": len(prompts), "samples_per_prompt": k, "reward_current": rewards[:n].mean().item(), "reward_new": rewards[n:].mean().item(),
         "reward_gain_length_controlled": mean_diff, "reward_gain_ci95": [low, high],
         "length_controlled": not users_asked, "preferred_length": preferred_length,
         "kl_to_reference": kl_ref, "kl_to_base": kl_base, "length_current": len_cur, "length_new": len_new,
@@ -205,9 +211,9 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
         reasons.append(f"mean answer length drifted {len_cur:.0f} -> {len_new:.0f} tokens")
     if acc_new < acc_cur - noise:
         reasons.append(f"regression-set accuracy fell {acc_cur:.0%} -> {acc_new:.0%} (noise {noise:.0%})")
-    samples = [{"prompt": prompts[i][-1]["content"], "current": cur_text[i], "new": new_text[i],
+    samples = [{"prompt": asked[i][-1]["content"], "current": cur_text[i], "new": new_text[i],
                 "reward_current": rewards[i].item(), "reward_new": rewards[n + i].item()}
-               for i in range(min(config.samples_in_report, n))]
+               for i in range(0, min(config.samples_in_report, len(prompts)) * k, k)]
     return Verdict(promote=not reasons, reasons=reasons, metrics=metrics, samples=samples)
 
 
