@@ -109,7 +109,7 @@ def test_learner_writes_exactly_the_feedback_it_claims(serve_tutor, tiny_model_d
     with serve_tutor(tmp_path, tiny_model_dir, sampling=SamplingConfig(max_new_tokens=12)) as (tutor, url):
         counts = give_feedback(url, PROMPTS, rubric, items=24, config=config, learners=2, seed=3, say=lambda *_: None)
         samples = collect_answers(url, PROMPTS[:4], rubric, learners=2)
-    assert isinstance(counts, FeedbackCounts) and counts.items >= 24 and counts.rewrites and counts.follow_ups
+    assert isinstance(counts, FeedbackCounts) and counts.items == 24 and counts.rewrites and counts.follow_ups
     db = sqlite3.connect(tmp_path / "c.db")
     one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
     assert one("select count(*) from comparison_picks") == counts.picks
@@ -172,11 +172,13 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
     prompts = [TutoringPrompt(f"p-{i}", "science", "primary", f"Question {i}: tell me about {topic}?", None, (topic,),
                               "heldout" if i % 4 == 0 else "train")
                for i, topic in enumerate(["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets",
-                                          "loops", "Paris", "water", "gravity", "ratios"] * 4)]
+                                          "loops", "Paris", "water", "gravity", "ratios"] * 16)]
     train = [p for p in prompts if p.split == "train"]
     heldout = [p for p in prompts if p.split == "heldout"]
-    results = run(LearningRun(rubric="says_a", cycles=1, items=120, k=4, error_rate=0.1, learners=4,
-                              samples_per_prompt=8, config=config, model=learnable_policy(tmp_path / "tiny"),
+    # One learner: the feedback, and so the whole run, is the same every time. Many distinct openers, so
+    # that the gate has enough held-out prompts that no training conversation used.
+    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1,
+                              samples_per_prompt=2, config=config, model=learnable_policy(tmp_path / "tiny"),
                               workdir=tmp_path / "run", out=tmp_path / "report"),
                   rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
     cycle = results["cycles"][0]
