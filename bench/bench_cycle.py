@@ -1,11 +1,10 @@
 """One retraining cycle on the embedded model, timed per stage, on copies of a DB and models dir.
 
-    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--no-reward-check]
+    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE]
 
 Reports per stage: wall time and peak memory (RSS, and GPU memory on a GPU); for PPO also episodes/s,
 generation tokens/s and the share of time spent generating vs training (from the cycle's own PPO log).
-Feedback for it can come from `bench/learner.py` against a running app. `--no-reward-check` lets a
-timing run reach PPO whatever the reward model's held-out accuracy (not a product setting).
+Feedback for it can come from `bench/learner.py` against a running app.
 """
 from __future__ import annotations
 
@@ -26,8 +25,6 @@ def main() -> None:
     ap.add_argument("--db", type=Path, required=True)
     ap.add_argument("--models-dir", type=Path, required=True)
     ap.add_argument("--config", type=Path)
-    ap.add_argument("--no-reward-check", action="store_true",
-                    help="go on to PPO whatever the reward model's held-out accuracy (timing runs only)")
     args = ap.parse_args()
 
     import torch
@@ -41,10 +38,6 @@ def main() -> None:
     shutil.copy(args.db, work / "c.db")
     shutil.copytree(args.models_dir, work / "models", ignore=shutil.ignore_patterns(".retrain.lock", "cycles"))
     config = retrain_config(args.config)
-    if args.no_reward_check:
-        import rlhf.cycle
-
-        rlhf.cycle.check_reward_model = lambda metrics, config=None: None
     started = time.perf_counter()
     with Store(work / "c.db") as store:
         outcome = run_cycle(store, ModelRegistry(work / "models"), config)

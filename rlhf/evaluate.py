@@ -9,9 +9,9 @@ PPO has just optimised the reward model, so its score alone proves little. The g
 - correctness on a fixed regression set of checkable tutoring questions not lower beyond noise.
 
 Length control guards against the known failure of reward models: a gain bought by length alone. When
-the users' own choices (all their rankings, ratings and rewrites so far) show that they prefer shorter (or longer) answers, with a 95% interval
-clear of 50%, length is a real preference: a policy that moved in that direction is then judged on its
-uncorrected reward, and the drift band applies only the other way.
+the users' own choices (all their rankings, ratings and rewrites so far) show that they prefer shorter
+(or longer) answers, with a 95% interval clear of 50%, length is a real preference: a policy that moved
+in that direction is then judged on its uncorrected reward, and the drift band applies only the other way.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class GateConfig:
     max_kl_reference: float = 12.0  # nats per answer, new policy vs this cycle's reference
     max_kl_base: float = 30.0  # nats per answer, new policy vs the base version
     max_length_ratio: float = 1.6  # mean length new / current, both ways (but see length_preference)
-    length_control: str = "auto"  # "auto": unless held-out feedback prefers the direction moved; "always"
+    length_control: str = "auto"  # "auto": unless the users' feedback prefers the direction moved; "always"
     bootstrap_samples: int = 2000
     # Answers per held-out prompt from each policy: a cycle holds out few prompts, and one sampled answer
     # each leaves the gain's interval mostly sampling noise. The bootstrap resamples prompts.
