@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from app.versions import serving_device
 from rlhf.data import Message, PreferenceGroup
 from rlhf.evaluate import wilson
 
@@ -114,11 +115,6 @@ def collate_groups(tokenizer, groups: Sequence[PreferenceGroup], max_length: int
 # -- model and loss ----------------------------------------------------------------------------
 
 
-def reward_device() -> torch.device:
-    """Where the reward model trains and scores: the GPU when there is one (in fp32 either way)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per row, read at the row's last non-pad token (the model does this from
     config.pad_token_id), on the model's device. (R, T) -> (R,)"""
@@ -148,8 +144,9 @@ def build_reward_model(policy_dir: str | Path, config: RewardConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     torch.manual_seed(config.seed)
+    # On the policy's device (the GPU when there is one), but in fp32 there too.
     model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1,
-                                                               dtype=torch.float32).to(reward_device())
+                                                               dtype=torch.float32).to(serving_device()[0])
     model.config.pad_token_id = tokenizer.pad_token_id
     if config.use_lora:
         from peft import LoraConfig, TaskType, get_peft_model
