@@ -60,7 +60,9 @@ class Verdict:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
              batch_size: int = 16, seed: int = 0) -> tuple[list[str], list[list[int]], list[list[int]]]:
-    """Left-padded batched generation. Returns texts, prompt token ids and answer token ids (EOS dropped)."""
+    """Left-padded batched generation. Returns texts, prompt token ids and answer token ids; an answer that
+    ended keeps its EOS token: ending there is one of the policy's choices, and its log-probability
+    belongs in the KL (a policy taught to stop early spends much of its KL on that one token)."""
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
@@ -74,7 +76,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         for row in range(out.shape[0]):
             ids = out[row, enc["input_ids"].shape[1]:].tolist()
-            ids = ids[:ids.index(eos)] if eos in ids else ids
+            ids = ids[:ids.index(eos) + 1] if eos in ids else ids
             prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
             answer_ids.append(ids)
             texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
@@ -174,7 +176,7 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     new_text, new_prompt_ids, new_ids = generate(new, tokenizer, asked, config.max_new_tokens, config.temperature,
                                                  seed=config.seed)
     rewards = reward_score(asked + asked, cur_text + new_text).float().cpu()
-    lengths = torch.tensor([len(a) for a in cur_ids + new_ids])
+    lengths = torch.tensor([len(a) - (a[-1:] == [tokenizer.eos_token_id]) for a in cur_ids + new_ids])  # without EOS
     n = len(asked)
     len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"

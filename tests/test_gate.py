@@ -3,6 +3,7 @@ held-out choices show they want that length."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -72,3 +73,24 @@ def test_gate_kl_is_the_divergence_of_the_sampled_distributions():
         ref = b(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
     other = torch.log_softmax(ref, -1)[range(len(answer)), answer].sum().item()
     assert mean_kl(a, b, [prompt], [answer], 0.7) == pytest.approx(expected - other, abs=1e-4)
+
+
+def test_gate_kl_counts_the_choice_to_stop(shorter_policy):
+    """An answer that ended keeps its EOS token for the KL: a policy taught to stop early differs from
+    its reference most on that token, and leaving it out hid most of the divergence."""
+    from rlhf.evaluate import generate, mean_kl
+
+    tokenizer, current, new = shorter_policy
+    eos = tokenizer.eos_token_id
+    _, prompt_ids, answer_ids = generate(new, tokenizer, PROMPTS, GATE.max_new_tokens, temperature=1.0)
+    ended = [i for i, a in enumerate(answer_ids) if a and a[-1] == eos]
+    assert ended and all(eos not in a[:-1] for a in answer_ids)
+    cut = [a[:-1] if i in ended else a for i, a in enumerate(answer_ids)]
+    with_stop = mean_kl(new, current, prompt_ids, answer_ids, 1.0)
+    without = mean_kl(new, current, prompt_ids, cut, 1.0)
+    assert with_stop > without + 0.5
+
+    verdict = evaluate(current, new, current, current, tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS, "",
+                       dataclasses.replace(GATE, samples_per_prompt=1))
+    assert verdict.metrics["kl_to_reference"] == pytest.approx(with_stop, rel=1e-4)
+    assert verdict.metrics["length_new"] == pytest.approx(sum(map(len, cut)) / len(cut))
