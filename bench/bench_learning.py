@@ -115,7 +115,8 @@ def retrain(workdir: Path, config: Path, log, say) -> dict:
         cycle = {}
     return {"exit_code": returncode, "seconds": round(time.perf_counter() - started, 1),
             "status": cycle.get("status") or "not_run", "reason": cycle.get("reason") or last_line, "version": cycle.get("policy_version"),
-            "reward": (cycle.get("metrics") or {}).get("reward", {}), "gate": (cycle.get("metrics") or {}).get("gate", {})}
+            "reward": (cycle.get("metrics") or {}).get("reward", {}), "gate": (cycle.get("metrics") or {}).get("gate", {}),
+            **{key: (cycle.get("metrics") or {}).get(key) for key in ("stages", "ppo_last", "ppo_stopped", "length_preference")}}
 
 
 def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: str, batch_size: int = 8) -> list[float]:
@@ -141,8 +142,8 @@ def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: s
     return values
 
 
-def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, learners: int, seed: int) -> list[dict]:
-    return collect_answers(app.url, [p for p in prompts for _ in range(samples_per_prompt)], rubric, learners, seed)
+def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, clients: int, seed: int) -> list[dict]:
+    return collect_answers(app.url, [p for p in prompts for _ in range(samples_per_prompt)], rubric, clients, seed)
 
 
 @dataclass
@@ -152,7 +153,8 @@ class LearningRun:
     items: int = 150  # feedback items per cycle
     error_rate: float = 0.2
     k: int = 4
-    learners: int = 4
+    learners: int = 4  # giving feedback at once (k answers each: 16 rows, the engine's batch)
+    eval_clients: int = 16  # measuring at once
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)
     no_ppo: bool = False
@@ -202,7 +204,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
         app.wait_ready()
         base_version = app.served_version()
         say(f"app ready at {app.url}, serving {base_version}; measuring the base")
-        samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.learners, settings.seed)
+        samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.eval_clients, settings.seed)
         base_scores = [s["score"] for s in samples]
         all_samples[base_version] = samples
         rows.append({"cycle": 0, "version": base_version, "feedback_items": 0, **summarise(samples, None, keywords)})
@@ -222,7 +224,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
             deadline = time.time() + 120
             while app.served_version() != outcome["version"] and time.time() < deadline:
                 time.sleep(2)
-            samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.learners, settings.seed)
+            samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.eval_clients, settings.seed)
             served = {s["model_version"] for s in samples}
             if served != {outcome["version"]}:
                 raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
@@ -253,17 +255,28 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
     return results
 
 
+def render(out: Path) -> None:
+    """Rewrites report.md and curves.png from the folder's results.json and samples.json."""
+    from bench.learning_report import write_report
+
+    write_report(json.loads((out / "results.json").read_text()), json.loads((out / "samples.json").read_text()), out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rubric", choices=sorted(RUBRICS), default=LearningRun.rubric)
     ap.add_argument("--out", type=Path, required=True, help="report folder")
+    ap.add_argument("--render", action="store_true", help="only rewrite the report from the folder's results")
     ap.add_argument("--no-ppo", action="store_true", help="cycles with PPO switched off: SFT on the same feedback only")
     ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
     ap.add_argument("--workdir", type=Path, help="where the run's database and models go (default: a new temp dir)")
     for f in fields(LearningRun):
         if f.name not in ("rubric", "out", "no_ppo", "model", "workdir"):
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    run(LearningRun(**vars(ap.parse_args())))
+    args = vars(ap.parse_args())
+    if args.pop("render"):
+        return render(args["out"])
+    run(LearningRun(**args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import random
 import sys
 import threading
@@ -211,16 +212,28 @@ def give_feedback(url: str, prompts: list[TutoringPrompt], rubric: Rubric, items
     return counts
 
 
-def collect_answers(url: str, prompts: Iterable[TutoringPrompt], rubric: Rubric, learners: int = 4, seed: int = 0) -> list[dict]:
-    """Evaluation samples through the API, in the prompts' order; each carries its rubric score."""
+def collect_answers(url: str, prompts: Iterable[TutoringPrompt], rubric: Rubric, clients: int = 16, seed: int = 0) -> list[dict]:
+    """Evaluation samples through the API, in the prompts' order; each carries its rubric score. With
+    as many clients at once as the engine batches rows (16), a measurement takes a third of the time
+    it takes with 4."""
     prompts = list(prompts)
-    clients = _clients(url, learners)
+    idle: queue.Queue = queue.Queue()
+    connections = _clients(url, clients)
+    for c in connections:
+        idle.put(SimulatedLearner(c, rubric, LearnerConfig(), random.Random(seed), "eval-learner"))
+
+    def ask(prompt: TutoringPrompt) -> dict:
+        learner = idle.get()  # one client per thread at a time
+        try:
+            return learner.ask(prompt)
+        finally:
+            idle.put(learner)
+
     try:
-        pool_learners = [SimulatedLearner(c, rubric, LearnerConfig(), random.Random(seed), "eval-learner") for c in clients]
-        with ThreadPoolExecutor(learners) as pool:
-            samples = list(pool.map(lambda ip: pool_learners[ip[0] % learners].ask(ip[1]), enumerate(prompts)))
+        with ThreadPoolExecutor(clients) as pool:
+            samples = list(pool.map(ask, prompts))
     finally:
-        for client in clients:
+        for client in connections:
             client.close()
     for sample in samples:
         sample["score"] = rubric.score(sample["dialogue"], sample["answer"])

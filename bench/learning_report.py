@@ -34,6 +34,37 @@ def table(rows: list[dict], cycles: list[dict]) -> list[str]:
     return lines
 
 
+def _num(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def cycle_line(cycle: dict) -> str:
+    """One cycle in words: its feedback, where its time went, and what each stage found."""
+    feedback = cycle["feedback"]
+    rm, gate, ppo = cycle.get("reward") or {}, cycle.get("gate") or {}, cycle.get("ppo_last") or {}
+    stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in (cycle.get("stages") or {}).items())
+    parts = [f"- cycle {cycle['cycle']}: **{cycle['status']}** after {cycle['seconds']:.0f} s"
+             + (f" ({stages})" if stages else ""),
+             f"feedback: {feedback['items']} items ({feedback['picks']} picks of which {feedback['ties']} ties, "
+             f"{feedback['ratings']} ratings, {feedback['rewrites']} rewrites)"]
+    if rm:
+        parts.append(f"reward model held-out accuracy {_num(rm.get('heldout_accuracy'))} on {rm.get('heldout_pairs')} pairs, "
+                     f"reward-length correlation {_num(rm.get('length_correlation'))}")
+    if ppo:
+        parts.append(f"PPO's last update {ppo.get('update')}: score {_num(ppo.get('score'))}, KL {_num(ppo.get('kl'))}, "
+                     f"answer length {_num(ppo.get('answer_length'), 0)} tokens"
+                     + (f" ({cycle['ppo_stopped']})" if cycle.get("ppo_stopped") else ""))
+    if gate:
+        gain, (low, high) = gate.get("reward_gain_length_controlled"), gate.get("reward_gain_ci95", [None, None])
+        what = "length-controlled reward gain" if gate.get("length_controlled") else "reward gain (users prefer " \
+            f"{gate.get('preferred_length')} answers)"
+        parts.append(f"gate: {what} {_num(gain)} [{_num(low)}, {_num(high)}], KL to reference {_num(gate.get('kl_to_reference'))} "
+                     f"and to base {_num(gate.get('kl_to_base'))}, length {_num(gate.get('length_current'), 0)} -> "
+                     f"{_num(gate.get('length_new'), 0)} tokens")
+    parts.append(f"verdict: {cycle['reason']}")
+    return "; ".join(parts)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -81,10 +112,7 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
              "nats per answer, measured by the cycle's gate on its held-out prompts.", "",
              *table(rows, results["cycles"]), "", "![curves](curves.png)", "", "## Cycles", ""]
     for cycle in results["cycles"]:
-        rm = cycle.get("reward") or {}
-        lines.append(f"- cycle {cycle['cycle']}: **{cycle['status']}** after {cycle['seconds']:.0f} s "
-                     f"(feedback {cycle['feedback']}); reward model held-out accuracy {rm.get('heldout_accuracy')} on "
-                     f"{rm.get('heldout_pairs')} pairs, length correlation {rm.get('length_correlation')}; {cycle['reason']}")
+        lines.append(cycle_line(cycle))
     first, last = rows[0]["version"], rows[-1]["version"]
     if first != last:
         lines += ["", f"## Answers before ({first}) and after ({last})", ""]

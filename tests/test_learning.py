@@ -112,7 +112,7 @@ def test_learner_writes_exactly_the_feedback_it_claims(serve_tutor, tiny_model_d
     config = LearnerConfig(k=3, error_rate=0.2, rate_share=0.5, rewrite_share=0.5, follow_up_share=1.0)
     with serve_tutor(tmp_path, tiny_model_dir, sampling=SamplingConfig(max_new_tokens=12)) as (tutor, url):
         counts = give_feedback(url, PROMPTS, rubric, items=24, config=config, learners=2, seed=3, say=lambda *_: None)
-        samples = collect_answers(url, PROMPTS[:4], rubric, learners=2)
+        samples = collect_answers(url, PROMPTS[:4], rubric, clients=2)
     assert isinstance(counts, FeedbackCounts) and counts.items == 24 and counts.rewrites and counts.follow_ups
     db = sqlite3.connect(tmp_path / "c.db")
     one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
@@ -181,7 +181,7 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
     heldout = [p for p in prompts if p.split == "heldout"]
     # One learner: the feedback, and so the whole run, is the same every time. Many distinct openers, so
     # that the gate has enough held-out prompts that no training conversation used.
-    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1,
+    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1, eval_clients=4,
                               samples_per_prompt=2, config=config, model=learnable_policy(tmp_path / "tiny"),
                               workdir=tmp_path / "run", out=tmp_path / "report"),
                   rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
