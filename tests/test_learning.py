@@ -14,7 +14,7 @@ import pytest
 
 from app.engine import SamplingConfig
 from app.store import Store
-from bench.learner import FeedbackCounts, LearnerConfig, TutoringPrompt, collect_answers, decide, give_feedback, load_prompt_set
+from bench.learner import LABELS, FeedbackCounts, LearnerConfig, TutoringPrompt, collect_answers, decide, give_feedback, load_prompt_set
 from bench.learning_metrics import distinct_n, repeated_ending_flags, wilson, win_rate
 from bench.rubrics import RUBRICS, Rubric, checks_understanding, stays_short, uses_example
 from rlhf.data import collect
@@ -83,9 +83,17 @@ def test_decide_orders_by_score_with_ties_and_mistakes():
     assert decide([0.0, 1.0], 0.0, rng) == "B"
     assert decide([0.0, 1.0, 0.0, 0.0], 0.0, rng) == "B"  # the winner beats each of the others
     assert decide([0.2, 1.0, 0.0, 0.1], 0.0, rng) == "B,A,D,C"
-    assert decide([0.0, 1.0], 1.0, rng) == "A"  # a mistake reverses the order
+    assert decide([0.0, 1.0], 1.0, rng) == "A"  # a mistake reverses the comparison
     mistakes = sum(decide([0.0, 1.0], 0.25, rng) == "A" for _ in range(2000))
     assert 400 < mistakes < 600
+    # in rankings of 4, mistakes are spread over the pairs: about error_rate of the pairs reversed,
+    # seldom a whole ranking upside down
+    scores = [0.9, 0.6, 0.3, 0.0]
+    orders = [decide(scores, 0.2, rng).split(",") for _ in range(3000)]
+    reversed_pairs = [sum(o.index(LABELS[a]) > o.index(LABELS[b]) for a in range(4) for b in range(a + 1, 4))
+                      for o in orders]
+    assert 0.18 < sum(reversed_pairs) / (6 * len(orders)) < 0.27
+    assert sum(r == 6 for r in reversed_pairs) / len(orders) < 0.01
 
 
 def test_metrics():
