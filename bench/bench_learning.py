@@ -113,10 +113,11 @@ def retrain(workdir: Path, config: Path, log, say) -> dict:
         cycle = store.last_cycle() or {}
     if cycle.get("id") == before:  # refused before a cycle began (too little data, say)
         cycle = {}
+    metrics = cycle.get("metrics") or {}
     return {"exit_code": returncode, "seconds": round(time.perf_counter() - started, 1),
             "status": cycle.get("status") or "not_run", "reason": cycle.get("reason") or last_line, "version": cycle.get("policy_version"),
-            "reward": (cycle.get("metrics") or {}).get("reward", {}), "gate": (cycle.get("metrics") or {}).get("gate", {}),
-            **{key: (cycle.get("metrics") or {}).get(key) for key in ("stages", "ppo_last", "ppo_stopped", "length_preference")}}
+            "reward": metrics.get("reward", {}), "gate": metrics.get("gate", {}),
+            **{key: metrics.get(key) for key in ("stages", "ppo_last", "ppo_stopped", "length_preference")}}
 
 
 def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: str, batch_size: int = 8) -> list[float]:

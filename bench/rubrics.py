@@ -83,9 +83,13 @@ EXAMPLE_MARKER = re.compile(r"\b(for example|for instance|e\.g\.|imagine|let's s
                             r"such as|think of|picture)\b", re.I)
 
 
+def has_number(sentence: str) -> bool:
+    return bool(re.search(r"\d", sentence))
+
+
 def has_detail(sentence: str) -> bool:
     """A number, or at least four content words: the stuff a concrete example is made of."""
-    return bool(re.search(r"\d", sentence)) or len(content_stems(sentence)) >= 4
+    return has_number(sentence) or len(content_stems(sentence)) >= 4
 
 
 def uses_example(dialogue: list[Message], answer: str) -> float:
@@ -104,7 +108,7 @@ def uses_example(dialogue: list[Message], answer: str) -> float:
         return 1.0 if topical and any(has_detail(s) for s in marked) else 0.3
     if not topical:
         return 0.0
-    return round(0.25 * sum(bool(re.search(r"\d", s)) for s in parts) / len(parts), 3)
+    return round(0.25 * sum(map(has_number, parts)) / len(parts), 3)
 
 
 SHORT_WORDS = 80

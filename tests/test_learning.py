@@ -189,7 +189,7 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
     heldout = [p for p in prompts if p.split == "heldout"]
     # One learner: the feedback, and so the whole run, is the same every time. Many distinct openers, so
     # that the gate has enough held-out prompts that no training conversation used.
-    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1, eval_clients=4,
+    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1, eval_clients=1,
                               samples_per_prompt=2, config=config, model=learnable_policy(tmp_path / "tiny"),
                               workdir=tmp_path / "run", out=tmp_path / "report"),
                   rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
