@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +38,10 @@ class SamplingConfig:
     top_k: int = 50
     repetition_penalty: float = 1.1
     do_sample: bool = True
+    # Each reply is sampled from its own generator, seeded at submit and stored with the reply, so any
+    # answer can be drawn again whatever it was batched with. Set, the seeds follow from it in submit
+    # order: a client that asks one thing at a time gets the same replies every run.
+    seed: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +88,7 @@ class Request:
     model_version: str | None = None
     tokenizer: object = None
     token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None  # seeded from sampling.seed at prefill
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -176,16 +182,18 @@ def _left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig, warpers) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,), with HF's repetition-penalty semantics on real tokens only."""
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig, warpers,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,), with HF's repetition-penalty semantics on real tokens only;
+    row i draws from generators[i]."""
     logits = logits.float()
     if sampling.repetition_penalty != 1.0:
         p = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if not sampling.do_sample:
         return logits.argmax(dim=-1)
-    logits = warpers(None, logits)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+    probs = torch.softmax(warpers(None, logits), dim=-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
 def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:
@@ -220,6 +228,7 @@ class GenerationEngine:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._batch = _Batch()
+        self._seeds = random.Random(sampling.seed)
         # All torch work happens on the decode thread, loading included: OpenMP keeps a spinning
         # thread team per calling thread, and a second team (say, the main thread's after a load)
         # slowed decoding from ~24 to ~15 tokens/s on a 2-core CPU.
@@ -235,14 +244,15 @@ class GenerationEngine:
     def version(self) -> str:
         return self.policy.version
 
-    def submit(self, messages: list[dict], max_new_tokens: int | None = None) -> Request:
+    def submit(self, messages: list[dict], max_new_tokens: int | None = None, seed: int | None = None) -> Request:
         """Queues a reply to `messages`. Sampling settings are the engine's, shared by the whole batch;
-        only the length limit is per request."""
+        only the length limit and the seed (by default the engine's next) are per request."""
         sampling = self.sampling if max_new_tokens is None else replace(self.sampling, max_new_tokens=max_new_tokens)
-        request = Request(messages=messages, sampling=sampling)
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
                 raise EngineBusy(f"the tutor is busy ({len(self._waiting)} requests waiting); try again in a moment")
+            seed = self._seeds.getrandbits(63) if seed is None else seed
+            request = Request(messages=messages, sampling=replace(sampling, seed=seed))
             self._waiting.append(request)
             self._wake.notify()
         return request
@@ -346,9 +356,10 @@ class GenerationEngine:
         seen = torch.zeros(len(requests), out.logits.shape[-1], dtype=torch.bool, device=model.device)
         for row, r in enumerate(requests):
             seen[row, r.token_ids] = True
+            r.generator = torch.Generator(device=model.device).manual_seed(r.sampling.seed)
         logits = out.logits[:, -1].float()
         logits[:, sorted(self._eos)] = float("-inf")  # a tutor never answers with nothing
-        next_tokens = sample_next(logits, seen, self.sampling, self._warpers)
+        next_tokens = sample_next(logits, seen, self.sampling, self._warpers, [r.generator for r in requests])
         for request in requests:
             request.token_ids = []  # from here on: the reply's tokens
         joining = _Batch()
@@ -366,7 +377,8 @@ class GenerationEngine:
                                 position_ids=position_ids, cache=batch.cache, use_cache=True, logits_to_keep=1)
         self.stats.forward_batch_sizes[len(batch)] += 1
         batch.seen[torch.arange(len(batch), device=batch.seen.device), batch.next_tokens] = True
-        batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers)
+        batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers,
+                                        [r.generator for r in batch.requests])
         batch.keep(self._emit(batch))
 
     def _emit(self, batch: _Batch) -> list[int]:

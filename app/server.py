@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 import gradio as gr
@@ -47,7 +48,8 @@ def create_app(config: ServeConfig, say=print) -> TutorApp:
     store = Store(config.db)
     record_versions(store, registry)
     engine = GenerationEngine(registry, fit_context, config.sampling, config.engine)
-    service = TutorService(store, engine, config.limits)
+    # A set sampling seed also fixes the order in which compared answers are shown.
+    service = TutorService(store, engine, config.limits, rng=random.Random(config.sampling.seed))
     demo = build_demo(service)
     # The engine bounds its own queue; Gradio's queue only needs to hold what the engine may accept.
     demo.queue(default_concurrency_limit=config.engine.max_batch_size + config.engine.max_queue,

@@ -120,7 +120,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, centre - half, centre + half
+    # At p = 0 or 1 rounding can put a bound a hair on the wrong side of p (or of [0, 1]).
+    return p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> dict:

@@ -198,3 +198,23 @@ def test_context_is_cut_from_the_oldest_turn_never_mid_message():
     assert all(m in turns for m in context)  # whole messages only
     kept = turns[-(len(context) - 1):]
     assert context[1:] == kept  # a contiguous suffix: the oldest turns went first
+
+
+def test_a_sampled_reply_is_drawn_again_from_its_seed(engine_factory):
+    """Each reply samples from its own generator: its stored seed draws the same reply again, alone or in
+    a batch with other rows; an engine seed fixes the seeds, so a session asked in order repeats."""
+    p = policy()
+    sampled = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    asked = conversation("What is a fraction?")
+    first = engine_factory(FixedSource({"v0000": p}), sampling=sampled)
+    alone = [first.submit(asked) for _ in range(3)]
+    replies = [list(r.tokens(timeout=30)) for r in alone]
+    seeds = [r.sampling.seed for r in alone]
+    assert len(set(seeds)) == 3 and len({tuple(t) for t in replies}) > 1  # three draws, not one reply thrice
+
+    again = engine_factory(FixedSource({"v0000": p}), sampling=sampled)
+    assert [again.submit(asked).sampling.seed for _ in range(3)] == seeds
+    crowd = [again.submit(conversation(f"Something else {i}")) for i in range(3)]
+    redrawn = again.submit(asked, seed=seeds[1])
+    assert list(redrawn.tokens(timeout=30)) == replies[1]
+    assert max(again.stats.forward_batch_sizes) >= 4  # it was decoded beside the crowd
