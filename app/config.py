@@ -55,5 +55,7 @@ def merge(obj, values: dict, where: str = "config"):
                 raise ValueError(f"{where}.{key} must be a table")
             changes[key] = merge(current, value, f"{where}.{key}")
         else:
-            changes[key] = type(current)(value) if current is not None and value is not None else value
+            # Coerce (an int for a float setting), but a bool stays a bool: str(False) would read as set.
+            keep = current is None or value is None or isinstance(value, bool)
+            changes[key] = value if keep else type(current)(value)
     return dataclasses.replace(obj, **changes)

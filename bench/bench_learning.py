@@ -154,7 +154,9 @@ class LearningRun:
     items: int = 150  # feedback items per cycle
     error_rate: float = 0.2
     k: int = 4
-    learners: int = 4  # giving feedback at once (k answers each: 16 rows, the engine's batch)
+    # Giving feedback at once, k answers each: 24 rows for the engine's batch of 16, so that a row that
+    # ends early is replaced at once instead of the batch shrinking until a comparison's last answer ends.
+    learners: int = 6
     eval_clients: int = 16  # measuring at once
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)

@@ -50,6 +50,12 @@ class RewardConfig:
     seed: int = 0
     min_heldout_accuracy: float = 0.6  # pairwise, held-out: the gate to go on to PPO
     use_lora: bool = True
+    # "auto": bf16 autocast on CUDA. True also pays on a CPU with AVX512-BF16 (a training step of the
+    # embedded model took 11 s instead of 18 on 2 cores); the loss and the optimiser stay fp32.
+    bf16: str | bool = "auto"
+
+    def use_bf16(self) -> bool:
+        return torch.cuda.is_available() if self.bf16 == "auto" else bool(self.bf16)
 
 
 @dataclass
@@ -171,6 +177,7 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
     steps_per_epoch = math.ceil(len(train_groups) / config.groups_per_batch)
     total, step = config.epochs * steps_per_epoch, 0
     epoch_losses = []
+    device_type = next(model.parameters()).device.type
     model.train()
     for _ in range(config.epochs):
         order = list(train_groups)
@@ -178,7 +185,9 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
         losses = []
         for mb_groups in _batches(order, config.groups_per_batch):
             mb = collate_groups(tokenizer, mb_groups, config.max_length)
-            loss = grouped_bt_loss(rewards_of(model, mb.input_ids, mb.attention_mask), mb)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16()):
+                rewards = rewards_of(model, mb.input_ids, mb.attention_mask)  # read out in fp32
+            loss = grouped_bt_loss(rewards, mb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

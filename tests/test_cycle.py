@@ -183,3 +183,14 @@ def _asdict(config):
     from dataclasses import asdict
 
     return asdict(config)
+
+
+def test_a_settings_file_turns_bf16_on_and_off(tmp_path):
+    """TOML booleans reach the "auto"-or-bool precision settings as booleans: `false` means off."""
+    from rlhf.cli import retrain_config
+
+    path = tmp_path / "settings.toml"
+    path.write_text("[retrain.ppo]\nbf16 = false\n[retrain.reward]\nbf16 = true\n")
+    config = retrain_config(path)
+    assert config.ppo.use_bf16() is False and config.reward.use_bf16() is True
+    assert retrain_config(None).ppo.bf16 == "auto"

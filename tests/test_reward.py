@@ -72,6 +72,16 @@ def test_learns_planted_preference_not_length(trained):
     check_reward_model(m, CONFIG)  # clears the gate
 
 
+def test_bf16_autocast_learns_the_same_preference(tiny_model_dir):
+    """The GPU's default precision, here on CPU autocast: the loss and optimiser stay fp32, and the
+    planted preference is learned as well as in fp32."""
+    torch.manual_seed(0)
+    result = train_reward_model(tiny_model_dir, planted_groups(64, seed=1), planted_groups(20, seed=2),
+                                replace(CONFIG, bf16=True))
+    losses = result.metrics["train_loss"]
+    assert result.metrics["heldout_accuracy"] >= 0.8 and losses[-1] < losses[0], result.metrics
+
+
 def test_only_adapters_and_score_head_changed(trained, tiny_model_dir):
     result, *_ = trained
     assert not hasattr(result.model, "peft_config")  # merged: a plain model
