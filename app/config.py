@@ -55,7 +55,9 @@ def merge(obj, values: dict, where: str = "config"):
                 raise ValueError(f"{where}.{key} must be a table")
             changes[key] = merge(current, value, f"{where}.{key}")
         else:
-            # Coerce (an int for a float setting), but a bool stays a bool: str(False) would read as set.
-            keep = current is None or value is None or isinstance(value, bool)
+            # Coerce (an int for a float setting), but a bool stays a bool (str(False) would read as set)
+            # and a setting that takes a bool or "auto" keeps either.
+            keep = (current is None or value is None or isinstance(value, bool)
+                    or (isinstance(value, str) and isinstance(current, bool)))
             changes[key] = value if keep else type(current)(value)
     return dataclasses.replace(obj, **changes)

@@ -50,9 +50,10 @@ class RewardConfig:
     seed: int = 0
     min_heldout_accuracy: float = 0.6  # pairwise, held-out: the gate to go on to PPO
     use_lora: bool = True
-    # "auto": bf16 autocast on CUDA. True also pays on a CPU with AVX512-BF16 (a training step of the
-    # embedded model took 11 s instead of 18 on 2 cores); the loss and the optimiser stay fp32.
-    bf16: str | bool = "auto"
+    # bf16 autocast in training (the loss, the optimiser and the scores stay fp32). Off by default, also
+    # on a GPU, where the reward model was measured in fp32. On a CPU with AVX512-BF16 an epoch of the
+    # embedded model took half the time (bench/bench_precision.py). "auto": on with CUDA.
+    bf16: str | bool = False
 
     def use_bf16(self) -> bool:
         return torch.cuda.is_available() if self.bf16 == "auto" else bool(self.bf16)
