@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
@@ -206,7 +207,13 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     config = config or PPOConfig()
     if config.rollout_batch_size % config.minibatch_size:
         raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
-    accelerator = Accelerator(mixed_precision="bf16" if config.use_bf16() else "no")
+    precision = "bf16" if config.use_bf16() else "no"
+    if AcceleratorState._shared_state and PartialState().num_processes == 1 \
+            and AcceleratorState().mixed_precision != precision:
+        # One process, one precision, says accelerate; this cycle's SFT Trainer may have fixed another.
+        # Under a multi-process launch the launch's config decides, and a clash stays an error.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision)
     set_seed(config.seed + accelerator.process_index)  # each process samples different answers
 
     eos_ids = eos_ids_of(model, tokenizer)

@@ -197,6 +197,20 @@ def test_response_mask_ends_at_eos_and_unfinished_answers_pay_the_penalty():
     assert rewards[0].tolist() == [0.0, 0.0, 2.0, 0.0, 0.0] and rewards[2, 4] == 1.0
 
 
+def test_bf16_ppo_runs_after_a_trainer_fixed_fp32_in_the_same_process(fresh_accelerate_state):
+    """A retrain is one process: SFT's Trainer sets accelerate's precision first (fp32 on a CPU), and PPO
+    asked for bf16 must still get it."""
+    from accelerate import Accelerator
+
+    assert Accelerator(mixed_precision="no").mixed_precision == "no"
+    tokenizer = tiny_tokenizer()
+    seen = []
+    config = PPOConfig(total_episodes=8, rollout_batch_size=8, minibatch_size=4, max_new_tokens=4, bf16=True)
+    train_ppo(make_model(tokenizer), tokenizer, PROMPTS, lambda p, c, ids: torch.zeros(len(ids)), config,
+              progress=lambda stats: seen.append(Accelerator().mixed_precision))
+    assert seen == ["bf16"]
+
+
 def test_train_ppo_returns_a_plain_merged_model():
     tokenizer = tiny_tokenizer()
     model = make_model(tokenizer)
