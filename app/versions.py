@@ -47,6 +47,11 @@ def serving_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def wants_bf16(setting: str | bool) -> bool:
+    """A training precision setting: True, False, or "auto" (bf16 autocast when CUDA is available)."""
+    return torch.cuda.is_available() if setting == "auto" else bool(setting)
+
+
 def load_pretrained(path: Path | str, version: str = "") -> LoadedPolicy:
     device, dtype = serving_device()
     try:

@@ -42,6 +42,7 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
+from app.versions import wants_bf16
 from rlhf import ppo_core
 
 Message = dict[str, str]
@@ -80,7 +81,7 @@ class PPOConfig:
     bf16: str | bool = "auto"  # "auto": bf16 autocast when CUDA is available
 
     def use_bf16(self) -> bool:
-        return torch.cuda.is_available() if self.bf16 == "auto" else bool(self.bf16)
+        return wants_bf16(self.bf16)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from app.versions import serving_device
+from app.versions import serving_device, wants_bf16
 from rlhf.data import Message, PreferenceGroup
 from rlhf.evaluate import wilson
 
@@ -56,7 +56,7 @@ class RewardConfig:
     bf16: str | bool = False
 
     def use_bf16(self) -> bool:
-        return torch.cuda.is_available() if self.bf16 == "auto" else bool(self.bf16)
+        return wants_bf16(self.bf16)
 
 
 @dataclass

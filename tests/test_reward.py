@@ -73,8 +73,8 @@ def test_learns_planted_preference_not_length(trained):
 
 
 def test_bf16_autocast_learns_the_same_preference(tiny_model_dir):
-    """The GPU's default precision, here on CPU autocast: the loss and optimiser stay fp32, and the
-    planted preference is learned as well as in fp32."""
+    """bf16 autocast (set, since the default is fp32), here on the CPU: the loss and optimiser stay fp32,
+    and the planted preference is learned as well as in fp32."""
     torch.manual_seed(0)
     result = train_reward_model(tiny_model_dir, planted_groups(64, seed=1), planted_groups(20, seed=2),
                                 replace(CONFIG, bf16=True))
