@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from app.versions import inference_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,12 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond the running batch; more are refused at once
     max_context_tokens: int = 2048  # prompt + reply; older turns are cut to fit
     poll_interval_s: float = 0.2  # how often an idle engine looks for a newly promoted policy
+    # Weights' dtype while serving. "auto": as loaded (bf16 on a GPU, fp32 on a CPU). "bf16" on a CPU
+    # with bf16 instructions (AVX512-BF16, AMX) decodes 1.7x faster than fp32 (bench/bench_serving.py).
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        inference_dtype(self.precision)  # a bad setting fails when read, not on the decode thread
 
 
 class Policy(Protocol):
@@ -270,7 +278,7 @@ class GenerationEngine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         try:
-            self.policy = self.source.load(self.source.current_version())
+            self.policy = self._load(self.source.current_version())
             self._eos = eos_ids(self.policy)
         except BaseException as exc:
             self._load_error = exc
@@ -311,13 +319,20 @@ class GenerationEngine:
 
     def _swap(self, version: str) -> None:
         try:
-            policy = self.source.load(version)
+            policy = self._load(version)
         except Exception:
             log.exception("could not load promoted policy %s; still serving %s", version, self.policy.version)
             return
         self.policy, self._eos = policy, eos_ids(policy)
         self.stats.swaps += 1
         log.info("now serving policy %s", version)
+
+    def _load(self, version: str) -> Policy:
+        policy = self.source.load(version)
+        dtype = inference_dtype(self.config.precision)
+        if dtype is not None:
+            policy.model.to(dtype)  # the engine's own copy, loaded for it alone
+        return policy
 
     def _admit(self) -> None:
         free = self.config.max_batch_size - len(self._batch)

@@ -2,12 +2,15 @@
 aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
 
     python bench/bench_serving.py [--max-new-tokens 96] [--users 1 4 8] [--models-dir /tmp/bench-models]
+                                  [--precision auto|bf16|fp32]
 
 1. Baseline: `model.generate` (greedy, same repetition penalty and length limit) on one prompt.
 2. The app in a subprocess (`launch.py`, greedy sampling from a config file) on a loopback port;
    the same prompt through `/chat` with gradio_client, streamed to the end.
 3. N users at once, each its own conversation and prompt: aggregate tokens/s, time to first token
    (median, p95), against one user alone.
+`--precision` sets the served weights' dtype (`[serve.engine] precision`) and casts the baseline's
+weights the same way, so the ratio compares like with like; run it twice to compare precisions.
 Tokens are counted by re-encoding the reply text with the model's tokenizer, on both sides.
 Peak memory is the server's peak RSS (VmHWM) and the baseline process's own peak.
 """
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-models")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     args = ap.parse_args()
 
     from gradio_client import Client
@@ -121,7 +125,13 @@ def main() -> None:
     policy = registry.load(registry.current_version())
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    from app.versions import inference_dtype
+
+    if inference_dtype(args.precision) is not None:
+        policy.model.to(inference_dtype(args.precision))
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"weights {next(policy.model.parameters()).dtype}")
     base_s, base_tokens = baseline(policy, PROMPTS[0], args.max_new_tokens)
     base_rate = base_tokens / base_s
     print(f"1. model.generate: {base_tokens} tokens in {base_s:.2f}s = {base_rate:.1f} tokens/s")
@@ -130,7 +140,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     config = work / "bench.toml"
     config.write_text(f"[serve.sampling]\ndo_sample = false\nrepetition_penalty = 1.1\n"
-                      f"max_new_tokens = {args.max_new_tokens}\n")
+                      f"max_new_tokens = {args.max_new_tokens}\n[serve.engine]\nprecision = \"{args.precision}\"\n")
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--db", str(work / "c.db"),
                                "--models-dir", str(args.models_dir), "--config", str(config)],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from app.versions import for_sampling, inference_dtype
 from rlhf.ppo_core import logprobs_from_logits
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
@@ -44,6 +45,12 @@ class GateConfig:
     temperature: float = 0.7
     seed: int = 0
     samples_in_report: int = 6
+    # Weights' dtype for sampling the answers (and the regression set's): "auto" keeps each model's own;
+    # "bf16" on a CPU with bf16 instructions samples 1.6-2x faster. KL is computed in the models' own dtype.
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        inference_dtype(self.precision)  # a bad setting fails when read, not after PPO
 
 
 @dataclass
@@ -173,9 +180,11 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference)."""
     k = max(1, config.samples_per_prompt) if config.temperature > 0 else 1  # greedy answers repeat themselves
     asked = [p for p in prompts for _ in range(k)]
-    cur_text, _, cur_ids = generate(current, tokenizer, asked, config.max_new_tokens, config.temperature, seed=config.seed)
-    new_text, new_prompt_ids, new_ids = generate(new, tokenizer, asked, config.max_new_tokens, config.temperature,
-                                                 seed=config.seed)
+    sampler_cur, sampler_new = for_sampling(current, config.precision), for_sampling(new, config.precision)
+    cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
+                                    seed=config.seed)
+    new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
+                                                 config.temperature, seed=config.seed)
     rewards = reward_score(asked + asked, cur_text + new_text).float().cpu()
     lengths = torch.tensor([len(a) - (a[-1:] == [tokenizer.eos_token_id]) for a in cur_ids + new_ids])  # without EOS
     n = len(asked)
@@ -189,8 +198,9 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature)
     kl_base = mean_kl(new, base, new_prompt_ids, new_ids, temperature) if base is not reference else kl_ref
     items = load_regression_set()
-    acc_cur, _ = regression_accuracy(current, tokenizer, system_prompt, items, config.max_new_tokens)
-    acc_new, _ = regression_accuracy(new, tokenizer, system_prompt, items, config.max_new_tokens)
+    acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens)
+    acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens)
+    del sampler_cur, sampler_new
     p = (acc_cur + acc_new) / 2
     noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
     metrics = {

@@ -94,3 +94,20 @@ def test_gate_kl_counts_the_choice_to_stop(shorter_policy):
                        dataclasses.replace(GATE, samples_per_prompt=1))
     assert verdict.metrics["kl_to_reference"] == pytest.approx(with_stop, rel=1e-4)
     assert verdict.metrics["length_new"] == pytest.approx(sum(map(len, cut)) / len(cut))
+
+
+def test_the_gate_samples_in_bf16_and_measures_kl_with_the_models_as_they_are(shorter_policy):
+    """precision = "bf16" samples the answers from bf16 copies (about 2x faster on a CPU with bf16
+    instructions); the KL of those answers is still computed by the models given, which stay fp32."""
+    from rlhf.evaluate import generate, mean_kl
+
+    tokenizer, current, new = shorter_policy
+    config = dataclasses.replace(GATE, samples_per_prompt=1, precision="bf16")
+    verdict = evaluate(current, new, current, current, tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS, "", config)
+    assert {p.dtype for m in (current, new) for p in m.parameters()} == {torch.float32}
+    _, prompt_ids, answer_ids = generate(copy.deepcopy(new).to(torch.bfloat16), tokenizer, PROMPTS,
+                                         GATE.max_new_tokens, GATE.temperature, seed=GATE.seed)
+    expected = mean_kl(new, current, prompt_ids, answer_ids, GATE.temperature)
+    assert verdict.metrics["kl_to_reference"] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="precision"):
+        GateConfig(precision="fp16")
