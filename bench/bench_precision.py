@@ -3,7 +3,8 @@
     python bench/bench_precision.py [--groups 4] [--episodes 16] [--max-new-tokens 96]
 
 Times a reward-model epoch over a few rankings and one PPO update (16 tutoring answers), first in fp32,
-then with bf16 autocast (RewardConfig.bf16, PPOConfig.bf16), and prints the ratios. On a GPU bf16 is
+then with bf16 autocast (RewardConfig.bf16, PPOConfig.bf16), then PPO once more with its rollouts
+sampled by a merged bf16 copy of the policy (PPOConfig.rollout_precision = "bf16"), and prints the ratios. On a GPU bf16 is
 the default; on a CPU it pays only where the CPU has bf16 instructions (AVX512-BF16 or AMX).
 """
 from __future__ import annotations
@@ -52,19 +53,23 @@ def main() -> None:
                               source="ranking", group_id=f"g{i}") for i in range(args.groups)]
 
     times: dict[str, dict[str, float]] = {}
-    for bf16 in (False, True):
-        name = "bf16" if bf16 else "fp32"
-        rm_config = RewardConfig(epochs=1, bf16=bf16)
-        rm, rm_tokenizer = build_reward_model(policy_dir, rm_config)
-        t = time.perf_counter()
-        fit(rm, rm_tokenizer, groups, rm_config)
-        rm_seconds = time.perf_counter() - t
-        del rm
+    # (name, bf16 autocast, who samples PPO's rollouts): the third keeps bf16 training and samples from
+    # a merged bf16 copy of the policy (PPOConfig.rollout_precision); its reward-model epoch is the second's.
+    for name, bf16, rollouts in (("fp32", False, "auto"), ("bf16", True, "auto"), ("bf16-rollouts", True, "bf16")):
+        rm_seconds = times.get("bf16", {}).get("rm", float("nan"))
+        if rollouts == "auto":
+            rm_config = RewardConfig(epochs=1, bf16=bf16)
+            rm, rm_tokenizer = build_reward_model(policy_dir, rm_config)
+            t = time.perf_counter()
+            fit(rm, rm_tokenizer, groups, rm_config)
+            rm_seconds = time.perf_counter() - t
+            del rm
 
         AcceleratorState._reset_state(True)  # the precision is fixed once per process otherwise
         policy, _ = load_embedded()
         config = PPOConfig(total_episodes=args.episodes, rollout_batch_size=args.episodes, minibatch_size=8,
-                           max_new_tokens=args.max_new_tokens, temperature=0.7, bf16=bf16, stop_kl=0)
+                           max_new_tokens=args.max_new_tokens, temperature=0.7, bf16=bf16, stop_kl=0,
+                           rollout_precision=rollouts)
         result = train_ppo(policy, tokenizer, prompts, lambda p, c, ids: torch.zeros(len(ids)), config)
         h = result.history[0]
         times[name] = {"rm": rm_seconds, "gen": h["gen_seconds"], "train": h["train_seconds"]}
@@ -73,6 +78,7 @@ def main() -> None:
               flush=True)
     for stage in ("rm", "gen", "train"):
         print(f"{stage:6s} fp32/bf16 time ratio: {times['fp32'][stage] / times['bf16'][stage]:.2f}x")
+    print(f"gen    bf16 autocast / bf16 rollout copy time ratio: {times['bf16']['gen'] / times['bf16-rollouts']['gen']:.2f}x")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (both runs, one process)")
 
 

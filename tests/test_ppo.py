@@ -58,8 +58,11 @@ def fresh_accelerate_state():
 
 
 # bf16 is the GPU's default and also pays on CPUs with AVX512-BF16; CI has no GPU, so it runs here too.
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path, bf16, fresh_accelerate_state):
+# "bf16-rollouts": answers sampled by a merged bf16 copy of the policy, made before each update.
+@pytest.mark.parametrize("bf16, rollout_precision", [(False, "auto"), (True, "auto"), (True, "bf16")],
+                         ids=["fp32", "bf16", "bf16-rollouts"])
+def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path, bf16, rollout_precision,
+                                                                        fresh_accelerate_state):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     model = make_model(tokenizer)
@@ -74,7 +77,7 @@ def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path
 
     config = PPOConfig(total_episodes=40 * 16, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2,
                        max_new_tokens=8, learning_rate=1e-3, seed=0, stop_kl=0,  # the whole run; early stop: below
-                       bf16=bf16)
+                       bf16=bf16, rollout_precision=rollout_precision)
     seen = []
     result = train_ppo(model, tokenizer, PROMPTS, reward_fn, config, progress=seen.append, merge=False)
     history = result.history
