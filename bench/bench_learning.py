@@ -12,22 +12,32 @@
    (the table with 95% intervals, the cycles' verdicts, answers before and after) and `curves.png`.
 
 `--no-ppo` runs the same cycles with PPO switched off (SFT on the same feedback only), to show what PPO adds.
+Learners' feedback differs from run to run (the answers they judge are sampled), so the cleanest comparison
+retrains on the very feedback of an earlier run: `--feedback-from` a report folder that kept its database
+(`conversations.db.gz`) replaces the learners with that feedback, for one cycle:
+
+    python bench/bench_learning.py --rubric stays_short --no-ppo --feedback-from docs/learning/stays_short \
+        --out docs/learning/stays_short-no-ppo
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -121,26 +131,55 @@ def retrain(workdir: Path, config: Path, log, say) -> dict:
 
 
 def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: str, batch_size: int = 8) -> list[float]:
-    """Mean negative log-likelihood per answer token under the base model, one value per sample."""
-    import torch
+    """Mean negative log-likelihood per answer token under the base model, one value per sample (NaN for
+    an empty answer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.evaluate import sequence_logprob
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    values = []
-    for i in range(0, len(samples), batch_size):
-        for sample in samples[i:i + batch_size]:
-            prompt = [{"role": "system", "content": system_prompt}, *sample["dialogue"]]
-            context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            answer = tokenizer(sample["answer"], add_special_tokens=False)["input_ids"]
-            if not answer:
-                values.append(float("nan"))
-                continue
-            ids = torch.tensor([context + answer])
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(context) - 1:-1]
-            values.append(torch.nn.functional.cross_entropy(logits.float(), ids[0, len(context):]).item())
-    return values
+    contexts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt}, *s["dialogue"]],
+                                              add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                for s in samples]
+    answers = [tokenizer(s["answer"], add_special_tokens=False)["input_ids"] for s in samples]
+    totals = sequence_logprob(model, contexts, answers, batch_size=batch_size).tolist()
+    return [-total / len(answer) if answer else float("nan") for total, answer in zip(totals, answers)]
+
+
+def archive_database(db: Path, archive: Path) -> None:
+    """The learners' database, gzipped beside the report: it lets anyone inspect every feedback row, and
+    `--feedback-from` retrain on it."""
+    snapshot = archive.with_suffix("")  # a consistent copy through SQLite's backup, WAL included
+    with sqlite3.connect(db) as src, sqlite3.connect(snapshot) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    with open(snapshot, "rb") as raw, gzip.open(archive, "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    snapshot.unlink()
+
+
+def replay_feedback(report: Path, workdir: Path, rubric: str) -> dict:
+    """Copies the learners' database of an earlier run (`report`: its report folder, holding
+    `conversations.db.gz` and `results.json`) into `workdir` without that run's training history, so a
+    cycle retrains on exactly its feedback. Returns that run's feedback counts, all cycles together."""
+    earlier = json.loads((report / "results.json").read_text())
+    if earlier["rubric"] != rubric:
+        raise ValueError(f"{report} holds feedback for rubric {earlier['rubric']!r}, not {rubric!r}")
+    db = workdir / "conversations.db"
+    if db.exists():
+        raise FileExistsError(f"{db} exists: replaying feedback needs a fresh --workdir")
+    with gzip.open(report / "conversations.db.gz") as src, open(db, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with sqlite3.connect(db) as conn:  # feedback and conversations stay; what was trained from them goes
+        conn.execute("delete from training_cycles")
+        conn.execute("delete from model_versions")
+    conn.close()
+    totals = Counter()
+    for cycle in earlier["cycles"]:
+        totals.update(cycle["feedback"])
+    return {**totals, "replayed_from": str(report)}
 
 
 def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, clients: int, seed: int) -> list[dict]:
@@ -161,6 +200,7 @@ class LearningRun:
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)
     no_ppo: bool = False
+    feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
     config: Path = DEFAULT_CONFIG
     model: Path | None = None
     workdir: Path | None = None
@@ -197,10 +237,14 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
         heldout = random.Random(settings.seed).sample(heldout, settings.max_heldout)
     keywords = [p.keywords for p in heldout for _ in range(settings.samples_per_prompt)]
     learner_config = LearnerConfig(k=settings.k, error_rate=settings.error_rate)
+    replayed = replay_feedback(settings.feedback_from, workdir, rubric.name) if settings.feedback_from else None
+    n_cycles = 1 if replayed else settings.cycles
     log = open(workdir / "run.log", "a")
 
+    what = (f"one cycle on the {replayed['items']} feedback items of {settings.feedback_from}" if replayed
+            else f"{settings.cycles} cycles of {settings.items} items")
     say(f"workdir {workdir}; rubric {rubric.name}; {len(heldout)} held-out openers x {settings.samples_per_prompt}; "
-        f"{settings.cycles} cycles of {settings.items} items{'; PPO off' if settings.no_ppo else ''}")
+        f"{what}{'; PPO off' if settings.no_ppo else ''}")
     app = ServedApp(workdir, config, settings.model, log)
     rows, cycles, all_samples = [], [], {}
     try:
@@ -213,13 +257,13 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
         rows.append({"cycle": 0, "version": base_version, "feedback_items": 0, **summarise(samples, None, keywords)})
         say(f"base success {rows[-1]['success'][0]:.1%}")
         items_so_far = 0
-        for n in range(1, settings.cycles + 1):
-            counts = give_feedback(app.url, train, rubric, settings.items, learner_config, settings.learners,
-                                   settings.seed + n, say=say)
-            items_so_far += counts.items
-            say(f"cycle {n}: {counts.items} feedback items given; retraining")
+        for n in range(1, n_cycles + 1):
+            counts = replayed or give_feedback(app.url, train, rubric, settings.items, learner_config,
+                                               settings.learners, settings.seed + n, say=say).as_dict()
+            items_so_far += counts["items"]
+            say(f"cycle {n}: {counts['items']} feedback items {'replayed' if replayed else 'given'}; retraining")
             outcome = retrain(workdir, config, log, say)
-            cycles.append({"cycle": n, "feedback": counts.as_dict(), **outcome})
+            cycles.append({"cycle": n, "feedback": counts, **outcome})
             say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
             if outcome["status"] != "promoted":  # the app still serves the same version: same measurements
                 rows.append({**rows[-1], "cycle": n, "feedback_items": items_so_far, "unchanged": True})
@@ -248,11 +292,13 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
             perplexity[row["version"]] = summarise(samples, None, keywords, logppl).get("perplexity")
         row["perplexity"] = perplexity[row["version"]]
     results = {"rubric": rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate, "k": settings.k,
-               "items_per_cycle": settings.items, "heldout_openers": len(heldout),
+               "items_per_cycle": replayed["items"] if replayed else settings.items, "heldout_openers": len(heldout),
+               "feedback_from": replayed and replayed["replayed_from"],
                "samples_per_measurement": len(base_scores), "minutes": round((time.perf_counter() - started) / 60, 1),
                "rows": rows, "cycles": cycles, "config": config.read_text(), "workdir": str(workdir)}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "samples.json").write_text(json.dumps(all_samples, indent=1))
+    archive_database(workdir / "conversations.db", out / "conversations.db.gz")
     write_report(results, all_samples, out)
     say(f"report: {out / 'report.md'}")
     return results
@@ -273,8 +319,10 @@ def main() -> None:
     ap.add_argument("--no-ppo", action="store_true", help="cycles with PPO switched off: SFT on the same feedback only")
     ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
     ap.add_argument("--workdir", type=Path, help="where the run's database and models go (default: a new temp dir)")
+    ap.add_argument("--feedback-from", type=Path, help="an earlier run's report folder with its conversations.db.gz: "
+                    "one cycle on that feedback instead of learners")
     for f in fields(LearningRun):
-        if f.name not in ("rubric", "out", "no_ppo", "model", "workdir"):
+        if f.name not in ("rubric", "out", "no_ppo", "model", "workdir", "feedback_from"):
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = vars(ap.parse_args())
     if args.pop("render"):

@@ -106,7 +106,9 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
     lines = [f"# {title}", "",
              f"{results['samples_per_measurement']} answers per measurement ({results['heldout_openers']} held-out openers, "
              f"never trained on), learners' error rate {results['error_rate']:.0%}, k = {results['k']}, "
-             f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes.",
+             f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes."
+             + (f" The feedback is not new: one cycle retrained on all the feedback of the run in "
+                f"`{results['feedback_from']}`, replayed from its database." if results.get("feedback_from") else ""),
              "Intervals are 95% (Wilson for rates, bootstrap otherwise). Win rate: the new version's answer against "
              "the base's on the same opener, judged by the rubric's score; ties are left out of the rate. KL to base: "
              "nats per answer, measured by the cycle's gate on its held-out prompts.", "",

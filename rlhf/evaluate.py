@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from app.versions import for_sampling, inference_dtype
+from rlhf.ppo import causal_lm_forward, left_pad
 from rlhf.ppo_core import logprobs_from_logits
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
@@ -92,25 +93,40 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
 
 @torch.no_grad()
 def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[int]],
-                     temperature: float = 1.0) -> torch.Tensor:
-    """Sum of log p(answer token) under `model` sampling at `temperature`, one row at a time (answers
-    differ in length)."""
-    totals = []
-    for p, a in zip(prompt_ids, answer_ids):
-        if not a:
-            totals.append(0.0)
+                     temperature: float = 1.0, batch_size: int = 8) -> torch.Tensor:
+    """Sum of log p(answer token) under `model` sampling at `temperature`, one value per answer.
+
+    Batched as PPO scores its rollouts: prompts padded on the left, answers on the right, so every
+    answer starts where generation started, with the position ids `generate` used; logits only over
+    the answer positions (full-vocabulary logits over the prompts would be most of the work)."""
+    totals = torch.zeros(len(answer_ids))
+    for start in range(0, len(answer_ids), batch_size):
+        rows = list(range(start, min(start + batch_size, len(answer_ids))))
+        width = max(len(answer_ids[i]) for i in rows)
+        if not width:
             continue
-        ids = torch.tensor([p + a], device=model.device)
-        logits = model(input_ids=ids).logits[:, len(p) - 1:-1].float() / temperature  # (1, len(a), V)
-        totals.append(logprobs_from_logits(logits, ids[:, len(p):]).sum().item())
-    return torch.tensor(totals)
+        prompts, prompt_mask = left_pad([prompt_ids[i] for i in rows], pad_id=0)
+        answers = torch.zeros((len(rows), width), dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            answers[j, :len(answer_ids[i])] = torch.tensor(answer_ids[i], dtype=torch.long)
+            answer_mask[j, :len(answer_ids[i])] = 1
+        ids = torch.cat([prompts, answers], 1).to(model.device)
+        mask = torch.cat([prompt_mask, answer_mask], 1).to(model.device)
+        logits = causal_lm_forward(model, ids, mask, width).logits[:, :-1].float() / temperature  # (B, R, V)
+        logprobs = logprobs_from_logits(logits, answers.to(model.device)) * answer_mask.to(model.device)
+        totals[rows] = logprobs.sum(1).cpu()
+    return totals
 
 
-def mean_kl(policy, other, prompt_ids, answer_ids, temperature: float = 1.0) -> float:
+def mean_kl(policy, other, prompt_ids, answer_ids, temperature: float = 1.0,
+            policy_logprobs: torch.Tensor | None = None) -> float:
     """Monte Carlo KL(policy || other) per answer, on answers sampled from `policy` at `temperature`:
-    the divergence of the two distributions that are really sampled (the one PPO's penalty measures)."""
-    return float((sequence_logprob(policy, prompt_ids, answer_ids, temperature)
-                  - sequence_logprob(other, prompt_ids, answer_ids, temperature)).mean())
+    the divergence of the two distributions that are really sampled (the one PPO's penalty measures).
+    `policy_logprobs`: the policy's own `sequence_logprob`, when already computed."""
+    if policy_logprobs is None:
+        policy_logprobs = sequence_logprob(policy, prompt_ids, answer_ids, temperature)
+    return float((policy_logprobs - sequence_logprob(other, prompt_ids, answer_ids, temperature)).mean())
 
 
 def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -195,8 +211,9 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
     mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
-    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature)
-    kl_base = mean_kl(new, base, new_prompt_ids, new_ids, temperature) if base is not reference else kl_ref
+    new_logprobs = sequence_logprob(new, new_prompt_ids, new_ids, temperature)  # once, for both KLs
+    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature, new_logprobs)
+    kl_base = mean_kl(new, base, new_prompt_ids, new_ids, temperature, new_logprobs) if base is not reference else kl_ref
     items = load_regression_set()
     acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens)
     acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens)

@@ -261,21 +261,24 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
     return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics)
 
 
+# PPO optimises the reward model and the gate judges every candidate by it, with PPO on or off.
+STOP = "the cycle stops before PPO and the gate"
+
+
 def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = None) -> None:
     """Raises RewardTooWeak (one line, with the numbers) unless held-out accuracy clears the gate."""
     config = config or RewardConfig()
     accuracy, pairs = metrics.get("heldout_accuracy"), metrics.get("heldout_pairs", 0)
     if accuracy is None or not pairs:
-        raise RewardTooWeak("reward model has no held-out pairs to measure its accuracy on; "
-                            "stopping before PPO")
+        raise RewardTooWeak("reward model has no held-out pairs to measure its accuracy on; " + STOP)
     if not accuracy > config.min_heldout_accuracy:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is "
-                            f"not above {config.min_heldout_accuracy:.2f}; stopping before PPO")
+                            f"not above {config.min_heldout_accuracy:.2f}; " + STOP)
     # Few held-out pairs make a chance-level model look good: random feedback gave 0.60 on 84 pairs.
     _, low, _ = wilson(round(accuracy * pairs), pairs)
     if low <= 0.5:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is not clearly "
-                            f"above chance (95% interval from {low:.2f}); more feedback is needed; stopping before PPO")
+                            f"above chance (95% interval from {low:.2f}); more feedback is needed; " + STOP)
 
 
 # -- scoring and storage -----------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_random_feedback_is_rejected_before_ppo(setup):
     rng = random.Random(1)
     give_feedback(store, 80, lambda a, b: rng.choice("AB"))
     outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
-    assert outcome.status == "rejected" and "stopping before PPO" in outcome.message
+    assert outcome.status == "rejected" and "the cycle stops before PPO and the gate" in outcome.message
     assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
     assert store.last_cycle()["status"] == "rejected"
 

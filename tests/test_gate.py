@@ -75,6 +75,27 @@ def test_gate_kl_is_the_divergence_of_the_sampled_distributions():
     assert mean_kl(a, b, [prompt], [answer], 0.7) == pytest.approx(expected - other, abs=1e-4)
 
 
+def test_batched_log_probs_equal_one_row_at_a_time():
+    """Prompts and answers of different lengths (one answer empty) scored in padded batches give each
+    answer the log-probability a lone forward pass gives it."""
+    from rlhf.evaluate import sequence_logprob
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=4)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33]]
+    answers = [[8, 9, 10, 11], [16], [], [34, 35, 36, 37, 38, 39, 40]]
+    expected = []
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
+        expected.append(torch.log_softmax(logits, -1)[range(len(answer)), answer].sum().item())
+    for batch_size in (1, 3, 4):
+        got = sequence_logprob(model, prompts, answers, temperature=0.7, batch_size=batch_size)
+        assert got.tolist() == pytest.approx(expected, abs=1e-4)
+    assert expected[2] == 0.0 and all(value < 0 for i, value in enumerate(expected) if i != 2)
+
+
 def test_gate_kl_counts_the_choice_to_stop(shorter_policy):
     """An answer that ended keeps its EOS token for the KL: a policy taught to stop early differs from
     its reference most on that token, and leaving it out hid most of the divergence."""

@@ -180,24 +180,36 @@ def says_a(dialogue, answer: str) -> float:
     return 1.0 if "a" in answer else 0.0
 
 
-def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
+TINY_PROMPTS = [TutoringPrompt(f"p-{i}", "science", "primary", f"Question {i}: tell me about {topic}?", None, (topic,),
+                               "heldout" if i % 4 == 0 else "train")
+                for i, topic in enumerate(["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets",
+                                           "loops", "Paris", "water", "gravity", "ratios"] * 16)]
+
+
+def tiny_learning_run(tmp_path: Path, config_text: str = TINY_RUN, **settings) -> dict:
     from bench.bench_learning import LearningRun, run
 
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY_RUN)
-    prompts = [TutoringPrompt(f"p-{i}", "science", "primary", f"Question {i}: tell me about {topic}?", None, (topic,),
-                              "heldout" if i % 4 == 0 else "train")
-               for i, topic in enumerate(["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets",
-                                          "loops", "Paris", "water", "gravity", "ratios"] * 16)]
-    train = [p for p in prompts if p.split == "train"]
-    heldout = [p for p in prompts if p.split == "heldout"]
+    config = tmp_path / f"{settings['out'].name}.toml"
+    config.write_text(config_text)
+    train = [p for p in TINY_PROMPTS if p.split == "train"]
+    heldout = [p for p in TINY_PROMPTS if p.split == "heldout"]
     # One learner and a sampling seed: the same answers and feedback every time (the train/held-out split
     # still follows the random conversation ids). Many distinct openers, so that the gate has enough
     # held-out prompts that no training conversation used.
-    results = run(LearningRun(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1, eval_clients=1,
-                              samples_per_prompt=2, config=config, model=learnable_policy(tmp_path / "tiny"),
-                              workdir=tmp_path / "run", out=tmp_path / "report"),
-                  rubric=Rubric("says_a", says_a), prompts=(train, heldout), say=lambda *_: None)
+    defaults = dict(rubric="says_a", cycles=1, items=160, k=4, error_rate=0.0, learners=1, eval_clients=1,
+                    samples_per_prompt=2, config=config, model=learnable_policy(tmp_path / f"tiny-{settings['out'].name}"))
+    return run(LearningRun(**{**defaults, **settings}), rubric=Rubric("says_a", says_a), prompts=(train, heldout),
+               say=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("learning")
+    return tmp_path, tiny_learning_run(tmp_path, workdir=tmp_path / "run", out=tmp_path / "report")
+
+
+def test_a_short_learning_run_moves_the_rubric_rate_up(short_run):
+    tmp_path, results = short_run
     cycle = results["cycles"][0]
     assert cycle["status"] == "promoted", cycle
     base, after = results["rows"][0], results["rows"][-1]
@@ -206,3 +218,27 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(tmp_path):
     assert after["vs_base"]["wins"] > after["vs_base"]["losses"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 | v0001 | " in report and "KL to base" in report and (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+
+
+def test_the_same_feedback_replayed_with_ppo_off(short_run):
+    """`--feedback-from` retrains on exactly the learners' rows of an earlier run (kept gzipped beside its
+    report), without that run's training history; with PPO off the candidate is the SFT step."""
+    tmp_path, earlier = short_run
+    sft_on = TINY_RUN.replace("min_demonstrations = 1000", "min_demonstrations = 8")
+    replayed = tiny_learning_run(tmp_path, sft_on, no_ppo=True, feedback_from=tmp_path / "report", cycles=3,
+                                 workdir=tmp_path / "replay", out=tmp_path / "replay-report")
+    assert len(replayed["cycles"]) == 1  # one cycle, however many were asked: the feedback is fixed
+    cycle = replayed["cycles"][0]
+    assert cycle["feedback"]["items"] == earlier["cycles"][0]["feedback"]["items"] == 160
+    assert "sft" in cycle["stages"] and "ppo" not in cycle["stages"], cycle["stages"]
+    assert cycle["reward"]["heldout_pairs"] == earlier["cycles"][0]["reward"]["heldout_pairs"]  # same split
+    with Store(tmp_path / "run" / "conversations.db") as before, Store(tmp_path / "replay" / "conversations.db") as after:
+        assert after.training_comparisons() == before.training_comparisons()
+        assert after.training_ratings() == before.training_ratings()
+        assert after.training_rewrites() == before.training_rewrites()
+    with sqlite3.connect(tmp_path / "replay" / "conversations.db") as db:
+        assert db.execute("select id from training_cycles").fetchall() == [(1,)]  # only the replayed cycle
+    assert "replayed from its database" in (tmp_path / "replay-report" / "report.md").read_text()
+    with pytest.raises(FileExistsError):  # a workdir that already holds a database is never overwritten
+        tiny_learning_run(tmp_path, feedback_from=tmp_path / "report", workdir=tmp_path / "replay",
+                          out=tmp_path / "again")

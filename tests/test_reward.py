@@ -153,7 +153,7 @@ def test_gate_stops_a_reward_model_at_chance():
         check_reward_model({"heldout_accuracy": 0.52, "heldout_pairs": 40}, RewardConfig())
     message = str(info.value)
     assert "0.52" in message and "40 pairs" in message and "0.60" in message
-    assert "stopping before PPO" in message and "\n" not in message
+    assert "the cycle stops before PPO and the gate" in message and "\n" not in message
     with pytest.raises(RewardTooWeak, match="0.60 on 10 pairs is not above 0.60"):
         check_reward_model({"heldout_accuracy": 0.6, "heldout_pairs": 10}, RewardConfig())
     with pytest.raises(RewardTooWeak, match="no held-out pairs"):
