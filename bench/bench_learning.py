@@ -17,7 +17,7 @@ retrains on the very feedback of an earlier run: `--feedback-from` a report fold
 (`conversations.db.gz`) replaces the learners with that feedback, for one cycle:
 
     python bench/bench_learning.py --rubric stays_short --no-ppo --feedback-from docs/learning/stays_short \
-        --out docs/learning/stays_short-no-ppo
+        --out docs/learning/stays_short-no-ppo-replay
 """
 from __future__ import annotations
 
