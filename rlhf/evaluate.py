@@ -98,7 +98,7 @@ def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[i
 
     Batched as PPO scores its rollouts: prompts padded on the left, answers on the right, so every
     answer starts where generation started, with the position ids `generate` used; logits only over
-    the answer positions (full-vocabulary logits over the prompts would be most of the work)."""
+    the answer positions (full-vocabulary logits over the prompts would be wasted)."""
     totals = torch.zeros(len(answer_ids))
     for start in range(0, len(answer_ids), batch_size):
         rows = list(range(start, min(start + batch_size, len(answer_ids))))
