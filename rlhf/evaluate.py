@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from app.versions import for_sampling, inference_dtype
-from rlhf.ppo import causal_lm_forward, left_pad
+from rlhf.ppo import causal_lm_forward, left_pad, right_pad
 from rlhf.ppo_core import logprobs_from_logits
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
@@ -106,11 +106,7 @@ def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[i
         if not width:
             continue
         prompts, prompt_mask = left_pad([prompt_ids[i] for i in rows], pad_id=0)
-        answers = torch.zeros((len(rows), width), dtype=torch.long)
-        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            answers[j, :len(answer_ids[i])] = torch.tensor(answer_ids[i], dtype=torch.long)
-            answer_mask[j, :len(answer_ids[i])] = 1
+        answers, answer_mask = right_pad([answer_ids[i] for i in rows], pad_id=0)
         ids = torch.cat([prompts, answers], 1).to(model.device)
         mask = torch.cat([prompt_mask, answer_mask], 1).to(model.device)
         logits = causal_lm_forward(model, ids, mask, width).logits[:, :-1].float() / temperature  # (B, R, V)

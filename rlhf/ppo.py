@@ -170,12 +170,23 @@ def encode_prompts(tokenizer, prompts: Sequence[list[Message]]) -> list[list[int
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding, so every prompt ends where generation starts. Returns ids and mask, (B, P)."""
-    width = max(len(s) for s in sequences)
+    return _pad(sequences, pad_id, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding, so every row starts at position 0 (answers after their prompts, a reward model's
+    rows read at their last real token). Returns ids and mask, (B, L)."""
+    return _pad(sequences, pad_id, left=False)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in sequences), default=0)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, cols] = 1
     return input_ids, attention_mask
 
 

@@ -34,6 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from app.versions import serving_device, wants_bf16
 from rlhf.data import Message, PreferenceGroup
 from rlhf.evaluate import wilson
+from rlhf.ppo import right_pad
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -92,17 +93,6 @@ def encode(tokenizer, prompt: list[Message], completion: str, max_length: int) -
     return list(ids[-max_length:])
 
 
-def _pad(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    # Right padding by hand: the score head reads the rightmost non-pad token of each row.
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, :len(r)] = 1
-    return input_ids, attention_mask
-
-
 def collate_groups(tokenizer, groups: Sequence[PreferenceGroup], max_length: int) -> GroupBatch:
     rows: list[list[int]] = []
     chosen, rejected, pair_group = [], [], []
@@ -113,7 +103,7 @@ def collate_groups(tokenizer, groups: Sequence[PreferenceGroup], max_length: int
             chosen.append(offset + c)
             rejected.append(offset + r)
             pair_group.append(g_index)
-    input_ids, attention_mask = _pad(tokenizer, rows)
+    input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # head reads the last real token
     return GroupBatch(input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected),
                       torch.tensor(pair_group),
                       torch.tensor([g.weight for g in groups], dtype=torch.float32))
@@ -296,7 +286,7 @@ def score(model, tokenizer, prompts: Sequence[list[Message]], completions: Seque
     for i in range(0, len(prompts), batch_size):
         rows = [encode(tokenizer, p, c, max_length)
                 for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        input_ids, attention_mask = _pad(tokenizer, rows)
+        input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # head reads the last real token
         out.append(rewards_of(model, input_ids, attention_mask))
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0)
