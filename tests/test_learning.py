@@ -54,10 +54,12 @@ def test_uses_example_wants_detail_not_just_a_marker():
     assert uses_example(SKY, detailed) == 1.0
     assert uses_example(SKY, EXPLANATION + " For example, yes.") < 0.5
     assert uses_example(SKY, EXPLANATION) == 0.0 and uses_example(SKY, "") == 0.0
-    # no example: a little credit for sentences with numbers, only on the topic
+    # numbers are not an example: without one, every answer scores the same (a learner's tie)
     numbers = EXPLANATION + " Blue light has a wavelength near 450 nm, red light near 700 nm."
-    assert 0 < uses_example(SKY, numbers) < uses_example(SKY, EXPLANATION + " For example, yes.") < 0.5
-    assert uses_example(SKY, "I have 3 cats and 2 dogs.") == 0.0
+    assert uses_example(SKY, numbers) == uses_example(SKY, EXPLANATION) == 0.0
+    assert 0 < uses_example(SKY, EXPLANATION + " For example, yes.") < 0.5
+    off_topic = "For example, I have 3 cats and 2 dogs at home in the garden."
+    assert uses_example(SKY, off_topic) < 0.5
 
 
 def test_stays_short_wants_a_short_finished_answer_on_the_topic():
