@@ -1,8 +1,9 @@
 """A simulated learner's taste: rubrics, plain functions of the dialogue and the answer.
 
 Each rubric returns a score in [0, 1]; an answer *succeeds* when its score is at least SUCCESS (0.5).
-Scores below and above that line are graded, so a learner can rank answers that all fail (or all
-succeed) instead of calling every such comparison a tie.
+A rubric may grade scores below that line (`stays_short` ranks failing answers by length), so a
+learner can rank answers that all fail instead of calling such a comparison a tie; a grade that the
+preference itself does not care about only adds noise to the pairs (see `uses_example`).
 
 Rubrics judge content, not wording: a question must be about the learner's topic, an example must
 carry concrete detail, a short answer must still talk about what was asked. No stock phrase and no
