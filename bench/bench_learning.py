@@ -200,6 +200,7 @@ class LearningRun:
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)
     no_ppo: bool = False
+    reward_form: str = ""  # "score_head" or "implicit" in place of the settings file's (rlhf/reward.py)
     feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
     config: Path = DEFAULT_CONFIG
     model: Path | None = None
@@ -225,11 +226,18 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     config = settings.config
-    if settings.no_ppo:  # the same settings with PPO off: SFT on the ranking winners, rewrites and up-votes
+    if settings.no_ppo or settings.reward_form:  # the settings file's values with these changed
         values = read_config_file(settings.config)
-        values.setdefault("retrain", {})["run_ppo"] = False
-        values["retrain"].setdefault("sft", {})["ranking_winners"] = True
-        config = workdir / "no-ppo.yaml"
+        retrain_values = values.setdefault("retrain", {})
+        if settings.no_ppo:  # PPO off: SFT on the ranking winners, rewrites and up-votes
+            retrain_values["run_ppo"] = False
+            retrain_values.setdefault("sft", {})["ranking_winners"] = True
+        if settings.reward_form:
+            from rlhf.reward import RewardConfig
+
+            RewardConfig(form=settings.reward_form)  # a wrong name fails now, not after the base measurement
+            retrain_values.setdefault("reward", {})["form"] = settings.reward_form
+        config = workdir / "settings.yaml"
         config.write_text(yaml.safe_dump(values))
     rubric = rubric or RUBRICS[settings.rubric]
     train, heldout = prompts or (load_prompt_set(split="train"), load_prompt_set(split="heldout"))

@@ -30,7 +30,7 @@ from app.versions import ModelRegistry, record_versions
 from rlhf.data import NotEnoughData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, evaluate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
-from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, score, train_reward_model
+from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
 
 
@@ -182,7 +182,7 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
         return CycleOutcome("rejected", str(exc)), metrics
 
     def reward_fn(prompts, completions, _token_ids=None):
-        return score(rm.model, rm.tokenizer, prompts, completions)
+        return rm.score(prompts, completions)
 
     # 4. PPO from the reference against the reward model
     prompts = [p.prompt for p in train.ppo_prompts]

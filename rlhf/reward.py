@@ -4,6 +4,13 @@ A scalar reward model is the current policy's backbone with a one-output score h
 (`AutoModelForSequenceClassification`, num_labels=1), trained with LoRA adapters on
 PreferenceGroups with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
 
+A second form (`RewardConfig.form = "implicit"`) reads the reward through the language-model head
+instead: DPO's implicit reward (Rafailov et al. 2023), r = beta * sum over the answer's tokens of
+log pi(y_t) / pi_ref(y_t), with pi the LoRA-adapted policy and pi_ref the same policy with its
+adapters off. The same Bradley-Terry loss on it is the DPO loss. A preference that sits in a few
+words ("for example", a number) moves the logits of those words directly, where a score head has
+to find it among the states of a whole answer (docs/learning.md, "Run 9's comparisons relabelled").
+
 A K-way ranking gives C(K, 2) pairs, and CONTRACT.md asks for them the InstructGPT way: all pairs
 of one ranking in the same batch, each completion encoded once, each ranking weighted as one
 example. So a batch here is a handful of whole groups: every distinct completion of every group
@@ -23,18 +30,19 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from app.versions import serving_device, wants_bf16
 from rlhf.data import Message, PreferenceGroup
 from rlhf.evaluate import wilson
 from rlhf.ppo import right_pad
+from rlhf.ppo_core import logprobs_from_logits
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -55,16 +63,33 @@ class RewardConfig:
     # on a GPU, where the reward model was measured in fp32. On a CPU with AVX512-BF16 an epoch of the
     # embedded model took half the time (bench/bench_precision.py). "auto": on with CUDA.
     bf16: str | bool = False
+    form: str = "score_head"  # or "implicit": DPO's implicit reward through the LM head (module docstring)
+    beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
+
+    def __post_init__(self) -> None:
+        if self.form not in REWARD_FORMS:
+            raise ValueError(f"reward form {self.form!r} is not one of {', '.join(REWARD_FORMS)}")
+        if self.form == "implicit" and not self.use_lora:
+            raise ValueError("the implicit reward needs use_lora = true: its reference is the policy with the adapters off")
 
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)
 
 
+REWARD_FORMS = ("score_head", "implicit")
+
+
 @dataclass
 class RewardResult:
-    model: PreTrainedModel  # plain sequence-classification model (LoRA merged), eval mode
+    # score_head: a plain sequence-classification model (LoRA merged); implicit: the causal LM with its
+    # LoRA adapters kept apart (the reference is the same model with them off). Eval mode.
+    model: PreTrainedModel
     tokenizer: Any
     metrics: dict[str, Any]
+    config: RewardConfig = field(default_factory=RewardConfig)
+
+    def score(self, prompts: Sequence[list[Message]], completions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        return score(self.model, self.tokenizer, prompts, completions, batch_size, self.config)
 
 
 class RewardTooWeak(RuntimeError):
@@ -83,30 +108,49 @@ class GroupBatch:
     rejected: torch.Tensor  # (P,) row of the other one
     pair_group: torch.Tensor  # (P,) which group of the batch each pair belongs to
     group_weight: torch.Tensor  # (G,)
+    answer_start: torch.Tensor  # (R,) position of each row's first answer token
 
 
 def encode(tokenizer, prompt: list[Message], completion: str, max_length: int) -> list[int]:
     """Chat-template tokens of prompt + the assistant's completion, cut from the left to fit:
     the reward is read at the end, so the end (the completion) is what must survive."""
+    return encode_answer(tokenizer, prompt, completion, max_length)[0]
+
+
+def encode_answer(tokenizer, prompt: list[Message], completion: str, max_length: int) -> tuple[list[int], int]:
+    """encode(), and where the answer starts in those tokens (after the assistant header)."""
     messages = [*prompt, {"role": "assistant", "content": completion}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    return list(ids[-max_length:])
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    start = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+    cut = max(0, len(ids) - max_length)
+    return ids[cut:], max(0, start - cut)
+
+
+def encode_rows(tokenizer, prompts: Sequence[list[Message]], completions: Sequence[str],
+                max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, answer_start) of prompt + completion rows, right padded so a score
+    head reads each row's last real token."""
+    rows, starts = zip(*(encode_answer(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)))
+    input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)
+    return input_ids, attention_mask, torch.tensor(starts)
 
 
 def collate_groups(tokenizer, groups: Sequence[PreferenceGroup], max_length: int) -> GroupBatch:
-    rows: list[list[int]] = []
+    prompts: list[list[Message]] = []
+    completions: list[str] = []
     chosen, rejected, pair_group = [], [], []
     for g_index, group in enumerate(groups):
-        offset = len(rows)
-        rows.extend(encode(tokenizer, group.prompt, text, max_length) for text in group.completions)
+        offset = len(completions)
+        prompts.extend([group.prompt] * len(group.completions))
+        completions.extend(group.completions)
         for c, r in group.pairs:
             chosen.append(offset + c)
             rejected.append(offset + r)
             pair_group.append(g_index)
-    input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # head reads the last real token
+    input_ids, attention_mask, answer_start = encode_rows(tokenizer, prompts, completions, max_length)
     return GroupBatch(input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected),
                       torch.tensor(pair_group),
-                      torch.tensor([g.weight for g in groups], dtype=torch.float32))
+                      torch.tensor([g.weight for g in groups], dtype=torch.float32), answer_start)
 
 
 # -- model and loss ----------------------------------------------------------------------------
@@ -117,6 +161,40 @@ def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     config.pad_token_id), on the model's device. (R, T) -> (R,)"""
     device = next(model.parameters()).device
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float()
+
+
+def answer_logprob(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   answer_start: torch.Tensor) -> torch.Tensor:
+    """log pi(answer | prompt) of each row: the sum over its answer tokens. (R, T) -> (R,)
+
+    Only the logits from the earliest answer on are computed (logits_to_keep): over the prompt they
+    would be most of the memory and none of the result."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    first = max(1, int(answer_start.min()))  # a token is scored by the logits one position before it
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # predict tokens first..T-1
+    logp = logprobs_from_logits(logits, input_ids[:, first:])  # (R, T - first) fp32
+    positions = torch.arange(first, input_ids.shape[1], device=device)
+    mask = (positions >= answer_start.to(device)[:, None]) & attention_mask[:, first:].bool()
+    return (logp * mask).sum(-1)
+
+
+def implicit_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_start: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """DPO's implicit reward beta * log pi(y|x) / pi_ref(y|x), the reference being `model` (a PeftModel)
+    with its adapters off. (R, T) -> (R,) fp32"""
+    with torch.no_grad(), model.disable_adapter():
+        reference = answer_logprob(model, input_ids, attention_mask, answer_start)
+    return beta * (answer_logprob(model, input_ids, attention_mask, answer_start) - reference)
+
+
+def row_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_start: torch.Tensor,
+                config: RewardConfig) -> torch.Tensor:
+    """The reward of each row in the form the config names. (R, T) -> (R,) fp32"""
+    if config.form == "implicit":
+        return implicit_rewards(model, input_ids, attention_mask, answer_start, config.beta)
+    return rewards_of(model, input_ids, attention_mask)
 
 
 def grouped_bt_loss(rewards: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
@@ -142,14 +220,18 @@ def build_reward_model(policy_dir: str | Path, config: RewardConfig):
     tokenizer.padding_side = "right"
     torch.manual_seed(config.seed)
     # On the policy's device (the GPU when there is one), but in fp32 there too.
-    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1,
-                                                               dtype=torch.float32).to(serving_device()[0])
+    if config.form == "implicit":
+        model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+    model = model.to(serving_device()[0])
     model.config.pad_token_id = tokenizer.pad_token_id
     if config.use_lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
         # SEQ_CLS puts the score head in modules_to_save, so it trains in full next to the adapters.
-        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+        task = TaskType.CAUSAL_LM if config.form == "implicit" else TaskType.SEQ_CLS
+        lora = LoraConfig(task_type=task, r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout)
         model = get_peft_model(model, lora)
     return model, tokenizer
@@ -177,7 +259,7 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
         for mb_groups in _batches(order, config.groups_per_batch):
             mb = collate_groups(tokenizer, mb_groups, config.max_length)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16()):
-                rewards = rewards_of(model, mb.input_ids, mb.attention_mask)  # read out in fp32
+                rewards = row_rewards(model, mb.input_ids, mb.attention_mask, mb.answer_start, config)  # read out in fp32
             loss = grouped_bt_loss(rewards, mb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -215,7 +297,7 @@ def evaluate(model, tokenizer, groups: Sequence[PreferenceGroup], config: Reward
     lengths: list[float] = []
     for mb_groups in _batches(groups, config.groups_per_batch):
         mb = collate_groups(tokenizer, mb_groups, config.max_length)
-        r = rewards_of(model, mb.input_ids, mb.attention_mask)  # (R,)
+        r = row_rewards(model, mb.input_ids, mb.attention_mask, mb.answer_start, config)  # (R,)
         correct += int((r[mb.chosen] > r[mb.rejected]).sum())
         n_pairs += mb.chosen.numel()
         losses += grouped_bt_loss(r, mb).item() * mb.group_weight.sum().item()
@@ -223,7 +305,9 @@ def evaluate(model, tokenizer, groups: Sequence[PreferenceGroup], config: Reward
         rewards.extend(r.tolist())
         lengths.extend(len(tokenizer(text, add_special_tokens=False).input_ids)
                        for g in mb_groups for text in g.completions)
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
     return {"heldout_accuracy": correct / n_pairs if n_pairs else None,
+            "heldout_reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else None,
             "heldout_pairs": n_pairs, "heldout_groups": len(groups),
             "heldout_loss": losses / weights if weights else None,
             "length_correlation": _pearson(rewards, lengths)}
@@ -239,7 +323,7 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
     start = time.monotonic()
     model, tokenizer = build_reward_model(policy_dir, config)
     epoch_losses = fit(model, tokenizer, train_groups, config, progress)
-    if config.use_lora:
+    if config.use_lora and config.form == "score_head":
         model = model.merge_and_unload()  # a plain model: PPO and serving need no peft
     model.eval()
     metrics = {"train_loss": epoch_losses,
@@ -247,8 +331,10 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
                "train_pairs": sum(len(g.pairs) for g in train_groups),
                **evaluate(model, tokenizer, heldout_groups, config),
                "config": asdict(config)}
+    if config.form == "implicit":
+        metrics["reference"] = str(policy_dir)  # the saved adapters need it back to give a reward
     metrics["seconds"] = round(time.monotonic() - start, 3)
-    return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics)
+    return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)
 
 
 # PPO optimises the reward model and the gate judges every candidate by it, with PPO on or off.
@@ -276,18 +362,17 @@ def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = No
 
 @torch.no_grad()
 def score(model, tokenizer, prompts: Sequence[list[Message]], completions: Sequence[str],
-          batch_size: int = 8, max_length: int = 1024) -> torch.Tensor:
-    """Reward of each (prompt, completion), encoded as in training. -> (N,) float32"""
+          batch_size: int = 8, config: RewardConfig | None = None) -> torch.Tensor:
+    """Reward of each (prompt, completion), encoded and read as in training (config.form). -> (N,) float32"""
+    config = config or RewardConfig()
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        rows = [encode(tokenizer, p, c, max_length)
-                for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # head reads the last real token
-        out.append(rewards_of(model, input_ids, attention_mask))
+        rows = encode_rows(tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size], config.max_length)
+        out.append(row_rewards(model, *rows, config))
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
@@ -302,12 +387,25 @@ def save_reward_model(result: RewardResult, out_dir: str | Path) -> Path:
 
 
 def load_reward_model(model_dir: str | Path) -> RewardResult:
+    """A saved reward model. The implicit form is saved as LoRA adapters, which are loaded onto their
+    reference policy (metrics.json names it): both must still be there."""
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     metrics_path = model_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics)
+    config = RewardConfig(**metrics.get("config", {}))
+    if config.form == "implicit":
+        from peft import PeftModel
+
+        reference = Path(metrics.get("reference", ""))
+        if not (reference / "config.json").exists():
+            raise FileNotFoundError(f"the implicit reward model in {model_dir} needs its reference policy "
+                                    f"{str(reference) or '(not recorded)'}, which is not there")
+        base = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, model_dir).eval()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)

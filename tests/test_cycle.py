@@ -3,6 +3,7 @@
 Also: too little data and random feedback are refused honestly, a second retrain is refused while one
 runs, and SIGKILL at any point of a cycle leaves the current version and the feedback rows as they were.
 """
+import dataclasses
 import json
 import os
 import random
@@ -21,7 +22,7 @@ from app.versions import ModelRegistry
 from rlhf.cycle import CycleConfig, CycleError, retrain_lock, rollback, run_cycle
 from rlhf.evaluate import GateConfig
 from rlhf.ppo import PPOConfig
-from rlhf.reward import RewardConfig
+from rlhf.reward import RewardConfig, load_reward_model
 from rlhf.sft import SFTSettings
 from tiny import learnable_policy
 
@@ -115,6 +116,23 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         assert rollback(registry, "v0000") and registry.current_version() == "v0000"
     finally:
         engine.close()
+
+
+def test_implicit_reward_model_drives_ppo_and_is_kept_with_the_version(setup):
+    """RewardConfig.form = "implicit": the DPO-style reward trains, passes the check, PPO raises it, and the
+    promoted version keeps its adapters, loadable onto their reference (the parent version)."""
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    config = dataclasses.replace(TINY_CYCLE, reward=dataclasses.replace(TINY_CYCLE.reward, form="implicit"))
+    outcome = run_cycle(store, registry, config, say=lambda *_: None)
+    cycle = store.last_cycle()
+    assert cycle["metrics"]["reward"]["heldout_accuracy"] >= 0.8, cycle["metrics"]["reward"]
+    history = [json.loads(x) for x in (registry.root / "cycles" / "0001" / "ppo_history.jsonl").read_text().splitlines()]
+    scores = [h["score"] for h in history]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores
+    assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
+    saved = load_reward_model(registry.path(outcome.version) / "reward_model")
+    assert saved.config.form == "implicit" and saved.metrics["reference"] == str(registry.path("v0000"))
 
 
 def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):

@@ -10,7 +10,7 @@ import torch
 
 from rlhf.data import PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardTooWeak, build_reward_model, check_reward_model,
-                         collate_groups, fit, grouped_bt_loss, load_reward_model, rewards_of,
+                         collate_groups, encode_answer, fit, grouped_bt_loss, load_reward_model, rewards_of,
                          save_reward_model, score, train_reward_model)
 
 SYSTEM = {"role": "system", "content": "You are a patient tutor."}
@@ -178,3 +178,68 @@ def test_save_load_round_trip_scores_identically_and_batching_does_not_change_sc
     assert (tmp_path / "rm" / "metrics.json").exists()
     assert loaded.metrics == result.metrics
     assert torch.equal(score(loaded.model, loaded.tokenizer, prompts, completions), batched)
+
+
+# -- the implicit form: DPO's reward through the LM head ---------------------------------------
+
+IMPLICIT = replace(CONFIG, form="implicit", beta=0.1)
+
+
+def test_implicit_reward_learns_planted_preference_and_saves_only_adapters(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    train, heldout = planted_groups(64, seed=1), planted_groups(20, seed=2)
+    result = train_reward_model(tiny_model_dir, train, heldout, IMPLICIT)
+    assert result.metrics["heldout_accuracy"] >= 0.8, result.metrics
+    assert result.metrics["train_loss"][-1] < result.metrics["train_loss"][0]
+    assert result.metrics["reference"] == str(tiny_model_dir)
+
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    completions = [text for g in heldout for text in g.completions]
+    batched = result.score(prompts, completions, batch_size=8)
+    torch.testing.assert_close(batched, result.score(prompts, completions, batch_size=1), rtol=1e-4, atol=1e-4)
+    out = save_reward_model(result, tmp_path / "rm")
+    # Adapters only: the reference policy is not copied, so it must be there to load them.
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    loaded = load_reward_model(out)
+    assert loaded.config.form == "implicit"
+    torch.testing.assert_close(loaded.score(prompts, completions), batched, rtol=1e-4, atol=1e-4)
+    metrics = dict(result.metrics, reference=str(tmp_path / "gone"))
+    (out / "metrics.json").write_text(__import__("json").dumps(metrics))
+    with pytest.raises(FileNotFoundError, match="needs its reference policy"):
+        load_reward_model(out)
+
+
+def test_implicit_reward_is_beta_times_the_answer_log_ratio(tiny_model_dir):
+    """By hand on one unpadded row: beta * (log pi - log pi_ref) over the answer's tokens only, and
+    exactly 0 before training (LoRA starts as the identity)."""
+    model, tokenizer = build_reward_model(tiny_model_dir, IMPLICIT)
+    prompt = [SYSTEM, {"role": "user", "content": "What is 3 + 4?"}]
+    answers = ["Seven.", "Count on your fingers: seven, as in 3 + 4 = 7."]
+    assert torch.equal(score(model, tokenizer, [prompt] * 2, answers, config=IMPLICIT), torch.zeros(2))
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    got = score(model, tokenizer, [prompt] * 2, answers, config=IMPLICIT)  # one padded batch
+
+    def answer_logprob_by_hand(text):
+        ids, start = encode_answer(tokenizer, prompt, text, IMPLICIT.max_length)
+        assert tokenizer.decode(ids[start:]).startswith(text)  # the answer, and not the assistant header
+        ids = torch.tensor([ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return logp[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]].sum()
+
+    with torch.no_grad():
+        policy = torch.stack([answer_logprob_by_hand(a) for a in answers])
+        with model.disable_adapter():
+            reference = torch.stack([answer_logprob_by_hand(a) for a in answers])
+    torch.testing.assert_close(got, 0.1 * (policy - reference), rtol=1e-4, atol=1e-5)
+    assert got.abs().min() > 0
+
+
+def test_reward_form_settings_are_checked_when_read():
+    with pytest.raises(ValueError, match="reward form 'dpo' is not one of score_head, implicit"):
+        RewardConfig(form="dpo")
+    with pytest.raises(ValueError, match="implicit reward needs use_lora"):
+        RewardConfig(form="implicit", use_lora=False)
