@@ -10,6 +10,7 @@ log pi(y_t) / pi_ref(y_t), with pi the LoRA-adapted policy and pi_ref the same p
 adapters off. The same Bradley-Terry loss on it is the DPO loss. A preference that sits in a few
 words ("for example", a number) moves the logits of those words directly, where a score head has
 to find it among the states of a whole answer (docs/learning.md, "Run 9's comparisons relabelled").
+A third (`form = "bag_of_tokens"`, rlhf/bag_of_tokens.py) drops the backbone: one weight per token.
 
 A K-way ranking gives C(K, 2) pairs, and CONTRACT.md asks for them the InstructGPT way: all pairs
 of one ranking in the same batch, each completion encoded once, each ranking weighted as one
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from app.versions import serving_device, wants_bf16
+from rlhf.bag_of_tokens import BagOfTokens
 from rlhf.data import Message, PreferenceGroup
 from rlhf.evaluate import wilson
 from rlhf.ppo import right_pad
@@ -52,7 +54,9 @@ class RewardConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    learning_rate: float = 5e-4  # for LoRA (1e-4 barely moved the loss in 2 epochs); full fine-tuning wants ~1e-5
+    # None: 5e-4 for LoRA (1e-4 barely moved the loss in 2 epochs), 0.05 for bag_of_tokens' weights;
+    # full fine-tuning wants ~1e-5
+    learning_rate: float | None = None
     epochs: int = 3
     groups_per_batch: int = 4  # whole rankings per optimiser step, not pairs
     max_length: int = 1024  # tokens of prompt + completion; longer ones lose their start
@@ -63,8 +67,9 @@ class RewardConfig:
     # on a GPU, where the reward model was measured in fp32. On a CPU with AVX512-BF16 an epoch of the
     # embedded model took half the time (bench/bench_precision.py). "auto": on with CUDA.
     bf16: str | bool = False
-    form: str = "score_head"  # or "implicit": DPO's implicit reward through the LM head (module docstring)
+    form: str = "score_head"  # or "implicit" / "bag_of_tokens" (module docstring)
     beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
+    l2: float = 0.01  # bag_of_tokens: L2 penalty on the token weights
 
     def __post_init__(self) -> None:
         if self.form not in REWARD_FORMS:
@@ -75,8 +80,13 @@ class RewardConfig:
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)
 
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 0.05 if self.form == "bag_of_tokens" else 5e-4
 
-REWARD_FORMS = ("score_head", "implicit")
+
+REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")
 
 
 @dataclass
@@ -194,6 +204,9 @@ def row_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, an
     """The reward of each row in the form the config names. (R, T) -> (R,) fp32"""
     if config.form == "implicit":
         return implicit_rewards(model, input_ids, attention_mask, answer_start, config.beta)
+    if config.form == "bag_of_tokens":
+        answer = torch.arange(input_ids.shape[1]) >= answer_start[:, None]
+        return model(input_ids, answer & attention_mask.bool())
     return rewards_of(model, input_ids, attention_mask)
 
 
@@ -219,6 +232,8 @@ def build_reward_model(policy_dir: str | Path, config: RewardConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     torch.manual_seed(config.seed)
+    if config.form == "bag_of_tokens":  # no backbone: only the vocabulary is needed
+        return BagOfTokens(len(tokenizer)), tokenizer
     # On the policy's device (the GPU when there is one), but in fp32 there too.
     if config.form == "implicit":
         model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -245,7 +260,7 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
         progress: Progress | None = None) -> list[float]:
     """Trains in place with AdamW over whole groups; returns the mean loss of each epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=config.lr())
     rng = random.Random(config.seed)
     steps_per_epoch = math.ceil(len(train_groups) / config.groups_per_batch)
     total, step = config.epochs * steps_per_epoch, 0
@@ -261,6 +276,8 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16()):
                 rewards = row_rewards(model, mb.input_ids, mb.attention_mask, mb.answer_start, config)  # read out in fp32
             loss = grouped_bt_loss(rewards, mb)
+            if config.form == "bag_of_tokens":
+                loss = loss + config.l2 * model.penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -333,6 +350,8 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
                "config": asdict(config)}
     if config.form == "implicit":
         metrics["reference"] = str(policy_dir)  # the saved adapters need it back to give a reward
+    if config.form == "bag_of_tokens":
+        metrics["heaviest_tokens"] = model.heaviest(tokenizer)
     metrics["seconds"] = round(time.monotonic() - start, 3)
     return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)
 
@@ -395,6 +414,9 @@ def load_reward_model(model_dir: str | Path) -> RewardResult:
     metrics_path = model_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
     config = RewardConfig(**metrics.get("config", {}))
+    if config.form == "bag_of_tokens":
+        model = BagOfTokens.from_pretrained(model_dir)
+        return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)
     if config.form == "implicit":
         from peft import PeftModel
 

@@ -1,0 +1,49 @@
+"""A linear reward over the answer's tokens: r(x, y) = sum over the answer's tokens y_t of w[y_t].
+
+The third reward form (`RewardConfig.form = "bag_of_tokens"`), trained by rlhf/reward.py's grouped
+Bradley-Terry loss plus an L2 penalty on w. It has one weight per vocabulary entry and no backbone, so
+it cannot see the prompt or word order, trains in seconds, and says plainly what it learned (the
+heaviest tokens). It is here for preferences that sit in a few words: on `uses_example` feedback the
+backbone's reward models (score head, DPO's implicit reward) memorised their 300 items and stayed near
+chance on held-out pairs, where a linear model over words or tokens generalised (docs/learning.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "token_weights.safetensors"
+
+
+class BagOfTokens(nn.Module):
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab_size))  # 0: every answer starts equal
+
+    def forward(self, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        """(R, T) token ids and a mask of the answer's positions -> (R,) rewards."""
+        return (self.weight[input_ids] * answer_mask).sum(-1)
+
+    def penalty(self) -> torch.Tensor:
+        return (self.weight ** 2).sum()
+
+    def heaviest(self, tokenizer, n: int = 12) -> dict[str, list[str]]:
+        """The tokens that raise and lower the reward most: what the model learned, in words."""
+        order = self.weight.detach().argsort()
+        return {"up": [tokenizer.decode([i]) for i in order.flip(0)[:n].tolist()],
+                "down": [tokenizer.decode([i]) for i in order[:n].tolist()]}
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        save_file({"weight": self.weight.detach().cpu().contiguous()}, str(Path(out_dir) / WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "BagOfTokens":
+        weight = load_file(str(Path(model_dir) / WEIGHTS))["weight"]
+        model = cls(weight.numel())
+        with torch.no_grad():
+            model.weight.copy_(weight)
+        return model.eval()
