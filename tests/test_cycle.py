@@ -118,12 +118,15 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         engine.close()
 
 
-def test_implicit_reward_model_drives_ppo_and_is_kept_with_the_version(setup):
-    """RewardConfig.form = "implicit": the DPO-style reward trains, passes the check, PPO raises it, and the
-    promoted version keeps its adapters, loadable onto their reference (the parent version)."""
+@pytest.mark.parametrize("form", ["implicit", "bag_of_tokens"])
+def test_other_reward_forms_drive_ppo_and_are_kept_with_the_version(setup, form):
+    """RewardConfig.form "implicit" (DPO's reward) and "bag_of_tokens": the reward model trains, passes the
+    check, PPO raises it, and the promoted version keeps it, loadable (the implicit one onto its reference,
+    the parent version)."""
     registry, store, _ = setup
     give_feedback(store, 80, prefers_examples)
-    config = dataclasses.replace(TINY_CYCLE, reward=dataclasses.replace(TINY_CYCLE.reward, form="implicit"))
+    reward = dataclasses.replace(TINY_CYCLE.reward, form=form, learning_rate=None if form == "bag_of_tokens" else 2e-3)
+    config = dataclasses.replace(TINY_CYCLE, reward=reward)
     outcome = run_cycle(store, registry, config, say=lambda *_: None)
     cycle = store.last_cycle()
     assert cycle["metrics"]["reward"]["heldout_accuracy"] >= 0.8, cycle["metrics"]["reward"]
@@ -132,7 +135,9 @@ def test_implicit_reward_model_drives_ppo_and_is_kept_with_the_version(setup):
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores
     assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
     saved = load_reward_model(registry.path(outcome.version) / "reward_model")
-    assert saved.config.form == "implicit" and saved.metrics["reference"] == str(registry.path("v0000"))
+    assert saved.config.form == form
+    if form == "implicit":
+        assert saved.metrics["reference"] == str(registry.path("v0000"))
 
 
 def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):

@@ -243,3 +243,39 @@ def test_reward_form_settings_are_checked_when_read():
         RewardConfig(form="dpo")
     with pytest.raises(ValueError, match="implicit reward needs use_lora"):
         RewardConfig(form="implicit", use_lora=False)
+
+
+# -- the bag-of-tokens form: one weight per token, no backbone ---------------------------------
+
+BAG = RewardConfig(form="bag_of_tokens", max_length=256)
+
+
+def test_bag_of_tokens_learns_the_planted_words_and_round_trips(tiny_model_dir, tmp_path):
+    train, heldout = planted_groups(64, seed=1), planted_groups(20, seed=2)
+    result = train_reward_model(tiny_model_dir, train, heldout, BAG)
+    assert result.metrics["heldout_accuracy"] >= 0.9, result.metrics
+    # What it learned is readable: the planted sentence's words weigh most.
+    assert set(result.metrics["heaviest_tokens"]["up"][:4]) & set(result.tokenizer.tokenize(MARK)), result.metrics
+
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    completions = [text for g in heldout for text in g.completions]
+    batched = result.score(prompts, completions, batch_size=8)
+    torch.testing.assert_close(batched, result.score(prompts, completions, batch_size=1))
+    loaded = load_reward_model(save_reward_model(result, tmp_path / "rm"))
+    assert loaded.config.form == "bag_of_tokens" and loaded.metrics == result.metrics
+    assert torch.equal(loaded.score(prompts, completions), batched)
+
+
+def test_bag_of_tokens_reward_is_the_sum_of_the_answer_tokens_weights(tiny_model_dir):
+    """By hand: the prompt's tokens never count, each answer token counts once per occurrence."""
+    model, tokenizer = build_reward_model(tiny_model_dir, BAG)
+    prompt = [SYSTEM, {"role": "user", "content": "What is 3 + 4?"}]
+    answers = ["Seven.", "Seven. Seven. Count on your fingers."]
+    assert torch.equal(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.zeros(2))
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(model.weight.shape, generator=torch.Generator().manual_seed(0)))
+    expected = []
+    for text in answers:
+        ids, start = encode_answer(tokenizer, prompt, text, BAG.max_length)
+        expected.append(sum(model.weight[i].item() for i in ids[start:]))
+    torch.testing.assert_close(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.tensor(expected))
