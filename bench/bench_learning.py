@@ -200,7 +200,7 @@ class LearningRun:
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)
     no_ppo: bool = False
-    reward_form: str = ""  # "score_head" or "implicit" in place of the settings file's (rlhf/reward.py)
+    reward_form: str = ""  # a RewardConfig.form in place of the settings file's (rlhf/reward.py)
     feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
     config: Path = DEFAULT_CONFIG
     model: Path | None = None

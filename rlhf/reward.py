@@ -92,7 +92,8 @@ REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")
 @dataclass
 class RewardResult:
     # score_head: a plain sequence-classification model (LoRA merged); implicit: the causal LM with its
-    # LoRA adapters kept apart (the reference is the same model with them off). Eval mode.
+    # LoRA adapters kept apart (the reference is the same model with them off); bag_of_tokens: a
+    # BagOfTokens. Eval mode.
     model: PreTrainedModel
     tokenizer: Any
     metrics: dict[str, Any]
@@ -121,14 +122,10 @@ class GroupBatch:
     answer_start: torch.Tensor  # (R,) position of each row's first answer token
 
 
-def encode(tokenizer, prompt: list[Message], completion: str, max_length: int) -> list[int]:
-    """Chat-template tokens of prompt + the assistant's completion, cut from the left to fit:
-    the reward is read at the end, so the end (the completion) is what must survive."""
-    return encode_answer(tokenizer, prompt, completion, max_length)[0]
-
-
 def encode_answer(tokenizer, prompt: list[Message], completion: str, max_length: int) -> tuple[list[int], int]:
-    """encode(), and where the answer starts in those tokens (after the assistant header)."""
+    """Chat-template tokens of prompt + the assistant's completion, cut from the left to fit (the
+    reward is read at the end, so the end, the completion, is what must survive), and where the answer
+    starts in them (after the assistant header)."""
     messages = [*prompt, {"role": "assistant", "content": completion}]
     ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
     start = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
