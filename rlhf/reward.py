@@ -170,6 +170,12 @@ def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float()
 
 
+def answer_mask(attention_mask: torch.Tensor, answer_start: torch.Tensor) -> torch.Tensor:
+    """(R, T) bool: the positions of each row's answer tokens (not its prompt, not its padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions >= answer_start.to(attention_mask.device)[:, None]) & attention_mask.bool()
+
+
 def answer_logprob(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    answer_start: torch.Tensor) -> torch.Tensor:
     """log pi(answer | prompt) of each row: the sum over its answer tokens. (R, T) -> (R,)
@@ -182,9 +188,7 @@ def answer_logprob(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # predict tokens first..T-1
     logp = logprobs_from_logits(logits, input_ids[:, first:])  # (R, T - first) fp32
-    positions = torch.arange(first, input_ids.shape[1], device=device)
-    mask = (positions >= answer_start.to(device)[:, None]) & attention_mask[:, first:].bool()
-    return (logp * mask).sum(-1)
+    return (logp * answer_mask(attention_mask, answer_start)[:, first:]).sum(-1)
 
 
 def implicit_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_start: torch.Tensor,
@@ -202,8 +206,7 @@ def row_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, an
     if config.form == "implicit":
         return implicit_rewards(model, input_ids, attention_mask, answer_start, config.beta)
     if config.form == "bag_of_tokens":
-        answer = torch.arange(input_ids.shape[1]) >= answer_start[:, None]
-        return model(input_ids, answer & attention_mask.bool())
+        return model(input_ids, answer_mask(attention_mask, answer_start))
     return rewards_of(model, input_ids, attention_mask)
 
 
