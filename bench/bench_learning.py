@@ -201,6 +201,7 @@ class LearningRun:
     max_heldout: int = 0  # use only this many held-out openers (0: all)
     no_ppo: bool = False
     reward_form: str = ""  # a RewardConfig.form in place of the settings file's (rlhf/reward.py)
+    ppo_learning_rate: float = 0.0  # PPO's learning rate in place of the settings file's (0: keep it)
     feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
     config: Path = DEFAULT_CONFIG
     model: Path | None = None
@@ -226,7 +227,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     config = settings.config
-    if settings.no_ppo or settings.reward_form:  # the settings file's values with these changed
+    if settings.no_ppo or settings.reward_form or settings.ppo_learning_rate:  # the settings file's, changed
         values = read_config_file(settings.config)
         retrain_values = values.setdefault("retrain", {})
         if settings.no_ppo:  # PPO off: SFT on the ranking winners, rewrites and up-votes
@@ -237,6 +238,8 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
 
             RewardConfig(form=settings.reward_form)  # a wrong name fails now, not after the base measurement
             retrain_values.setdefault("reward", {})["form"] = settings.reward_form
+        if settings.ppo_learning_rate:
+            retrain_values.setdefault("ppo", {})["learning_rate"] = settings.ppo_learning_rate
         config = workdir / "settings.yaml"
         config.write_text(yaml.safe_dump(values))
     rubric = rubric or RUBRICS[settings.rubric]

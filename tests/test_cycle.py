@@ -130,10 +130,13 @@ def test_other_reward_forms_drive_ppo_and_are_kept_with_the_version(setup, form)
     outcome = run_cycle(store, registry, config, say=lambda *_: None)
     cycle = store.last_cycle()
     assert cycle["metrics"]["reward"]["heldout_accuracy"] >= 0.8, cycle["metrics"]["reward"]
-    history = [json.loads(x) for x in (registry.root / "cycles" / "0001" / "ppo_history.jsonl").read_text().splitlines()]
-    scores = [h["score"] for h in history]
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores
-    assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
+    # PPO raised the reward: measured by the gate on the held-out prompts (32 x 4 answers per policy). The
+    # per-update score (16 answers at temperature 1) is too noisy for the bag of tokens, which scores only
+    # the few tokens it saw: 3 of 8 draws of the split showed no rise there while the gate measured
+    # +0.3 to +0.7 with the interval above 0.
+    gate = cycle["metrics"]["gate"]
+    assert gate["reward_new"] > gate["reward_current"] and gate["reward_gain_ci95"][0] > 0, gate
+    assert outcome.status == "promoted", (outcome.message, gate)
     saved = load_reward_model(registry.path(outcome.version) / "reward_model")
     assert saved.config.form == form
     if form == "implicit":
