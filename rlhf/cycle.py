@@ -196,7 +196,8 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
 
         # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
         with stage(metrics, "ppo"):
-            result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo, progress=ppo_progress)
+            result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo,
+                               progress=ppo_progress, token_reward_fn=rm.token_rewards())
         save_history(result.history, workdir / "ppo_history.jsonl")
         updates = [h for h in result.history if "score" in h]
         metrics["ppo_last"] = updates[-1] if updates else {}

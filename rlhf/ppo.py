@@ -48,6 +48,8 @@ from rlhf import ppo_core
 
 Message = dict[str, str]
 RewardFn = Callable[[list[list[Message]], list[str], list[list[int]]], torch.Tensor]
+# How a reward that is a sum over tokens splits: the answers' token ids -> one value per token each.
+TokenRewardFn = Callable[[list[list[int]]], list[torch.Tensor]]
 
 
 @dataclass
@@ -77,6 +79,9 @@ class PPOConfig:
     vf_coef: float = 0.1
     whiten_rewards: bool = False
     unfinished_penalty: float = 1.0  # subtracted from the score of answers without EOS
+    # With a reward that is a sum over the answer's tokens (train_ppo's token_reward_fn), pay each token
+    # its part on that token (ppo_core.per_token_rewards); False: the whole score on the last token.
+    dense_rewards: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
     bf16: str | bool = "auto"  # "auto": bf16 autocast when CUDA is available
@@ -204,12 +209,26 @@ def score_responses(reward_fn: RewardFn, prompts: list[list[Message]], responses
                     unfinished_penalty: float) -> tuple[torch.Tensor, list[str]]:
     """Scores (B,) float32 and the decoded answers. The reward function sees each answer's
     tokens without the closing EOS and padding; answers that never ended lose the penalty."""
-    lengths = mask.sum(1) - ended.long()  # (B,)
-    token_ids = [row[:n].tolist() for row, n in zip(responses.cpu(), lengths.cpu().tolist())]
+    token_ids = answer_token_ids(responses, mask, ended)
     completions = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
     score = torch.as_tensor(reward_fn(prompts, completions, token_ids)).float().to(responses.device)
     score = ppo_core.length_penalty_for_unfinished(score, ended, unfinished_penalty)
     return score, completions
+
+
+def answer_token_ids(responses: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor) -> list[list[int]]:
+    """Each answer's tokens without the closing EOS and the padding."""
+    lengths = mask.sum(1) - ended.long()  # (B,)
+    return [row[:n].tolist() for row, n in zip(responses.cpu(), lengths.cpu().tolist())]
+
+
+def token_scores_of(token_reward_fn: TokenRewardFn, responses: torch.Tensor, mask: torch.Tensor,
+                    ended: torch.Tensor) -> torch.Tensor:
+    """(B, R) float32: each answer token's part of the score at its position; 0 on EOS and padding."""
+    out = torch.zeros(responses.shape, dtype=torch.float32)
+    for i, parts in enumerate(token_reward_fn(answer_token_ids(responses, mask, ended))):
+        out[i, :len(parts)] = torch.as_tensor(parts, dtype=torch.float32)
+    return out.to(responses.device)
 
 
 def generation_config_for(config: PPOConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -223,9 +242,10 @@ def generation_config_for(config: PPOConfig, eos_ids: list[int], pad_id: int) ->
 
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], reward_fn: RewardFn,
               config: PPOConfig | None = None, progress: Callable[[dict], None] | None = None,
-              merge: bool = True) -> PPOResult:
+              merge: bool = True, token_reward_fn: TokenRewardFn | None = None) -> PPOResult:
     """PPO on `prompts` (chat messages). `model` is a plain causal LM: it is wrapped in LoRA in
-    place, and with merge=True the returned model is that same object with the adapters merged."""
+    place, and with merge=True the returned model is that same object with the adapters merged.
+    token_reward_fn: how reward_fn's score splits over the answer's tokens, when it is such a sum."""
     config = config or PPOConfig()
     if config.rollout_batch_size % config.minibatch_size:
         raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
@@ -299,9 +319,11 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             b_ref_logprobs = ppo_core.logprobs_from_logits(ref_logits, b_responses)  # (B, R)
             del ref_logits
 
-            # 4. per-token KL penalty + score on the last response token
-            b_rewards, b_kl = ppo_core.per_token_rewards(b_scores, b_logprobs, b_ref_logprobs,
-                                                         b_mask, kl_ctl.value)  # (B, R) each
+            # 4. per-token KL penalty + score on the last response token (or on each token, when it splits)
+            b_token_scores = (token_scores_of(token_reward_fn, b_responses, b_mask, b_ended)
+                              if token_reward_fn is not None and config.dense_rewards else None)
+            b_rewards, b_kl = ppo_core.per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask,
+                                                         kl_ctl.value, token_scores=b_token_scores)  # (B, R) each
             if config.whiten_rewards:
                 b_rewards = ppo_core.masked_whiten(b_rewards, b_mask, shift_mean=False)
 
