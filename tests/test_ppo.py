@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from rlhf import ppo_core
 from rlhf.ppo import (PolicyAndValue, PPOConfig, encode_prompts, generation_config_for, left_pad,
-                      response_mask, save_history, score_responses, train_ppo)
+                      response_mask, save_history, score_responses, token_scores_of, train_ppo)
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
@@ -198,6 +198,22 @@ def test_response_mask_ends_at_eos_and_unfinished_answers_pay_the_penalty():
 
     rewards, kl = ppo_core.per_token_rewards(score, torch.zeros(4, 5), torch.zeros(4, 5), mask, 0.05)
     assert rewards[0].tolist() == [0.0, 0.0, 2.0, 0.0, 0.0] and rewards[2, 4] == 1.0
+
+
+def test_token_scores_sit_on_the_answer_tokens_they_belong_to():
+    """train_ppo's token_reward_fn sees what the reward function sees (no EOS, no padding); each
+    token's part goes back to that token's position, EOS and padding get 0."""
+    responses = torch.tensor([[5, 6, EOS, EOS], [EOS, EOS, EOS, EOS], [5, 6, 7, 8]])
+    mask, ended = response_mask(responses, [EOS])
+    seen = []
+
+    def token_reward_fn(token_ids):
+        seen.append(token_ids)
+        return [torch.tensor([10.0 * t for t in ids]) for ids in token_ids]
+
+    parts = token_scores_of(token_reward_fn, responses, mask, ended)
+    assert seen == [[[5, 6], [], [5, 6, 7, 8]]]
+    assert parts.tolist() == [[50.0, 60.0, 0.0, 0.0], [0.0] * 4, [50.0, 60.0, 70.0, 80.0]]
 
 
 def test_bf16_ppo_runs_after_a_trainer_fixed_fp32_in_the_same_process(fresh_accelerate_state):

@@ -147,6 +147,18 @@ def test_per_token_rewards_hand_values():
     torch.testing.assert_close(rewards, t([-0.05, 0.1, 1.0], [-0.1, -2.0, 0.0]))
 
 
+def test_per_token_rewards_pays_token_scores_on_their_tokens():
+    """A reward that is a sum over tokens: each token's part on it, the rest of the score on the last
+    token, so every answer's rewards still add up to score - beta * KL."""
+    logp, ref = t([-1.0, -2.0, -0.5], [-1.0, -1.0, 9.0]), t([-1.5, -1.0, -0.5], [-2.0, -1.0, -9.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    score = torch.tensor([1.0, -2.0])  # row 0: 0.5 + 0.25 from tokens 0 and 1, 0.25 left for the end
+    parts = t([0.5, 0.25, 0.0], [-1.5, 0.0, 7.0])  # row 1, t=2 is padding: its 7 must not count
+    rewards, kl = per_token_rewards(score, logp, ref, mask, kl_coef=0.1, token_scores=parts)
+    torch.testing.assert_close(rewards, t([-0.05 + 0.5, 0.1 + 0.25, 0.25], [-0.1 - 1.5, -0.5, 0.0]))
+    torch.testing.assert_close(rewards.sum(1), score - 0.1 * kl.sum(1))
+
+
 def test_per_token_rewards_explicit_last_index_and_left_padding():
     mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])  # prompt, response, padding
     assert last_response_index(mask).tolist() == [2, 3]

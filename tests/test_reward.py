@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf.data import PreferenceGroup
-from rlhf.reward import (RewardConfig, RewardTooWeak, build_reward_model, check_reward_model,
+from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, build_reward_model, check_reward_model,
                          collate_groups, encode_answer, fit, grouped_bt_loss, load_reward_model, rewards_of,
                          save_reward_model, score, train_reward_model)
 
@@ -279,3 +279,20 @@ def test_bag_of_tokens_reward_is_the_sum_of_the_answer_tokens_weights(tiny_model
         ids, start = encode_answer(tokenizer, prompt, text, BAG.max_length)
         expected.append(sum(model.weight[i].item() for i in ids[start:]))
     torch.testing.assert_close(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.tensor(expected))
+
+
+def test_bag_of_tokens_splits_its_score_over_the_answer_tokens_for_ppo(tiny_model_dir):
+    """RewardResult.token_rewards(): each generated token's weight. With the chat template's closing
+    tokens (the score of an empty answer) they add up to the score; the other forms do not split."""
+    result = train_reward_model(tiny_model_dir, planted_groups(32, seed=1), planted_groups(8, seed=2), BAG)
+    prompt = [SYSTEM, {"role": "user", "content": "What is 3 + 4?"}]
+    answers = ["Seven.", MARK + " Count on your fingers."]
+    ids = [result.tokenizer.encode(text, add_special_tokens=False) for text in answers]
+    parts = result.token_rewards()(ids + [[len(result.tokenizer) + 5]])  # an id past the vocabulary weighs 0
+    assert [len(p) for p in parts] == [len(i) for i in ids] + [1] and parts[2].item() == 0.0
+    closing = result.score([prompt], [""])
+    scores = result.score([prompt] * 2, answers)
+    torch.testing.assert_close(torch.stack([p.sum() for p in parts[:2]]) + closing, scores)
+    assert parts[1].abs().sum() > 0
+    for form in ("score_head", "implicit"):
+        assert RewardResult(result.model, result.tokenizer, {}, RewardConfig(form=form)).token_rewards() is None
