@@ -70,6 +70,7 @@ class RewardConfig:
     form: str = "score_head"  # or "implicit" / "bag_of_tokens" (module docstring)
     beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
     l2: float = 0.01  # bag_of_tokens: L2 penalty on the token weights
+    length_apart: bool = True  # bag_of_tokens: learn length in a term of its own, left out of the reward
 
     def __post_init__(self) -> None:
         if self.form not in REWARD_FORMS:
@@ -284,6 +285,8 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
             mb = collate_groups(tokenizer, mb_groups, config.max_length)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16()):
                 rewards = row_rewards(model, mb.input_ids, mb.attention_mask, mb.answer_start, config)  # read out in fp32
+            if config.form == "bag_of_tokens" and config.length_apart:
+                rewards = rewards + model.length_term(answer_mask(mb.attention_mask, mb.answer_start))
             loss = grouped_bt_loss(rewards, mb)
             if config.form == "bag_of_tokens":
                 loss = loss + config.l2 * model.penalty()
@@ -349,6 +352,9 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
     start = time.monotonic()
     model, tokenizer = build_reward_model(policy_dir, config)
     epoch_losses = fit(model, tokenizer, train_groups, config, progress)
+    if config.form == "bag_of_tokens" and config.length_apart:
+        answers = [encode_answer(tokenizer, g.prompt, text, config.max_length) for g in train_groups for text in g.completions]
+        model.center([ids[start:] for ids, start in answers])
     if config.use_lora and config.form == "score_head":
         model = model.merge_and_unload()  # a plain model: PPO and serving need no peft
     model.eval()
@@ -361,6 +367,7 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
         metrics["reference"] = str(policy_dir)  # the saved adapters need it back to give a reward
     if config.form == "bag_of_tokens":
         metrics["heaviest_tokens"] = model.heaviest(tokenizer)
+        metrics["length_weight"] = model.length_weight.item()  # per answer token, left out of the reward
     metrics["seconds"] = round(time.monotonic() - start, 3)
     return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)
 
