@@ -296,3 +296,55 @@ def test_bag_of_tokens_splits_its_score_over_the_answer_tokens_for_ppo(tiny_mode
     assert parts[1].abs().sum() > 0
     for form in ("score_head", "implicit"):
         assert RewardResult(result.model, result.tokenizer, {}, RewardConfig(form=form)).token_rewards() is None
+
+
+def shorter_wins_groups(n: int, seed: int) -> list[PreferenceGroup]:
+    """Pairs of filler answers of 1 and 3 sentences: the shorter wins, no word carries the preference."""
+    rng = random.Random(seed)
+    groups = []
+    for i in range(n):
+        short = rng.choice(FILLER)
+        long = " ".join(rng.choice(FILLER) for _ in range(3))
+        groups.append(PreferenceGroup(
+            prompt=[SYSTEM, {"role": "user", "content": f"Question {i}: can you help me?"}],
+            completions=[short, long], pairs=[(0, 1)], conversation_id=f"len-{seed}-{i}", source="ranking",
+            group_id=f"ranking:len-{seed}-{i}"))
+    return groups
+
+
+def test_bag_of_tokens_keeps_length_apart_from_its_reward(tiny_model_dir, tmp_path):
+    """A preference for length alone goes into the length term, which the reward leaves out: the token
+    weights of the training answers average 0, so PPO paid per token has no reason to cut answers.
+    Without the term the same preference makes every common token's weight negative."""
+    train, heldout = shorter_wins_groups(48, seed=1), shorter_wins_groups(12, seed=2)
+    kept = train_reward_model(tiny_model_dir, train, heldout, BAG)
+    mixed = train_reward_model(tiny_model_dir, train, heldout, replace(BAG, length_apart=False))
+
+    def mean_token_weight(result):
+        ids = []
+        for g in train:
+            for text in g.completions:
+                encoded, start = encode_answer(result.tokenizer, g.prompt, text, BAG.max_length)
+                ids += encoded[start:]
+        return result.model.weight[torch.tensor(ids)].mean().item()
+
+    assert kept.metrics["length_weight"] < -0.05 and abs(mean_token_weight(kept)) < 1e-6, kept.metrics
+    assert mean_token_weight(mixed) < -0.05 and mixed.metrics["length_weight"] == 0.0
+    assert abs(kept.metrics["length_correlation"]) < abs(mixed.metrics["length_correlation"])
+    loaded = load_reward_model(save_reward_model(kept, tmp_path / "rm"))
+    assert loaded.model.length_weight.item() == kept.metrics["length_weight"]
+
+
+def test_centering_moves_the_mean_token_weight_into_the_length_term_and_keeps_every_ranking():
+    from rlhf.bag_of_tokens import BagOfTokens
+
+    bag = BagOfTokens(10)
+    with torch.no_grad():
+        bag.weight.copy_(torch.arange(10.0))
+    answers = [[1, 2, 3], [4, 5]]  # tokens' mean weight: 3
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    before = bag(ids, mask) + bag.length_term(mask)
+    assert bag.center(answers) == 3.0 and bag.length_weight.item() == 3.0
+    torch.testing.assert_close(bag(ids, mask) + bag.length_term(mask), before)  # the trained model ranks alike
+    torch.testing.assert_close(bag(ids, mask), torch.tensor([6.0 - 9.0, 9.0 - 6.0]))  # the reward: no length
