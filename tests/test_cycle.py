@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,11 @@ def prefers_examples(a: str, b: str) -> str:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, monkeypatch):
+    # Conversation ids decide the held-out split (rlhf/data.py is_heldout); random ids made each run's
+    # split, and so its gate's verdict, a new draw. Seeded ids make every run of a test the same.
+    ids = random.Random(0)
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
     registry = ModelRegistry(tmp_path / "models")
     ensure_base(registry, learnable_policy(tmp_path / "tiny"), say=lambda *_: None)
     store = Store(tmp_path / "c.db")
