@@ -34,6 +34,14 @@ class BagOfTokens(nn.Module):
         """(R, T) token ids and a mask of the answer's positions -> (R,) rewards."""
         return (self.weight[input_ids] * answer_mask).sum(-1)
 
+    @torch.no_grad()
+    def token_rewards(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Each answer's reward split over its tokens: their weights (fp32, CPU). Ids past the
+        tokenizer's (an embedding padded wider than the vocabulary) weigh 0."""
+        n = self.weight.numel()
+        weight = torch.cat([self.weight.detach().float().cpu(), torch.zeros(1)])
+        return [weight[torch.as_tensor(ids, dtype=torch.long).clamp(max=n)] for ids in token_ids]
+
     def length_term(self, answer_mask: torch.Tensor) -> torch.Tensor:
         """(R,): what the answers' length alone adds in training; not part of the reward."""
         return self.length_weight * answer_mask.sum(-1)

@@ -106,11 +106,7 @@ class RewardResult:
     def token_rewards(self) -> Callable[[list[list[int]]], list[torch.Tensor]] | None:
         """How the score splits over the answer's tokens, where it is such a sum (the bag of tokens: each
         token's weight), for PPO's per-token rewards; None for the forms that read the whole answer."""
-        if self.config.form != "bag_of_tokens":
-            return None
-        n = self.model.weight.numel()  # ids past the tokenizer's (an embedding padded wider) weigh 0
-        weight = torch.cat([self.model.weight.detach().float().cpu(), torch.zeros(1)])
-        return lambda token_ids: [weight[torch.as_tensor(ids, dtype=torch.long).clamp(max=n)] for ids in token_ids]
+        return self.model.token_rewards if self.config.form == "bag_of_tokens" else None
 
 
 class RewardTooWeak(RuntimeError):
