@@ -3,9 +3,8 @@
 One background thread owns the model. Requests join the running batch at any decode step (their
 prompt is prefilled, then their KV cache is left-padded and concatenated onto the batch's cache)
 and leave it when they finish or their client goes away, so users never wait for each other's
-replies to end. transformers' own `generate_batch` was measured at ~29 tokens/s for 8 sequences on
-a 2-core CPU against ~100 tokens/s for a plain left-padded batch; this loop keeps the plain
-batch's speed and adds joining and leaving mid-flight.
+replies to end. It is a plain left-padded batch, with joining and leaving mid-flight added:
+transformers' own `generate_batch` decoded several times slower on a CPU (docs/performance.md).
 
 The served policy is re-read from the model registry between steps: when a newer version is
 promoted, admission pauses, the running batch drains, and the new weights are loaded.
@@ -25,7 +24,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from app.versions import inference_dtype
+from core.causal_lm import left_pad, left_pad_to, next_position_ids, position_ids
+from core.chat_format import end_of_turn_ids
+from core.precision import inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ class SamplingConfig:
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 16  # rows decoded together; ~100 tokens/s at 16 for the 135M model on 2 cores
+    max_batch_size: int = 16  # rows decoded together
     max_queue: int = 64  # waiting requests beyond the running batch; more are refused at once
     max_context_tokens: int = 2048  # prompt + reply; older turns are cut to fit
     poll_interval_s: float = 0.2  # how often an idle engine looks for a newly promoted policy
-    # Weights' dtype while serving. "auto": as loaded (bf16 on a GPU, fp32 on a CPU). "bf16" on a CPU
-    # with bf16 instructions (AVX512-BF16, AMX) decodes 1.7x faster than fp32 (bench/bench_serving.py).
+    # Weights' dtype while serving. "auto": as loaded (bf16 on a GPU, fp32 on a CPU). "bf16" pays on a
+    # CPU with bf16 instructions (AVX512-BF16, AMX); bench/bench_serving.py measures it.
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -155,10 +156,10 @@ class _Batch:
             return
         t_old, t_new = self.attention_mask.shape[1], attention_mask.shape[1]
         width = max(t_old, t_new)
-        self.attention_mask = torch.cat([_left_pad(self.attention_mask, width), _left_pad(attention_mask, width)])
+        self.attention_mask = torch.cat([left_pad_to(self.attention_mask, width), left_pad_to(attention_mask, width)])
         for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, dim=2), _left_pad(new.keys, width, dim=2)])
-            old.values = torch.cat([_left_pad(old.values, width, dim=2), _left_pad(new.values, width, dim=2)])
+            old.keys = torch.cat([left_pad_to(old.keys, width, dim=2), left_pad_to(new.keys, width, dim=2)])
+            old.values = torch.cat([left_pad_to(old.values, width, dim=2), left_pad_to(new.values, width, dim=2)])
         self.requests.extend(requests)
         self.next_tokens = torch.cat([self.next_tokens, next_tokens])
         self.seen = torch.cat([self.seen, seen])
@@ -179,15 +180,6 @@ class _Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
-
-
-def _left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig, warpers,
@@ -213,14 +205,6 @@ def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:
     if sampling.top_p is not None and sampling.top_p < 1.0:
         warpers.append(TopPLogitsWarper(sampling.top_p))
     return warpers
-
-
-def eos_ids(policy: Policy) -> set[int]:
-    ids = policy.model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids])
-    if getattr(policy.tokenizer, "eos_token_id", None) is not None:
-        ids.add(policy.tokenizer.eos_token_id)
-    return {i for i in ids if i is not None}
 
 
 class GenerationEngine:
@@ -271,15 +255,16 @@ class GenerationEngine:
             self._wake.notify()
         self._thread.join(timeout=10)
 
-    def load(self) -> dict:
+    def load_stats(self) -> dict:
+        """How busy the engine is: rows decoding, requests waiting, and the version served."""
         return {"running": len(self._batch), "waiting": len(self._waiting), "version": self.version}
 
     # -- the decode thread -------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         try:
-            self.policy = self._load(self.source.current_version())
-            self._eos = eos_ids(self.policy)
+            self.policy = self._load_policy(self.source.current_version())
+            self._eos = set(end_of_turn_ids(self.policy.model, self.policy.tokenizer))
         except BaseException as exc:
             self._load_error = exc
             return
@@ -319,15 +304,15 @@ class GenerationEngine:
 
     def _swap(self, version: str) -> None:
         try:
-            policy = self._load(version)
+            policy = self._load_policy(version)
         except Exception:
             log.exception("could not load promoted policy %s; still serving %s", version, self.policy.version)
             return
-        self.policy, self._eos = policy, eos_ids(policy)
+        self.policy, self._eos = policy, set(end_of_turn_ids(policy.model, policy.tokenizer))
         self.stats.swaps += 1
         log.info("now serving policy %s", version)
 
-    def _load(self, version: str) -> Policy:
+    def _load_policy(self, version: str) -> Policy:
         policy = self.source.load(version)
         dtype = inference_dtype(self.config.precision)
         if dtype is not None:
@@ -358,14 +343,10 @@ class GenerationEngine:
     def _prefill(self, requests: list[Request]) -> None:
         """Runs the new prompts as one left-padded batch and joins them to the running batch."""
         model = self.policy.model
-        width = max(len(r.token_ids) for r in requests)
-        pad = self.policy.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(r.token_ids)) + r.token_ids for r in requests], device=model.device)
-        attention_mask = torch.tensor([[0] * (width - len(r.token_ids)) + [1] * len(r.token_ids) for r in requests],
-                                      device=model.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask = left_pad([r.token_ids for r in requests], self.policy.tokenizer.pad_token_id or 0)
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                     cache=cache, use_cache=True, logits_to_keep=1)
         self.stats.forward_batch_sizes[len(requests)] += 1
         seen = torch.zeros(len(requests), out.logits.shape[-1], dtype=torch.bool, device=model.device)
@@ -387,9 +368,8 @@ class GenerationEngine:
     def _step(self) -> None:
         batch = self._batch
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
-        position_ids = batch.attention_mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
         out = self.policy.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.attention_mask,
-                                position_ids=position_ids, cache=batch.cache, use_cache=True, logits_to_keep=1)
+                                position_ids=next_position_ids(batch.attention_mask), cache=batch.cache, use_cache=True, logits_to_keep=1)
         self.stats.forward_batch_sizes[len(batch)] += 1
         batch.seen[torch.arange(len(batch), device=batch.seen.device), batch.next_tokens] = True
         batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers,

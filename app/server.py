@@ -10,7 +10,7 @@ import gradio as gr
 from app.config import ServeConfig
 from app.embedded import ensure_base
 from app.engine import GenerationEngine
-from app.prompting import fit_context
+from core.chat_format import fit_context
 from app.service import TutorService
 from app.store import Store
 from app.ui import THEME, CSS, build_demo

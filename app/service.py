@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from app.engine import EngineBusy, GenerationEngine
-from app.prompting import TUTOR_SYSTEM_PROMPT, PromptTooLong
+from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
 from app.store import Store
 
 PURPOSES = ("chat", "eval")
@@ -131,7 +131,7 @@ class TutorService:
 
     def status(self) -> dict:
         return {"model_version": self.engine.version, "feedback": self.store.feedback_counts(),
-                "last_cycle": self.store.last_cycle(), "load": self.engine.load()}
+                "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats()}
 
     def history(self, conversation_id: str) -> list[dict]:
         with _as_user_error():

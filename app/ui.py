@@ -1,17 +1,21 @@
 """The learner-facing page: chat with streaming, thumbs with reasons, compare mode, rewrites.
 
 `build_demo(service)` returns a gr.Blocks; all per-user state lives in gr.State, nothing global.
+`_layout` builds the components into a `Page` first; `_connect` then defines the handlers as closures over
+it. Every handler returns (or yields) a dict keyed by the components it updates, so a handler and the
+`outputs=` of its event cannot drift apart by position: a component left out of the dict is left as it is.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import gradio as gr
 
 from app.api import register_api
 from app.service import REASONS_DOWN, REASONS_UP, TutorService, UserError
+from app.store import LABELS
 
-LABELS = "ABCD"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="teal", neutral_hue="slate",
                        font=["Inter", "Segoe UI", "Helvetica Neue", "Arial", "sans-serif"])
 CSS = """
@@ -39,9 +43,81 @@ def _fail(exc: UserError):
     raise gr.Error(str(exc), print_exception=False)
 
 
+def _badge_html(service: TutorService) -> str:
+    return f"<span class='version-badge'>Tutor model <b>{service.engine.version}</b></span>"
+
+
+@dataclass
+class Page:
+    """The components of the page, the keys of the handlers' update dicts."""
+    state: gr.State
+    badge: gr.HTML
+    chatbot: gr.Chatbot
+    panel: gr.Column
+    boxes: list[gr.Markdown]  # one per candidate, in LABELS order
+    choice: gr.Radio
+    order: gr.Textbox
+    pick_btn: gr.Button
+    message: gr.Textbox
+    send_btn: gr.Button
+    k: gr.Dropdown
+    compare_btn: gr.Button
+    new_btn: gr.Button
+    reason: gr.Radio
+    better: gr.Textbox
+    rewrite_btn: gr.Button
+
+
 def build_demo(service: TutorService) -> gr.Blocks:
-    def version_badge() -> str:
-        return f"<span class='version-badge'>Tutor model <b>{service.engine.version}</b></span>"
+    with gr.Blocks(title="Tutor") as demo:
+        register_api(service)  # first, so the contract's endpoint names are not taken by UI events
+        page = _layout(_badge_html(service))
+        _connect(service, page)
+    return demo
+
+
+def _layout(badge_html: str) -> Page:
+    state = gr.State(_empty_state())
+    with gr.Row(elem_id="header"):
+        gr.HTML("<div><h1>📚 Tutor</h1><p>Learn step by step, with a tutor that learns from you.</p></div>")
+        badge = gr.HTML(badge_html)
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(elem_id="chatbot", height="60vh", show_label=False, layout="bubble",
+                                 placeholder=f"**Welcome!** {INTRO}", buttons=["copy"],
+                                 feedback_options=("Like", "Dislike"))
+            # Right under the chat, where the learner is looking, not below the input.
+            with gr.Column(visible=False, elem_id="compare-panel", elem_classes="compare-panel") as panel:
+                gr.Markdown("### Which answer helps you learn best?")
+                with gr.Row():
+                    boxes = [gr.Markdown(elem_classes="candidate", visible=False) for _ in LABELS]
+                choice = gr.Radio([], label="Your choice", elem_id="choice")
+                order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B)", visible=False)
+                pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick")
+            with gr.Row():
+                message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
+                                     elem_id="message", autofocus=True, max_lines=6)
+                send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            with gr.Row():
+                k = gr.Dropdown(["2", "3", "4"], value="2", label="Answers", scale=1, min_width=90,
+                                container=False, elem_id="k")
+                compare_btn = gr.Button("Compare answers", scale=2, elem_id="compare")
+                new_btn = gr.Button("New conversation", scale=2, elem_id="new")
+        with gr.Column(scale=1, min_width=260):
+            gr.Markdown("#### Your feedback\nClick 👍 or 👎 under an answer. You can say why, too.")
+            reason = gr.Radio([], label="Why?", visible=False, elem_id="reason")
+            with gr.Accordion("✏️ Write a better answer", open=False):
+                gr.Markdown("Improve the tutor's latest answer. It becomes an example the tutor learns from.")
+                better = gr.Textbox(lines=6, show_label=False, elem_id="better")
+                rewrite_btn = gr.Button("Save my better answer", elem_id="rewrite")
+            gr.Markdown("<small>Conversations and feedback are stored to improve the tutor.</small>")
+    return Page(state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
+                pick_btn=pick_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
+                new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn)
+
+
+def _connect(service: TutorService, page: Page) -> None:
+    """The handlers, closures over `page`, and the events that call them."""
 
     def ensure_conversation(state: dict) -> dict:
         if not state["conversation_id"]:
@@ -65,8 +141,10 @@ def build_demo(service: TutorService) -> gr.Blocks:
             history[-1] = {"role": "assistant", "content": chunk["text"]}
             if chunk["done"]:
                 ids[-1] = chunk["message_id"]
-            yield history, {**state, "ids": ids}, "", version_badge(), gr.update()
-        yield history, {**state, "ids": ids}, "", version_badge(), gr.update(value=history[-1]["content"])
+            yield {page.chatbot: history, page.state: {**state, "ids": ids}, page.message: "",
+                   page.badge: _badge_html(service)}
+        yield {page.chatbot: history, page.state: {**state, "ids": ids}, page.message: "",
+               page.badge: _badge_html(service), page.better: gr.update(value=history[-1]["content"])}
 
     def compare(message: str, k: str, history: list, state: dict):
         try:
@@ -75,24 +153,27 @@ def build_demo(service: TutorService) -> gr.Blocks:
             _fail(exc)
         state = ensure_conversation(state)
         waiting = history + [{"role": "user", "content": message.strip()}]
-        note = gr.update(visible=True, value=f"*Writing {k} answers for you to compare…*")
-        yield (waiting, state, "", gr.update(visible=True), note, *[gr.update(visible=False)] * 3,
-               gr.update(choices=[], value=None), gr.update(visible=False))
+        first, *others = page.boxes  # the first box holds the waiting note
+        yield {page.chatbot: waiting, page.state: state, page.message: "", page.panel: gr.update(visible=True),
+               first: gr.update(visible=True, value=f"*Writing {k} answers for you to compare…*"),
+               **{box: gr.update(visible=False) for box in others},
+               page.choice: gr.update(choices=[], value=None), page.order: gr.update(visible=False)}
         try:
             result = service.compare(state["conversation_id"], message, int(k))
         except UserError as exc:  # e.g. the tutor is busy: put the page back as it was, message included
-            yield (history, state, message, gr.update(visible=False), *[gr.update()] * 4, gr.update(), gr.update())
+            yield {page.chatbot: history, page.state: state, page.message: message,
+                   page.panel: gr.update(visible=False)}
             _fail(exc)
         candidates = result["candidates"]
-        history = waiting
         state = {**state, "ids": state["ids"] + [None], "comparison": result}
-        boxes = [gr.update(visible=i < len(candidates),
-                           value=f"**Answer {LABELS[i]}**\n\n{candidates[i]['text']}" if i < len(candidates) else "")
-                 for i in range(4)]
+        boxes = {box: gr.update(visible=False, value="") for box in page.boxes[len(candidates):]}
+        boxes |= {box: gr.update(visible=True, value=f"**Answer {label}**\n\n{candidate['text']}")
+                  for box, label, candidate in zip(page.boxes, LABELS, candidates)}
         choices = [(f"{LABELS[i]} is best", LABELS[i]) for i in range(len(candidates))]
         choices += [("They are equally good", "tie"), ("Both are bad", "both_bad")]
-        yield (history, state, "", gr.update(visible=True), *boxes,
-               gr.update(choices=choices, value=None), gr.update(visible=len(candidates) > 2, value=""))
+        yield {page.chatbot: waiting, page.state: state, page.message: "", page.panel: gr.update(visible=True),
+               **boxes, page.choice: gr.update(choices=choices, value=None),
+               page.order: gr.update(visible=len(candidates) > 2, value="")}
 
     def pick(choice: str | None, order: str, history: list, state: dict):
         comparison = state["comparison"]
@@ -109,7 +190,8 @@ def build_demo(service: TutorService) -> gr.Blocks:
         history = history + [{"role": "assistant", "content": text}]
         state = {**state, "ids": state["ids"] + [winner], "comparison": None}
         gr.Info("Thanks! The conversation goes on from the answer you chose.")
-        return history, state, gr.update(visible=False), gr.update(value=text)
+        return {page.chatbot: history, page.state: state, page.panel: gr.update(visible=False),
+                page.better: gr.update(value=text)}
 
     def like(data: gr.LikeData, state: dict):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
@@ -123,19 +205,19 @@ def build_demo(service: TutorService) -> gr.Blocks:
             _fail(exc)
         reasons = REASONS_UP if rating == "up" else REASONS_DOWN
         label = "What was good about it? (optional)" if rating == "up" else "What went wrong? (optional)"
-        return {**state, "rated": {"message_id": message_id, "rating": rating}}, gr.update(
-            visible=True, choices=list(reasons), value=None, label=label)
+        return {page.state: {**state, "rated": {"message_id": message_id, "rating": rating}},
+                page.reason: gr.update(visible=True, choices=list(reasons), value=None, label=label)}
 
     def give_reason(reason: str | None, state: dict):
         rated = state["rated"]
-        if not reason or not rated:
-            return gr.update()
+        if not reason or not rated:  # e.g. the radio was reset by `like`: nothing to store
+            return {page.reason: gr.update()}
         try:  # a new row: feedback is append-only and the latest rating of a message counts
             service.rate(rated["message_id"], rated["rating"], reason)
         except UserError as exc:
             _fail(exc)
         gr.Info("Thanks for telling us why.")
-        return gr.update(visible=False)
+        return {page.reason: gr.update(visible=False)}
 
     def rewrite(text: str, history: list, state: dict):
         last = max((i for i, m in enumerate(history) if m["role"] == "assistant" and state["ids"][i]), default=None)
@@ -148,59 +230,29 @@ def build_demo(service: TutorService) -> gr.Blocks:
         history = list(history)
         history[last] = {"role": "assistant", "content": text.strip()}
         gr.Info("Saved. The tutor will learn from your answer, and this conversation goes on from it.")
-        return history
+        return {page.chatbot: history}
 
     def new_conversation():
-        return [], _empty_state(), gr.update(visible=False), gr.update(visible=False), "", version_badge()
+        return {page.chatbot: [], page.state: _empty_state(), page.panel: gr.update(visible=False),
+                page.reason: gr.update(visible=False), page.message: "", page.badge: _badge_html(service)}
 
-    with gr.Blocks(title="Tutor") as demo:
-        register_api(service)  # first, so the contract's endpoint names are not taken by UI events
-        state = gr.State(_empty_state())
-        with gr.Row(elem_id="header"):
-            gr.HTML("<div><h1>📚 Tutor</h1><p>Learn step by step, with a tutor that learns from you.</p></div>")
-            badge = gr.HTML(version_badge())
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id="chatbot", height="60vh", show_label=False, layout="bubble",
-                                     placeholder=f"**Welcome!** {INTRO}", buttons=["copy"],
-                                     feedback_options=("Like", "Dislike"))
-                # Right under the chat, where the learner is looking, not below the input.
-                with gr.Column(visible=False, elem_id="compare-panel", elem_classes="compare-panel") as panel:
-                    gr.Markdown("### Which answer helps you learn best?")
-                    with gr.Row():
-                        boxes = [gr.Markdown(elem_classes="candidate", visible=False) for _ in range(4)]
-                    choice = gr.Radio([], label="Your choice", elem_id="choice")
-                    order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B)", visible=False)
-                    pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick")
-                with gr.Row():
-                    message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
-                                         elem_id="message", autofocus=True, max_lines=6)
-                    send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                with gr.Row():
-                    k = gr.Dropdown(["2", "3", "4"], value="2", label="Answers", scale=1, min_width=90,
-                                    container=False, elem_id="k")
-                    compare_btn = gr.Button("Compare answers", scale=2, elem_id="compare")
-                    new_btn = gr.Button("New conversation", scale=2, elem_id="new")
-            with gr.Column(scale=1, min_width=260):
-                gr.Markdown("#### Your feedback\nClick 👍 or 👎 under an answer. You can say why, too.")
-                reason = gr.Radio([], label="Why?", visible=False, elem_id="reason")
-                with gr.Accordion("✏️ Write a better answer", open=False):
-                    gr.Markdown("Improve the tutor's latest answer. It becomes an example the tutor learns from.")
-                    better = gr.Textbox(lines=6, show_label=False, elem_id="better")
-                    rewrite_btn = gr.Button("Save my better answer", elem_id="rewrite")
-                gr.Markdown("<small>Conversations and feedback are stored to improve the tutor.</small>")
+    def version_badge():
+        return {page.badge: _badge_html(service)}
 
-        outputs = [chatbot, state, message, badge, better]
-        message.submit(send, [message, chatbot, state], outputs, api_visibility="private")
-        send_btn.click(send, [message, chatbot, state], outputs, api_visibility="private")
-        compare_btn.click(compare, [message, k, chatbot, state],
-                          [chatbot, state, message, panel, *boxes, choice, order], api_visibility="private")
-        pick_btn.click(pick, [choice, order, chatbot, state], [chatbot, state, panel, better],
+    # Each event's outputs are every component its handler's dicts may name.
+    chat_outputs = [page.chatbot, page.state, page.message, page.badge, page.better]
+    page.message.submit(send, [page.message, page.chatbot, page.state], chat_outputs, api_visibility="private")
+    page.send_btn.click(send, [page.message, page.chatbot, page.state], chat_outputs, api_visibility="private")
+    page.compare_btn.click(compare, [page.message, page.k, page.chatbot, page.state],
+                           [page.chatbot, page.state, page.message, page.panel, *page.boxes, page.choice,
+                            page.order], api_visibility="private")
+    page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
+                        [page.chatbot, page.state, page.panel, page.better], api_visibility="private")
+    page.chatbot.like(like, [page.state], [page.state, page.reason], api_visibility="private")
+    page.reason.change(give_reason, [page.reason, page.state], [page.reason], api_visibility="private")
+    page.rewrite_btn.click(rewrite, [page.better, page.chatbot, page.state], [page.chatbot],
+                           api_visibility="private")
+    page.new_btn.click(new_conversation, None,
+                       [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge],
                        api_visibility="private")
-        chatbot.like(like, [state], [state, reason], api_visibility="private")
-        reason.change(give_reason, [reason, state], [reason], api_visibility="private")
-        rewrite_btn.click(rewrite, [better, chatbot, state], [chatbot], api_visibility="private")
-        new_btn.click(new_conversation, None, [chatbot, state, panel, reason, message, badge],
-                      api_visibility="private")
-        gr.Timer(10).tick(version_badge, None, badge, api_visibility="private", show_progress="hidden")
-    return demo
+    gr.Timer(10).tick(version_badge, None, [page.badge], api_visibility="private", show_progress="hidden")

@@ -10,7 +10,6 @@ leaves the pointer on a whole, loadable version.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.failpoints import failpoint
+from core.precision import serving_device
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v\d{4,}$")
@@ -36,41 +36,6 @@ class LoadedPolicy:
     model: torch.nn.Module
     tokenizer: object
     version: str
-
-
-def serving_device() -> tuple[str, torch.dtype]:
-    # bf16 halves memory and is fast on GPUs; CPUs without AMX are faster in fp32.
-    if torch.cuda.is_available():
-        # cuDNN's attention builds an execution plan for every new sequence length, and each decoding
-        # step has a new one; flash / memory-efficient attention need no plan.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
-
-
-INFERENCE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def inference_dtype(precision: str) -> torch.dtype | None:
-    """The dtype an inference precision setting asks for: "bf16", "fp32", or "auto" (None: the dtype the
-    model was loaded in, bf16 on a GPU and fp32 on a CPU)."""
-    if precision not in INFERENCE_DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_DTYPES)}, not {precision!r}")
-    return INFERENCE_DTYPES[precision]
-
-
-def for_sampling(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """`model` itself, or a copy cast to the dtype `precision` asks for: sampling can run in bf16 while
-    log-probabilities are still computed by the model as it is."""
-    dtype = inference_dtype(precision)
-    if dtype is None or next(model.parameters()).dtype == dtype:
-        return model
-    return copy.deepcopy(model).to(dtype)
-
-
-def wants_bf16(setting: str | bool) -> bool:
-    """A training precision setting: True, False, or "auto" (bf16 autocast when CUDA is available)."""
-    return torch.cuda.is_available() if setting == "auto" else bool(setting)
 
 
 def load_pretrained(path: Path | str, version: str = "") -> LoadedPolicy:

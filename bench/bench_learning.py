@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,14 +46,9 @@ sys.path.insert(0, str(ROOT))
 from bench.learner import LearnerConfig, collect_answers, give_feedback, load_prompt_set  # noqa: E402
 from bench.learning_metrics import summarise  # noqa: E402
 from bench.rubrics import RUBRICS, Rubric  # noqa: E402
+from core.net import free_port  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "bench" / "configs" / "learning.toml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServedApp:
@@ -135,14 +129,14 @@ def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: s
     an empty answer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.evaluate import sequence_logprob
+    from core.causal_lm import sequence_logprob
+    from core.chat_format import answer_ids, generation_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    contexts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt}, *s["dialogue"]],
-                                              add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    contexts = [generation_prompt_ids(tokenizer, [{"role": "system", "content": system_prompt}, *s["dialogue"]])
                 for s in samples]
-    answers = [tokenizer(s["answer"], add_special_tokens=False)["input_ids"] for s in samples]
+    answers = [answer_ids(tokenizer, s["answer"]) for s in samples]
     totals = sequence_logprob(model, contexts, answers, batch_size=batch_size).tolist()
     return [-total / len(answer) if answer else float("nan") for total, answer in zip(totals, answers)]
 
@@ -217,7 +211,7 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
     import yaml
 
     from app.config import read_config_file
-    from app.prompting import TUTOR_SYSTEM_PROMPT
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
     from bench.learning_report import write_report
 
     started = time.perf_counter()

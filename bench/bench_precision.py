@@ -31,7 +31,7 @@ def main() -> None:
     from accelerate.state import AcceleratorState
 
     from app.embedded import load_embedded
-    from app.prompting import TUTOR_SYSTEM_PROMPT
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
     from bench.learner import load_prompt_set
     from rlhf.data import PreferenceGroup
     from rlhf.ppo import PPOConfig, train_ppo

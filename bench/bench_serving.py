@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.net import free_port  # noqa: E402
 
 PROMPTS = [
     "Can you explain what a fraction is?",
@@ -43,12 +44,6 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -59,7 +54,7 @@ def peak_rss_mib(pid: int) -> float:
 def baseline(policy, prompt: str, max_new_tokens: int) -> tuple[float, int]:
     import torch
 
-    from app.prompting import TUTOR_SYSTEM_PROMPT, fit_context
+    from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 
     messages = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
     _, ids = fit_context(policy.tokenizer, messages, 4096)
@@ -125,7 +120,7 @@ def main() -> None:
     policy = registry.load(registry.current_version())
     import torch
 
-    from app.versions import inference_dtype
+    from core.precision import inference_dtype
 
     if inference_dtype(args.precision) is not None:
         policy.model.to(inference_dtype(args.precision))

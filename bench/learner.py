@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.store import LABELS  # noqa: E402  (display labels of compared answers, A to D)
 from bench.rubrics import RUBRICS, Rubric  # noqa: E402
 
 PROMPT_SET = Path(__file__).resolve().parents[1] / "rlhf" / "assets" / "tutoring_prompts.jsonl"
-LABELS = "ABCD"
 
 
 @dataclass(frozen=True)

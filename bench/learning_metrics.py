@@ -9,24 +9,12 @@
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Sequence
 
 from bench.rubrics import SUCCESS, sentences, word_count
-from rlhf.evaluate import wilson
-
-
-def bootstrap(values: Sequence[float], statistic=lambda v: sum(v) / len(v), samples: int = 1000,
-              seed: int = 0) -> tuple[float, float, float]:
-    """A statistic of `values` with its 95% percentile bootstrap interval."""
-    values = list(values)
-    if not values:
-        return (float("nan"),) * 3
-    rng = random.Random(seed)
-    stats = sorted(statistic([values[rng.randrange(len(values))] for _ in values]) for _ in range(samples))
-    return statistic(values), stats[int(0.025 * samples)], stats[int(0.975 * samples) - 1]
+from core.stats import bootstrap, wilson
 
 
 def success_rate(scores: Sequence[float]) -> tuple[float, float, float]:

@@ -25,9 +25,9 @@ class BagOfTokens(nn.Module):
         self.weight = nn.Parameter(torch.zeros(vocab_size))  # 0: every answer starts equal
         # Length apart: a weight per answer token, trained beside the token weights without a penalty and
         # left out of the reward (as ODIN, Chen et al. 2024, keeps length in a head of its own). Without
-        # it, whatever the token weights share is a price per token: the rankings of run 12 left the mean
-        # token at -0.017, and PPO, paid per token, cut answers from 89 to 54 tokens (run 15). The L2
-        # penalty moves most of that shared part here; center() moves the rest.
+        # it, whatever the token weights share is a price per token, and PPO paid per token learns to
+        # cut answers short (docs/learning.md, runs 15 and 16). The L2 penalty moves most of that shared
+        # part here; center() moves the rest.
         self.length_weight = nn.Parameter(torch.zeros(()))
 
     def forward(self, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:

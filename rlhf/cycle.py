@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from app.failpoints import failpoint
-from app.prompting import TUTOR_SYSTEM_PROMPT
+from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
 from app.versions import ModelRegistry, record_versions
 from rlhf.data import NotEnoughData, check_enough, collect, split_data
-from rlhf.evaluate import GateConfig, evaluate, length_preference, write_report
+from rlhf.evaluate import GateConfig, GateModels, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
 from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
@@ -213,13 +213,14 @@ def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, 
     say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     base = registry.load(registry.versions()[0]).model
     # Which length the users prefer is a count of their own choices, not a fit, so every group votes:
-    # held-out groups alone are too few to see a real preference (31 vs 142 groups in one run).
+    # a cycle holds out about a sixth of the groups, too few to see a real preference.
     lengths = length_preference([[(len(g.completions[c]), len(g.completions[r])) for c, r in g.pairs]
                                  for g in train.preference_groups + heldout.preference_groups])
     metrics["length_preference"] = lengths
     with stage(metrics, "evaluate"):
-        verdict = evaluate(policy.model, new_policy, reference, base, tokenizer, reward_fn, eval_prompts,
-                           TUTOR_SYSTEM_PROMPT, config.gate, preferred_length=lengths["preferred"])
+        verdict = gate(GateModels(current=policy.model, new=new_policy, reference=reference, base=base), tokenizer,
+                       reward_fn, eval_prompts, config.gate, preferred_length=lengths["preferred"],
+                       system_prompt=TUTOR_SYSTEM_PROMPT)
     metrics["gate"] = verdict.metrics
     write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
     say(f"   report: {workdir / 'report.md'}")

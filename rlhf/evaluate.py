@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from app.versions import for_sampling, inference_dtype
-from rlhf.ppo import causal_lm_forward, left_pad, right_pad
-from rlhf.ppo_core import logprobs_from_logits
+from core.causal_lm import left_pad, sequence_logprob
+from core.chat_format import TUTOR_SYSTEM_PROMPT, end_of_turn_ids, generation_prompt_ids
+from core.precision import for_sampling, inference_dtype
+from core.stats import bootstrap, wilson
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
 
@@ -47,7 +48,7 @@ class GateConfig:
     seed: int = 0
     samples_in_report: int = 6
     # Weights' dtype for sampling the answers (and the regression set's): "auto" keeps each model's own;
-    # "bf16" on a CPU with bf16 instructions samples 1.6-2x faster. KL is computed in the models' own dtype.
+    # "bf16" pays on a CPU with bf16 instructions. KL is computed in the models' own dtype.
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -72,47 +73,24 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
     ended keeps its EOS token: ending there is one of the policy's choices, and its log-probability
     belongs in the KL (a policy taught to stop early spends much of its KL on that one token)."""
     torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
+    eos = end_of_turn_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     texts, prompt_ids, answer_ids = [], [], []
     for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        chunk = [generation_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        input_ids, attention_mask = left_pad(chunk, pad_id)
         sample = temperature > 0
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample, top_k=0,
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=sample, top_k=0,
                              temperature=temperature if sample else None, top_p=None,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        for row in range(out.shape[0]):
-            ids = out[row, enc["input_ids"].shape[1]:].tolist()
-            ids = ids[:ids.index(eos) + 1] if eos in ids else ids
-            prompt_ids.append(enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist())
-            answer_ids.append(ids)
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+                             eos_token_id=eos, pad_token_id=pad_id)
+        for prompt, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+            end = next((i for i, token in enumerate(row) if token in eos), None)
+            answer = row if end is None else row[:end + 1]
+            prompt_ids.append(prompt)
+            answer_ids.append(answer)
+            texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     return texts, prompt_ids, answer_ids
-
-
-@torch.no_grad()
-def sequence_logprob(model, prompt_ids: list[list[int]], answer_ids: list[list[int]],
-                     temperature: float = 1.0, batch_size: int = 8) -> torch.Tensor:
-    """Sum of log p(answer token) under `model` sampling at `temperature`, one value per answer.
-
-    Batched as PPO scores its rollouts: prompts padded on the left, answers on the right, so every
-    answer starts where generation started, with the position ids `generate` used; logits only over
-    the answer positions (full-vocabulary logits over the prompts would be wasted)."""
-    totals = torch.zeros(len(answer_ids))
-    for start in range(0, len(answer_ids), batch_size):
-        rows = list(range(start, min(start + batch_size, len(answer_ids))))
-        width = max(len(answer_ids[i]) for i in rows)
-        if not width:
-            continue
-        prompts, prompt_mask = left_pad([prompt_ids[i] for i in rows], pad_id=0)
-        answers, answer_mask = right_pad([answer_ids[i] for i in rows], pad_id=0)
-        ids = torch.cat([prompts, answers], 1).to(model.device)
-        mask = torch.cat([prompt_mask, answer_mask], 1).to(model.device)
-        logits = causal_lm_forward(model, ids, mask, width).logits[:, :-1].float() / temperature  # (B, R, V)
-        logprobs = logprobs_from_logits(logits, answers.to(model.device)) * answer_mask.to(model.device)
-        totals[rows] = logprobs.sum(1).cpu()
-    return totals
 
 
 def mean_kl(policy, other, prompt_ids, answer_ids, temperature: float = 1.0,
@@ -130,17 +108,6 @@ def length_controlled(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     x = lengths.float() - lengths.float().mean()
     slope = (x * (rewards - rewards.mean())).sum() / x.pow(2).sum().clamp(min=1e-8)
     return rewards - slope * x
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """A rate and its Wilson score interval (95% for z = 1.96); NaNs when n = 0."""
-    if n == 0:
-        return (float("nan"),) * 3
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At p = 0 or 1 rounding can put a bound a hair on the wrong side of p (or of [0, 1]).
-    return p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> dict:
@@ -164,13 +131,6 @@ def length_preference(groups: list[list[tuple[int, int]]], z: float = 1.96) -> d
     return {"preferred": preferred, "shorter_wins": share, "ci95": [low, high], "groups": n}
 
 
-def bootstrap_ci(diffs: list[float], samples: int, seed: int) -> tuple[float, float, float]:
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(samples))
-    return sum(diffs) / n, means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
-
-
 def load_regression_set(path: Path = REGRESSION_SET) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -186,30 +146,54 @@ def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict],
     return sum(is_correct(a, it["answers"]) for a, it in zip(answers, items)) / len(items), answers
 
 
-def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: list[list[dict]], system_prompt: str,
-             config: GateConfig, preferred_length: str | None = None) -> Verdict:
-    """current/new/reference/base: causal LMs; reward_score(prompts, answers) -> tensor of rewards;
+@dataclass
+class GateModels:
+    """The causal LMs the gate compares: the candidate against the served policy, and its distance from
+    this cycle's reference and from the base version."""
+
+    current: nn.Module
+    new: nn.Module
+    reference: nn.Module
+    base: nn.Module
+
+
+@dataclass
+class HeadToHead:
+    """Both policies' sampled answers to the same held-out prompts (each prompt k times)."""
+
+    prompts: list[list[dict]]  # (n,) the prompts as asked: each held-out prompt k times in a row
+    current_text: list[str]
+    new_text: list[str]
+    new_prompt_ids: list[list[int]]
+    new_answer_ids: list[list[int]]  # with the closing EOS where the answer ended
+    lengths: torch.Tensor  # (2n,) answer tokens without EOS: the current policy's, then the new one's
+
+
+def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]], config: GateConfig,
+         preferred_length: str | None = None, system_prompt: str = TUTOR_SYSTEM_PROMPT) -> Verdict:
+    """Whether `models.new` may replace `models.current`. reward_score(prompts, answers) -> (N,) rewards;
     preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference)."""
     k = max(1, config.samples_per_prompt) if config.temperature > 0 else 1  # greedy answers repeat themselves
-    asked = [p for p in prompts for _ in range(k)]
-    sampler_cur, sampler_new = for_sampling(current, config.precision), for_sampling(new, config.precision)
-    cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
-                                    seed=config.seed)
-    new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
-                                                 config.temperature, seed=config.seed)
-    rewards = reward_score(asked + asked, cur_text + new_text).float().cpu()
-    lengths = torch.tensor([len(a) - (a[-1:] == [tokenizer.eos_token_id]) for a in cur_ids + new_ids])  # without EOS
-    n = len(asked)
-    len_cur, len_new = lengths[:n].float().mean().item(), lengths[n:].float().mean().item()
+    sampler_cur, sampler_new = for_sampling(models.current, config.precision), for_sampling(models.new, config.precision)
+    # 1. both policies answer the held-out prompts
+    answers = head_to_head(sampler_cur, sampler_new, tokenizer, prompts, k, config)
+    n = len(answers.prompts)
+    # 2. reward gain, controlled for length unless the users asked for the length the new policy moved to
+    rewards = reward_score(answers.prompts + answers.prompts, answers.current_text + answers.new_text).float().cpu()
+    len_cur, len_new = answers.lengths[:n].float().mean().item(), answers.lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"
     users_asked = config.length_control == "auto" and preferred_length == moved
-    adjusted = rewards if users_asked else length_controlled(rewards, lengths)
+    adjusted = rewards if users_asked else length_controlled(rewards, answers.lengths)
     diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
-    mean_diff, low, high = bootstrap_ci(diffs, config.bootstrap_samples, config.seed)
+    mean_diff, low, high = bootstrap(diffs, samples=config.bootstrap_samples, seed=config.seed)
+    # 3. KL of the new policy's own answers to the reference and to the base
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
-    new_logprobs = sequence_logprob(new, new_prompt_ids, new_ids, temperature)  # once, for both KLs
-    kl_ref = mean_kl(new, reference, new_prompt_ids, new_ids, temperature, new_logprobs)
-    kl_base = mean_kl(new, base, new_prompt_ids, new_ids, temperature, new_logprobs) if base is not reference else kl_ref
+    new_logprobs = sequence_logprob(models.new, answers.new_prompt_ids, answers.new_answer_ids, temperature)
+    kl_ref = mean_kl(models.new, models.reference, answers.new_prompt_ids, answers.new_answer_ids, temperature,
+                     new_logprobs)
+    kl_base = kl_ref if models.base is models.reference else mean_kl(
+        models.new, models.base, answers.new_prompt_ids, answers.new_answer_ids, temperature, new_logprobs)
+    # 4. the regression set
     items = load_regression_set()
     acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens)
     acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens)
@@ -217,13 +201,15 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
     p = (acc_cur + acc_new) / 2
     noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
     metrics = {
-        "heldout_prompts": len(prompts), "samples_per_prompt": k, "reward_current": rewards[:n].mean().item(), "reward_new": rewards[n:].mean().item(),
+        "heldout_prompts": len(prompts), "samples_per_prompt": k, "reward_current": rewards[:n].mean().item(),
+        "reward_new": rewards[n:].mean().item(),
         "reward_gain_length_controlled": mean_diff, "reward_gain_ci95": [low, high],
         "length_controlled": not users_asked, "preferred_length": preferred_length,
         "kl_to_reference": kl_ref, "kl_to_base": kl_base, "length_current": len_cur, "length_new": len_new,
         "regression_accuracy_current": acc_cur, "regression_accuracy_new": acc_new,
         "regression_noise": noise, "regression_items": len(items),
     }
+    # 5. the verdict
     reasons = []
     if low <= 0:
         what = "reward gain" if users_asked else "length-controlled reward gain"
@@ -237,10 +223,23 @@ def evaluate(current, new, reference, base, tokenizer, reward_score, prompts: li
         reasons.append(f"mean answer length drifted {len_cur:.0f} -> {len_new:.0f} tokens")
     if acc_new < acc_cur - noise:
         reasons.append(f"regression-set accuracy fell {acc_cur:.0%} -> {acc_new:.0%} (noise {noise:.0%})")
-    samples = [{"prompt": asked[i][-1]["content"], "current": cur_text[i], "new": new_text[i],
-                "reward_current": rewards[i].item(), "reward_new": rewards[n + i].item()}
+    samples = [{"prompt": answers.prompts[i][-1]["content"], "current": answers.current_text[i],
+                "new": answers.new_text[i], "reward_current": rewards[i].item(), "reward_new": rewards[n + i].item()}
                for i in range(0, min(config.samples_in_report, len(prompts)) * k, k)]
     return Verdict(promote=not reasons, reasons=reasons, metrics=metrics, samples=samples)
+
+
+def head_to_head(sampler_cur, sampler_new, tokenizer, prompts: list[list[dict]], k: int,
+                 config: GateConfig) -> HeadToHead:
+    """Each prompt k times to each policy, from the same seed; answer lengths without their EOS."""
+    asked = [p for p in prompts for _ in range(k)]
+    cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
+                                    seed=config.seed)
+    new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
+                                                 config.temperature, seed=config.seed)
+    eos = set(end_of_turn_ids(sampler_cur, tokenizer)) | set(end_of_turn_ids(sampler_new, tokenizer))
+    lengths = torch.tensor([len(a) - (bool(a) and a[-1] in eos) for a in cur_ids + new_ids])
+    return HeadToHead(asked, cur_text, new_text, new_prompt_ids, new_ids, lengths)
 
 
 def write_report(verdict: Verdict, path: Path, extra: dict | None = None) -> None:

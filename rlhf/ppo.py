@@ -20,7 +20,7 @@ Accelerate places the model and runs backward / mixed precision, so `accelerate 
 same code data-parallel: every process generates its own rollout_batch_size answers, statistics
 and the KL controller use the mean over processes, advantages are whitened per process.
 
-Alignment: logits at position t predict token t + 1. For a (B, P + R) prompt + response batch,
+Alignment (core/causal_lm.py): logits at position t predict token t + 1. For a (B, P + R) prompt + response batch,
 logits[:, P - 1 : P + R - 1] score the R response tokens, and the value at the same position is
 V of the state just before that token. The response mask covers the generated tokens up to and
 including the first EOS, never the padding after it.
@@ -28,7 +28,6 @@ including the first EOS, never the padding after it.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +42,9 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
-from app.versions import inference_dtype, wants_bf16
+from core.causal_lm import causal_lm_forward, left_pad, logprobs_from_logits
+from core.chat_format import end_of_turn_ids, generation_prompt_ids
+from core.precision import inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
 
 Message = dict[str, str]
@@ -69,8 +70,8 @@ class PPOConfig:
     target_kl: float = 6.0  # nats per answer (summed over its tokens)
     kl_horizon: int = 10000
     # Early stop: the run ends before training on a batch whose rollouts are this far (nats per answer)
-    # from the reference. Past it PPO mostly exploits the reward model (on the embedded model: answers
-    # shrank from 88 to 19 tokens between KL 6 and 13 while the reward kept rising). 0 turns it off.
+    # from the reference. Past it PPO mostly exploits the reward model: answers shrink while the reward
+    # keeps rising (docs/learning.md, "PPO's early stop"). 0 turns it off.
     stop_kl: float = 8.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -151,50 +152,6 @@ def check_gradients_reach(module: nn.Module) -> None:
         raise RuntimeError("PPO: no gradient reaches the LoRA adapters; the policy would not change")
 
 
-def causal_lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_len: int, **kwargs):
-    """Forward with the position ids `generate` used for left-padded prompts, keeping only the
-    R + 1 logits that score the response (full-vocabulary logits over the prompt are wasted
-    memory)."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, L)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 logits_to_keep=response_len + 1, use_cache=False, **kwargs)
-
-
-def eos_ids_of(model: nn.Module, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-def encode_prompts(tokenizer, prompts: Sequence[list[Message]]) -> list[list[int]]:
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so every prompt ends where generation starts. Returns ids and mask, (B, P)."""
-    return _pad(sequences, pad_id, left=True)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding, so every row starts at position 0 (answers after their prompts, a reward model's
-    rows read at their last real token). Returns ids and mask, (B, L)."""
-    return _pad(sequences, pad_id, left=False)
-
-
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(s) for s in sequences), default=0)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        input_ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, cols] = 1
-    return input_ids, attention_mask
-
-
 def response_mask(responses: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask (B, R) bool, ended (B,) bool): mask covers the tokens up to and including the
     first EOS; `generate` pads after it (often with the EOS id itself). Rows without EOS keep
@@ -258,11 +215,11 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     accelerator = Accelerator(mixed_precision=precision)
     set_seed(config.seed + accelerator.process_index)  # each process samples different answers
 
-    eos_ids = eos_ids_of(model, tokenizer)
+    eos_ids = end_of_turn_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     gen_config = generation_config_for(config, eos_ids, pad_id)
     prompts = list(prompts)
-    encoded = encode_prompts(tokenizer, prompts)
+    encoded = [generation_prompt_ids(tokenizer, p) for p in prompts]
 
     module = PolicyAndValue(model, config).eval()  # eval: no dropout anywhere, see above
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
@@ -294,7 +251,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             # 1. generate
             queries, query_mask = left_pad([encoded[i] for i in b_prompt_idx], pad_id)
             queries, query_mask = queries.to(device), query_mask.to(device)
-            sampler = module.policy if rollout_dtype is None else rollout_copy(module.policy, rollout_dtype)
+            sampler = module.policy if rollout_dtype is None else sampling_copy(module.policy, rollout_dtype)
             b_query_responses = sampler.generate(input_ids=queries, attention_mask=query_mask,
                                                  generation_config=gen_config)  # (B, P + R)
             del sampler
@@ -312,11 +269,11 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             # 3. log-probs of policy (old) and reference, and values, one pass each
             logits, b_values = wrapped(b_query_responses, b_attention, R)  # (B, R, V), (B, R)
             logits = logits / config.temperature
-            b_logprobs = ppo_core.logprobs_from_logits(logits, b_responses)  # (B, R)
+            b_logprobs = logprobs_from_logits(logits, b_responses)  # (B, R)
             entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits), b_mask)
             del logits
             ref_logits = module.reference_logits(b_query_responses, b_attention, R) / config.temperature
-            b_ref_logprobs = ppo_core.logprobs_from_logits(ref_logits, b_responses)  # (B, R)
+            b_ref_logprobs = logprobs_from_logits(ref_logits, b_responses)  # (B, R)
             del ref_logits
 
             # 4. per-token KL penalty + score on the last response token (or on each token, when it splits)
@@ -347,7 +304,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                 mb_inds = b_inds[mb_start:mb_start + config.minibatch_size]
                 mb_mask = b_mask[mb_inds]
                 logits, mb_values = wrapped(b_query_responses[mb_inds], b_attention[mb_inds], R)
-                mb_logprobs = ppo_core.logprobs_from_logits(logits / config.temperature, b_responses[mb_inds])
+                mb_logprobs = logprobs_from_logits(logits / config.temperature, b_responses[mb_inds])
                 pg_loss, pg_stats = ppo_core.policy_loss(mb_logprobs, b_logprobs[mb_inds],
                                                          b_advantages[mb_inds], mb_mask, config.clip_range)
                 vf_loss, vf_stats = ppo_core.value_loss(mb_values, b_values[mb_inds], b_returns[mb_inds],
@@ -382,11 +339,6 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     accelerator.wait_for_everyone()
     policy = module.policy.merge_and_unload() if merge else module.policy
     return PPOResult(model=policy, value_head=module.value_head, history=history)
-
-
-def rollout_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A plain model that samples as `policy` (a PeftModel) does now: adapters merged, weights cast."""
-    return copy.deepcopy(policy).merge_and_unload().to(dtype).eval()
 
 
 def save_history(history: list[dict], path: str | Path) -> Path:

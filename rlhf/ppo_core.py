@@ -2,8 +2,8 @@
 
 Small torch-only functions, one per equation, so the PPO loop can read as numbered steps:
 rewards from the reward model and the per-token KL penalty to the reference, GAE, then the
-clipped policy and value losses. Every tensor is (B, T) over the same token positions, and
-`mask` (B, T), float or bool, marks the response tokens the policy generated; prompt and
+clipped policy and value losses (token log-probs from logits are core/causal_lm.py's). Every
+tensor is (B, T) over the same token positions, and `mask` (B, T), float or bool, marks the response tokens the policy generated; prompt and
 padding positions never contribute to a result.
 """
 
@@ -11,18 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-KL_KINDS = ("k1", "abs", "mse", "k3")
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(token) for each position. The caller aligns logits[:, t] with the token at t.
-
-    Upcast to float32 because log_softmax in bf16 loses the small log-prob differences that
-    the PPO ratio and the KL penalty are built from.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -70,22 +58,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where(mask.bool(), whitened, 0.0)
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy.
-
-    k1 is the unbiased estimator InstructGPT uses; k3 (Schulman, "Approximating KL
-    divergence") is also unbiased but never negative and has lower variance.
-    """
-    log_ratio = logprobs - ref_logprobs  # (B, T)
-    if kind == "k1":
-        return log_ratio
-    if kind == "abs":
-        return log_ratio.abs()
-    if kind == "mse":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return (-log_ratio).exp() - 1 + log_ratio
-    raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {KL_KINDS}")
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy: the log-ratio
+    (k1), unbiased, the estimator InstructGPT uses. Summed over an answer it is the Monte Carlo KL of
+    the whole answer that the gate measures too. (B, T)"""
+    return logprobs - ref_logprobs
 
 
 def last_response_index(mask: torch.Tensor) -> torch.Tensor:
@@ -96,8 +73,7 @@ def last_response_index(mask: torch.Tensor) -> torch.Tensor:
 
 def per_token_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                       mask: torch.Tensor, kl_coef: float | torch.Tensor,
-                      last_index: torch.Tensor | None = None,
-                      kind: str = "k1", token_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      token_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """R(x, y) = r(x, y) - beta * KL, spread over tokens as in Ziegler et al.: the KL penalty
     on every response token, the reward-model score on the last one (the only token after
     which the whole answer has been seen). Returns (rewards, kl), both (B, T).
@@ -108,14 +84,13 @@ def per_token_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs:
     through GAE's lambda^k (0.95^50 = 0.08 fifty tokens before the end).
     """
     m = mask.bool()
-    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kind), 0.0)  # (B, T)
+    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs), 0.0)  # (B, T)
     rewards = -kl_coef * kl  # (B, T)
     if token_scores is not None:
         token_scores = torch.where(m, token_scores.to(rewards.dtype), 0.0)
         rewards = rewards + token_scores
         score = score - token_scores.sum(1)
-    if last_index is None:
-        last_index = last_response_index(mask)  # (B,)
+    last_index = last_response_index(mask)  # (B,)
     has_response = m.any(dim=1)  # (B,)
     bonus = torch.where(has_response, score.to(rewards.dtype), 0.0)  # (B,)
     rewards = rewards.scatter_add(1, last_index.long().unsqueeze(1), bonus.unsqueeze(1))

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from app.versions import serving_device, wants_bf16
+from core.causal_lm import answer_logprob, answer_mask, right_pad
+from core.chat_format import scored_answer_ids
+from core.precision import serving_device, wants_bf16
+from core.stats import pearson, wilson
 from rlhf.bag_of_tokens import BagOfTokens
 from rlhf.data import Message, PreferenceGroup
-from rlhf.evaluate import wilson
-from rlhf.ppo import right_pad
-from rlhf.ppo_core import logprobs_from_logits
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -54,8 +54,8 @@ class RewardConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    # None: 5e-4 for LoRA (1e-4 barely moved the loss in 2 epochs), 0.05 for bag_of_tokens' weights;
-    # full fine-tuning wants ~1e-5
+    # None: the form's own (lr()): LoRA adapters and a bag of token weights want very different steps;
+    # full fine-tuning (use_lora = false) wants ~1e-5
     learning_rate: float | None = None
     epochs: int = 3
     groups_per_batch: int = 4  # whole rankings per optimiser step, not pairs
@@ -64,8 +64,8 @@ class RewardConfig:
     min_heldout_accuracy: float = 0.6  # pairwise, held-out: the gate to go on to PPO
     use_lora: bool = True
     # bf16 autocast in training (the loss, the optimiser and the scores stay fp32). Off by default, also
-    # on a GPU, where the reward model was measured in fp32. On a CPU with AVX512-BF16 an epoch of the
-    # embedded model took half the time (bench/bench_precision.py). "auto": on with CUDA.
+    # on a GPU, where the reward model's accuracy was measured in fp32; a CPU with AVX512-BF16 trains
+    # faster with it (bench/bench_precision.py). "auto": on with CUDA.
     bf16: str | bool = False
     form: str = "score_head"  # or "implicit" / "bag_of_tokens" (module docstring)
     beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
@@ -128,22 +128,11 @@ class GroupBatch:
     answer_start: torch.Tensor  # (R,) position of each row's first answer token
 
 
-def encode_answer(tokenizer, prompt: list[Message], completion: str, max_length: int) -> tuple[list[int], int]:
-    """Chat-template tokens of prompt + the assistant's completion, cut from the left to fit (the
-    reward is read at the end, so the end, the completion, is what must survive), and where the answer
-    starts in them (after the assistant header)."""
-    messages = [*prompt, {"role": "assistant", "content": completion}]
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    start = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
-    cut = max(0, len(ids) - max_length)
-    return ids[cut:], max(0, start - cut)
-
-
 def encode_rows(tokenizer, prompts: Sequence[list[Message]], completions: Sequence[str],
                 max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, answer_start) of prompt + completion rows, right padded so a score
     head reads each row's last real token."""
-    rows, starts = zip(*(encode_answer(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)))
+    rows, starts = zip(*(scored_answer_ids(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)))
     input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)
     return input_ids, attention_mask, torch.tensor(starts)
 
@@ -174,27 +163,6 @@ def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     config.pad_token_id), on the model's device. (R, T) -> (R,)"""
     device = next(model.parameters()).device
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.squeeze(-1).float()
-
-
-def answer_mask(attention_mask: torch.Tensor, answer_start: torch.Tensor) -> torch.Tensor:
-    """(R, T) bool: the positions of each row's answer tokens (not its prompt, not its padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions >= answer_start.to(attention_mask.device)[:, None]) & attention_mask.bool()
-
-
-def answer_logprob(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   answer_start: torch.Tensor) -> torch.Tensor:
-    """log pi(answer | prompt) of each row: the sum over its answer tokens. (R, T) -> (R,)
-
-    Only the logits from the earliest answer on are computed (logits_to_keep): over the prompt they
-    would be most of the memory and none of the result."""
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    first = max(1, int(answer_start.min()))  # a token is scored by the logits one position before it
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # predict tokens first..T-1
-    logp = logprobs_from_logits(logits, input_ids[:, first:])  # (R, T - first) fp32
-    return (logp * answer_mask(attention_mask, answer_start)[:, first:]).sum(-1)
 
 
 def implicit_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_start: torch.Tensor,
@@ -298,21 +266,8 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
     return epoch_losses
 
 
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    """None when undefined (fewer than 2 points or a constant side); JSON has no NaN."""
-    if len(x) < 2:
-        return None
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, groups: Sequence[PreferenceGroup], config: RewardConfig) -> dict:
+def heldout_metrics(model, tokenizer, groups: Sequence[PreferenceGroup], config: RewardConfig) -> dict:
     """Held-out pairwise accuracy (over pairs; a tie counts as wrong), the grouped loss, and
     the Pearson correlation of reward with completion length in tokens: a reward model that
     mostly counts tokens would push PPO towards longer, not better, answers."""
@@ -335,7 +290,7 @@ def evaluate(model, tokenizer, groups: Sequence[PreferenceGroup], config: Reward
             "heldout_reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else None,
             "heldout_pairs": n_pairs, "heldout_groups": len(groups),
             "heldout_loss": losses / weights if weights else None,
-            "length_correlation": _pearson(rewards, lengths)}
+            "length_correlation": pearson(rewards, lengths)}
 
 
 def train_reward_model(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup],
@@ -349,7 +304,8 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
     model, tokenizer = build_reward_model(policy_dir, config)
     epoch_losses = fit(model, tokenizer, train_groups, config, progress)
     if config.form == "bag_of_tokens" and config.length_apart:
-        answers = [encode_answer(tokenizer, g.prompt, text, config.max_length) for g in train_groups for text in g.completions]
+        answers = [scored_answer_ids(tokenizer, g.prompt, text, config.max_length)
+                   for g in train_groups for text in g.completions]
         model.center([ids[start:] for ids, start in answers])
     if config.use_lora and config.form == "score_head":
         model = model.merge_and_unload()  # a plain model: PPO and serving need no peft
@@ -357,7 +313,7 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
     metrics = {"train_loss": epoch_losses,
                "train_groups": len(train_groups),
                "train_pairs": sum(len(g.pairs) for g in train_groups),
-               **evaluate(model, tokenizer, heldout_groups, config),
+               **heldout_metrics(model, tokenizer, heldout_groups, config),
                "config": asdict(config)}
     if config.form == "implicit":
         metrics["reference"] = str(policy_dir)  # the saved adapters need it back to give a reward
@@ -381,7 +337,8 @@ def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = No
     if not accuracy > config.min_heldout_accuracy:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is "
                             f"not above {config.min_heldout_accuracy:.2f}; " + STOP)
-    # Few held-out pairs make a chance-level model look good: random feedback gave 0.60 on 84 pairs.
+    # Few held-out pairs make a chance-level model look good: random feedback can clear the accuracy
+    # alone (docs/learning.md, "The reward-model check").
     _, low, _ = wilson(round(accuracy * pairs), pairs)
     if low <= 0.5:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is not clearly "

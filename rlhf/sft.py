@@ -10,8 +10,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import torch
 from transformers import AutoModelForCausalLM
+
+from core.precision import serving_device, training_device
 
 
 @dataclass
@@ -49,8 +50,7 @@ def run_sft(model, tokenizer, records: list[dict], settings: SFTSettings, progre
             output_dir=out, num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
             per_device_train_batch_size=settings.batch_size, max_length=settings.max_length,
             completion_only_loss=True, packing=False, logging_steps=1, save_strategy="no", report_to=[],
-            disable_tqdm=True, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-            seed=settings.seed,
+            disable_tqdm=True, seed=settings.seed, **training_device(),
         )
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -63,7 +63,8 @@ def run_sft(model, tokenizer, records: list[dict], settings: SFTSettings, progre
     clean = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
     clean.load_state_dict(merged.state_dict())
     clean.generation_config = merged.generation_config
-    clean = clean.float().cpu() if not torch.cuda.is_available() else clean.to(merged.device)
+    device, dtype = serving_device()  # where and how every policy of a cycle is held
+    clean = clean.to(device=device, dtype=dtype)
     return clean.eval(), {"sft_examples": len(records), "sft_loss_first": losses[0] if losses else None,
                            "sft_loss_last": losses[-1] if losses else None,
                            "sft_seconds": round(time.perf_counter() - started, 1)}

@@ -1,6 +1,5 @@
 import contextlib
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from core.net import free_port  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # tests run offline
@@ -22,12 +22,6 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-policy"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

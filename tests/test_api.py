@@ -22,7 +22,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from app.engine import SamplingConfig
-from app.prompting import TUTOR_SYSTEM_PROMPT
+from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.service import Limits
 from tiny import tiny_model, tiny_tokenizer
 
@@ -436,10 +436,10 @@ def test_cancelling_a_stream_stops_generation_and_stores_nothing(endless_app, mo
         for received, chunk in enumerate(job, 1):
             if received == 3:
                 break
-        assert chunk["done"] is False and engine.load()["running"] == 1
+        assert chunk["done"] is False and engine.load_stats()["running"] == 1
         job.cancel()
 
-        assert wait_until(lambda: engine.load()["running"] == 0, timeout=10), engine.load()
+        assert wait_until(lambda: engine.load_stats()["running"] == 0, timeout=10), engine.load_stats()
         (request,) = requests
         assert request.finish_reason == "cancelled"
         assert len(request.token_ids) < max_new_tokens
@@ -453,7 +453,7 @@ def test_cancelling_a_stream_stops_generation_and_stores_nothing(endless_app, mo
         first = next(retry)
         assert first["done"] is False and first["message_id"]
         retry.cancel()
-        assert wait_until(lambda: engine.load()["running"] == 0, timeout=10), engine.load()
+        assert wait_until(lambda: engine.load_stats()["running"] == 0, timeout=10), engine.load_stats()
     finally:
         client.close()
 

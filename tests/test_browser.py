@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import tempfile
 import time
@@ -41,6 +40,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from app.config import ServeConfig  # noqa: E402
 from app.engine import SamplingConfig  # noqa: E402
 from app.server import create_app  # noqa: E402
+from core.net import free_port  # noqa: E402
 
 CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -77,12 +77,6 @@ def wait(driver) -> WebDriverWait:
     """Svelte replaces nodes while it updates: a node gone stale between two calls is simply asked again."""
     return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1,
                          ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def squash(text: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from app.embedded import ensure_base
 from app.engine import EngineConfig, GenerationEngine, SamplingConfig
-from app.prompting import TUTOR_SYSTEM_PROMPT, fit_context
+from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 from app.store import Store
 from app.versions import ModelRegistry
 from rlhf.cycle import CycleConfig, CycleError, retrain_lock, rollback, run_cycle

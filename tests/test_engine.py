@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.engine import EngineBusy, EngineConfig, GenerationEngine, SamplingConfig
-from app.prompting import fit_context
+from core.chat_format import fit_context
 from app.versions import ModelRegistry, load_pretrained
 from tiny import tiny_model, tiny_tokenizer
 
@@ -150,9 +150,9 @@ def test_cancel_stops_generation_and_frees_the_row(engine_factory):
     assert request.finish_reason == "cancelled"
     assert len(request.token_ids) < 1000
     deadline = time.time() + 5
-    while engine.load()["running"] and time.time() < deadline:
+    while engine.load_stats()["running"] and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.load()["running"] == 0
+    assert engine.load_stats()["running"] == 0
 
 
 def test_queue_is_bounded(engine_factory):

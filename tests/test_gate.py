@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from rlhf.evaluate import GateConfig, evaluate, length_preference
+from rlhf.evaluate import GateConfig, GateModels, gate, length_preference
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": f"Question {i}: tell me about fractions?"}] for i in range(24)]
@@ -44,21 +44,23 @@ def test_a_gain_from_length_alone_needs_the_users_to_want_that_length(shorter_po
     def shortness(prompts, answers):  # a reward model that learned nothing but "shorter is better"
         return torch.tensor([-float(len(tokenizer(a)["input_ids"])) for a in answers])
 
-    asked = evaluate(current, new, current, current, tokenizer, shortness, PROMPTS, "", GATE, preferred_length="shorter")
+    asked = gate(GateModels(current, new, current, current), tokenizer, shortness, PROMPTS, GATE,
+                 preferred_length="shorter", system_prompt="")
     assert asked.metrics["length_new"] < asked.metrics["length_current"] / 1.6  # a drift the band would refuse
     assert asked.promote, asked.reasons
     assert asked.metrics["length_controlled"] is False
 
     for preferred in (None, "longer"):
-        refused = evaluate(current, new, current, current, tokenizer, shortness, PROMPTS, "", GATE,
-                           preferred_length=preferred)
+        refused = gate(GateModels(current, new, current, current), tokenizer, shortness, PROMPTS, GATE,
+                       preferred_length=preferred, system_prompt="")
         assert not refused.promote and refused.metrics["length_controlled"] is True
         assert any("length" in reason for reason in refused.reasons), refused.reasons
 
 
 def test_gate_kl_is_the_divergence_of_the_sampled_distributions():
     """KL at the gate's temperature: the exact per-token sum for one answer, and zero for a model vs itself."""
-    from rlhf.evaluate import mean_kl, sequence_logprob
+    from core.causal_lm import sequence_logprob
+    from rlhf.evaluate import mean_kl
 
     tokenizer = tiny_tokenizer()
     a, b = tiny_model(tokenizer, seed=1), tiny_model(tokenizer, seed=2)
@@ -78,7 +80,7 @@ def test_gate_kl_is_the_divergence_of_the_sampled_distributions():
 def test_batched_log_probs_equal_one_row_at_a_time():
     """Prompts and answers of different lengths (one answer empty) scored in padded batches give each
     answer the log-probability a lone forward pass gives it."""
-    from rlhf.evaluate import sequence_logprob
+    from core.causal_lm import sequence_logprob
 
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer, seed=4)
@@ -111,8 +113,8 @@ def test_gate_kl_counts_the_choice_to_stop(shorter_policy):
     without = mean_kl(new, current, prompt_ids, cut, 1.0)
     assert with_stop > without + 0.5
 
-    verdict = evaluate(current, new, current, current, tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS, "",
-                       dataclasses.replace(GATE, samples_per_prompt=1))
+    verdict = gate(GateModels(current, new, current, current), tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS,
+                   dataclasses.replace(GATE, samples_per_prompt=1), system_prompt="")
     assert verdict.metrics["kl_to_reference"] == pytest.approx(with_stop, rel=1e-4)
     assert verdict.metrics["length_new"] == pytest.approx(sum(map(len, cut)) / len(cut))
 
@@ -124,7 +126,8 @@ def test_the_gate_samples_in_bf16_and_measures_kl_with_the_models_as_they_are(sh
 
     tokenizer, current, new = shorter_policy
     config = dataclasses.replace(GATE, samples_per_prompt=1, precision="bf16")
-    verdict = evaluate(current, new, current, current, tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS, "", config)
+    verdict = gate(GateModels(current, new, current, current), tokenizer, lambda p, a: torch.zeros(len(a)), PROMPTS,
+                   config, system_prompt="")
     assert {p.dtype for m in (current, new) for p in m.parameters()} == {torch.float32}
     _, prompt_ids, answer_ids = generate(copy.deepcopy(new).to(torch.bfloat16), tokenizer, PROMPTS,
                                          GATE.max_new_tokens, GATE.temperature, seed=GATE.seed)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from core.causal_lm import left_pad, logprobs_from_logits
+from core.chat_format import generation_prompt_ids
 from rlhf import ppo_core
-from rlhf.ppo import (PolicyAndValue, PPOConfig, encode_prompts, generation_config_for, left_pad,
-                      response_mask, save_history, score_responses, token_scores_of, train_ppo)
+from rlhf.ppo import (PolicyAndValue, PPOConfig, generation_config_for, response_mask, save_history,
+                      score_responses, token_scores_of, train_ppo)
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
@@ -31,7 +33,7 @@ def make_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 def prompt_and_response_batch(tokenizer, response_len: int = 6, seed: int = 0):
     """Left-padded prompts followed by random response tokens: (ids, attention mask, P)."""
-    queries, query_mask = left_pad(encode_prompts(tokenizer, PROMPTS), tokenizer.pad_token_id)
+    queries, query_mask = left_pad([generation_prompt_ids(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
     responses = torch.randint(3, len(tokenizer), (len(PROMPTS), response_len),
                               generator=torch.Generator().manual_seed(seed))
     input_ids = torch.cat([queries, responses], dim=1)
@@ -44,7 +46,7 @@ def plain_logprobs(model, input_ids, attention, prompt_len):
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
-    return ppo_core.logprobs_from_logits(logits[:, prompt_len - 1:-1], input_ids[:, prompt_len:])
+    return logprobs_from_logits(logits[:, prompt_len - 1:-1], input_ids[:, prompt_len:])
 
 
 @pytest.fixture
@@ -133,17 +135,17 @@ def test_reference_is_the_base_model_with_adapters_disabled():
     input_ids, attention, prompt_len = prompt_and_response_batch(tokenizer)
     R = input_ids.shape[1] - prompt_len
     expected = plain_logprobs(original, input_ids, attention, prompt_len)  # (B, R)
-    reference = ppo_core.logprobs_from_logits(module.reference_logits(input_ids, attention, R),
+    reference = logprobs_from_logits(module.reference_logits(input_ids, attention, R),
                                               input_ids[:, prompt_len:])
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         policy_logits, values = module(input_ids, attention, R)
-    policy = ppo_core.logprobs_from_logits(policy_logits, input_ids[:, prompt_len:])
+    policy = logprobs_from_logits(policy_logits, input_ids[:, prompt_len:])
     assert values.shape == policy.shape == (len(PROMPTS), R)
     assert (policy - expected).abs().max() > 0.1
     # Disabling the adapters for the reference left them enabled afterwards.
     with torch.no_grad():
-        again = ppo_core.logprobs_from_logits(module(input_ids, attention, R)[0], input_ids[:, prompt_len:])
+        again = logprobs_from_logits(module(input_ids, attention, R)[0], input_ids[:, prompt_len:])
     torch.testing.assert_close(again, policy)
 
 
@@ -154,7 +156,7 @@ def test_logprobs_line_up_with_what_generate_sampled():
     tokenizer = tiny_tokenizer()
     config = PPOConfig(max_new_tokens=12)
     module = PolicyAndValue(make_model(tokenizer), config).eval()
-    queries, query_mask = left_pad(encode_prompts(tokenizer, PROMPTS), tokenizer.pad_token_id)
+    queries, query_mask = left_pad([generation_prompt_ids(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
     assert (query_mask == 0).any()  # the prompts really have different lengths
     with torch.no_grad():
         out = module.policy.generate(input_ids=queries, attention_mask=query_mask, output_logits=True,
@@ -164,8 +166,8 @@ def test_logprobs_line_up_with_what_generate_sampled():
         mask, _ = response_mask(responses, [EOS])
         attention = torch.cat([query_mask, mask.long()], dim=1)
         logits, _ = module(out.sequences, attention, responses.shape[1])
-    sampled = ppo_core.logprobs_from_logits(torch.stack(out.logits, dim=1), responses)
-    ours = ppo_core.logprobs_from_logits(logits, responses)
+    sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), responses)
+    ours = logprobs_from_logits(logits, responses)
     torch.testing.assert_close(torch.where(mask, ours, 0.0), torch.where(mask, sampled, 0.0),
                                atol=1e-4, rtol=1e-4)
 

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.chat_format import scored_answer_ids
 from rlhf.data import PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, build_reward_model, check_reward_model,
-                         collate_groups, encode_answer, fit, grouped_bt_loss, load_reward_model, rewards_of,
+                         collate_groups, fit, grouped_bt_loss, load_reward_model, rewards_of,
                          save_reward_model, score, train_reward_model)
 
 SYSTEM = {"role": "system", "content": "You are a patient tutor."}
@@ -224,7 +225,7 @@ def test_implicit_reward_is_beta_times_the_answer_log_ratio(tiny_model_dir):
     got = score(model, tokenizer, [prompt] * 2, answers, config=IMPLICIT)  # one padded batch
 
     def answer_logprob_by_hand(text):
-        ids, start = encode_answer(tokenizer, prompt, text, IMPLICIT.max_length)
+        ids, start = scored_answer_ids(tokenizer, prompt, text, IMPLICIT.max_length)
         assert tokenizer.decode(ids[start:]).startswith(text)  # the answer, and not the assistant header
         ids = torch.tensor([ids])
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -276,7 +277,7 @@ def test_bag_of_tokens_reward_is_the_sum_of_the_answer_tokens_weights(tiny_model
         model.weight.copy_(torch.randn(model.weight.shape, generator=torch.Generator().manual_seed(0)))
     expected = []
     for text in answers:
-        ids, start = encode_answer(tokenizer, prompt, text, BAG.max_length)
+        ids, start = scored_answer_ids(tokenizer, prompt, text, BAG.max_length)
         expected.append(sum(model.weight[i].item() for i in ids[start:]))
     torch.testing.assert_close(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.tensor(expected))
 
@@ -324,7 +325,7 @@ def test_bag_of_tokens_keeps_length_apart_from_its_reward(tiny_model_dir, tmp_pa
         ids = []
         for g in train:
             for text in g.completions:
-                encoded, start = encode_answer(result.tokenizer, g.prompt, text, BAG.max_length)
+                encoded, start = scored_answer_ids(result.tokenizer, g.prompt, text, BAG.max_length)
                 ids += encoded[start:]
         return result.model.weight[torch.tensor(ids)].mean().item()
 

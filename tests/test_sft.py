@@ -1,7 +1,7 @@
 """SFT on prompt/completion demonstrations: the demonstrated answers become likelier, the prompt is not trained on."""
 import torch
 
-from rlhf.evaluate import sequence_logprob
+from core.causal_lm import sequence_logprob
 from rlhf.sft import SFTSettings, run_sft
 from tiny import tiny_model, tiny_tokenizer
 
