@@ -14,7 +14,7 @@ import gradio as gr
 from app.service import TutorService, UserError
 
 
-def user_errors(fn):
+def as_gradio_error(fn):
     """Turns UserError into gr.Error for plain functions and generators alike."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -37,27 +37,27 @@ def user_errors(fn):
 def register_api(service: TutorService, concurrency_limit: int | None = 64) -> None:
     """Must be called inside a `gr.Blocks` context."""
 
-    @user_errors
+    @as_gradio_error
     def new_conversation(user: str = "", purpose: str = "chat") -> dict:
         return service.new_conversation(user, purpose)
 
-    @user_errors
+    @as_gradio_error
     def chat(conversation_id: str, message: str) -> Iterator[dict]:
         yield from service.chat(conversation_id, message)
 
-    @user_errors
+    @as_gradio_error
     def compare(conversation_id: str, message: str, k: int = 2) -> dict:
         return service.compare(conversation_id, message, k)
 
-    @user_errors
+    @as_gradio_error
     def pick(comparison_id: str, choice: str) -> dict:
         return service.pick(comparison_id, choice)
 
-    @user_errors
+    @as_gradio_error
     def rate(message_id: str, rating: str, reason: str = "") -> dict:
         return service.rate(message_id, rating, reason)
 
-    @user_errors
+    @as_gradio_error
     def rewrite(message_id: str, text: str) -> dict:
         return service.rewrite(message_id, text)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -63,13 +64,14 @@ class TutorService:
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
             try:
-                for chunk in _user_errors(request.token_chunks()):
-                    tokens.extend(chunk)
-                    text = _decode(request, tokens)
-                    if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                        continue
-                    yield {"message_id": message_id, "text": text,
-                           "model_version": request.model_version, "done": False}
+                with as_user_error(PromptTooLong):  # the engine finds that the prompt cannot fit
+                    for chunk in request.token_chunks():
+                        tokens.extend(chunk)
+                        text = _decode(request, tokens)
+                        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                            continue
+                        yield {"message_id": message_id, "text": text,
+                               "model_version": request.model_version, "done": False}
             finally:
                 request.cancel()  # no-op when finished; stops the row when the client went away
             if request.finish_reason == "cancelled":
@@ -91,7 +93,8 @@ class TutorService:
         with self._turn(conversation_id):
             requests = [self._submit(messages) for _ in range(k)]
             try:
-                texts = [_decode(r, list(_user_errors(r.tokens()))) for r in requests]
+                with as_user_error(PromptTooLong):
+                    texts = [_decode(r, list(r.tokens())) for r in requests]
             finally:
                 for r in requests:
                     r.cancel()
@@ -105,7 +108,7 @@ class TutorService:
 
     # -- feedback --------------------------------------------------------------------------------
     def pick(self, comparison_id: str, choice: str) -> dict:
-        with _as_user_error():
+        with as_user_error(LookupError, ValueError):
             decision = self.store.decide_comparison(str(comparison_id), str(choice))
         return {"ok": True, "winner": decision["winner"]}
 
@@ -115,7 +118,7 @@ class TutorService:
         reason = (reason or "").strip()
         if len(reason) > self.limits.max_reason_chars:
             raise UserError(f"reason is longer than {self.limits.max_reason_chars} characters")
-        with _as_user_error():
+        with as_user_error(LookupError, ValueError):
             self.store.add_rating(message_id, rating, reason)
         return {"ok": True}
 
@@ -125,7 +128,7 @@ class TutorService:
             raise UserError("the rewritten answer is empty")
         if len(text) > self.limits.max_rewrite_chars:
             raise UserError(f"the rewritten answer is longer than {self.limits.max_rewrite_chars} characters")
-        with _as_user_error():
+        with as_user_error(LookupError, ValueError):
             self.store.add_rewrite(message_id, text)
         return {"ok": True}
 
@@ -134,7 +137,7 @@ class TutorService:
                 "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats()}
 
     def history(self, conversation_id: str) -> list[dict]:
-        with _as_user_error():
+        with as_user_error(LookupError, ValueError):
             return self.store.history(conversation_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -186,25 +189,17 @@ class _ConversationTurn:
             self.service._busy.discard(self.conversation_id)
 
 
-class _as_user_error:
-    """The store raises LookupError / ValueError for unknown ids and invalid values."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is not None and issubclass(kind, (LookupError, ValueError)) and not issubclass(kind, UserError):
-            # KeyError quotes its message; args[0] is the text itself.
-            raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
-        return False
-
-
-def _user_errors(tokens):
-    """The engine reports a prompt that cannot fit as PromptTooLong: the user's message is too long."""
+@contextmanager
+def as_user_error(*kinds: type[Exception]):
+    """Errors of these kinds, raised by the store (LookupError for an unknown id, ValueError for an
+    invalid value) or the engine (PromptTooLong), become a UserError with the same message."""
     try:
-        yield from tokens
-    except PromptTooLong as exc:
-        raise UserError(str(exc)) from None
+        yield
+    except UserError:
+        raise
+    except kinds as exc:
+        # KeyError quotes its message; args[0] is the text itself.
+        raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
 
 
 def _decode(request, tokens: list[int]) -> str:

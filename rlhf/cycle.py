@@ -18,19 +18,22 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
-from app.versions import ModelRegistry, record_versions
-from rlhf.data import NotEnoughData, check_enough, collect, split_data
-from rlhf.evaluate import GateConfig, GateModels, gate, length_preference, write_report
+from app.versions import ModelRegistry, load_pretrained, record_versions
+from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
+from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
-from rlhf.reward import RewardConfig, RewardTooWeak, check_reward_model, save_reward_model, train_reward_model
+from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, check_reward_model, save_reward_model,
+                         train_reward_model)
 from rlhf.sft import SFTSettings, run_sft
 
 
@@ -94,6 +97,23 @@ def run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say=pr
         return _run_cycle(store, registry, config, say)
 
 
+@dataclass
+class CycleRun:
+    """What one cycle carries from step to step: where it reads and writes, the feedback it learns from,
+    and the metrics it records as it goes."""
+
+    store: Store
+    registry: ModelRegistry
+    config: CycleConfig
+    cycle_id: int
+    current: str  # the served version the cycle starts from
+    train: TrainingData
+    heldout: TrainingData
+    workdir: Path  # models/cycles/NNNN: the report and PPO's history
+    say: Callable[[str], None]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) -> CycleOutcome:
     # 1. data -------------------------------------------------------------------------------------
     data = collect(store)
@@ -115,17 +135,20 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     cycle_id = store.start_cycle()
     started = time.perf_counter()
     say(f"cycle {cycle_id}: from policy {current}; {data.counts()} (held out: {heldout.counts()})")
+    run = CycleRun(store, registry, config, cycle_id, current, train, heldout,
+                   workdir=registry.root / "cycles" / f"{cycle_id:04d}", say=say,
+                   metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts()})
     try:
-        outcome, metrics = _train_and_gate(store, registry, config, current, train, heldout, cycle_id, say)
+        outcome = _train_and_gate(run)
     except KeyboardInterrupt:
         store.finish_cycle(cycle_id, "interrupted", reason="interrupted by the user")
         raise
     except Exception as exc:
         store.finish_cycle(cycle_id, "failed", reason=f"{type(exc).__name__}: {exc}"[:500])
         raise
-    metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
+    run.metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
-                       reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=metrics)
+                       reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=run.metrics)
     return outcome
 
 
@@ -145,107 +168,130 @@ def stage(metrics: dict, name: str):
     metrics.setdefault("stages", {})[name] = entry
 
 
-def _train_and_gate(store, registry, config, current, train, heldout, cycle_id, say):
-    from app.versions import load_pretrained
-
-    workdir = registry.root / "cycles" / f"{cycle_id:04d}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    metrics: dict = {"from_version": current, "train": train.counts(), "heldout": heldout.counts()}
-    policy = load_pretrained(registry.path(current), current)
-    tokenizer = policy.tokenizer
-
-    # 2. SFT on demonstrations -> this cycle's reference policy
-    reference = load_pretrained(registry.path(current), current).model
-    sft_records = [{"prompt": d.prompt, "completion": d.completion} for d in train.demonstrations]
-    if config.sft.ranking_winners:
-        sft_records += ranking_winners(train.preference_groups)
-    if len(sft_records) >= config.sft.min_demonstrations:
-        say(f"2. SFT on {len(sft_records)} demonstrations")
-        with stage(metrics, "sft"):
-            reference, sft_metrics = run_sft(reference, tokenizer, sft_records, config.sft,
-                                             progress=lambda s, n, loss: say(f"   sft step {s}/{n} loss {loss:.3f}"))
-        metrics.update(sft_metrics)
-    else:
-        say(f"2. SFT skipped: {len(sft_records)} demonstrations (< {config.sft.min_demonstrations})")
-
-    # 3. reward model on all pairs so far
-    say(f"3. reward model on {train.n_pairs} pairs ({len(train.preference_groups)} groups)")
-    with stage(metrics, "reward"):
-        rm = train_reward_model(registry.path(current), train.preference_groups, heldout.preference_groups,
-                                config.reward, progress=lambda s, n, loss: say(f"   reward step {s}/{n} loss {loss:.3f}"))
-    metrics["reward"] = rm.metrics
-    say(f"   held-out pairwise accuracy {rm.metrics['heldout_accuracy']:.2f} on {rm.metrics['heldout_pairs']} pairs; "
-        f"reward-length correlation {rm.metrics['length_correlation']:+.2f}")
+def _train_and_gate(run: CycleRun) -> CycleOutcome:
+    """Steps 2 to 6; nothing the app serves changes before step 6."""
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    policy = load_pretrained(run.registry.path(run.current), run.current)
+    reference = _sft(run, policy.tokenizer)  # 2.
+    rm = _reward_model(run)  # 3.
     try:
-        check_reward_model(rm.metrics, config.reward)
+        check_reward_model(rm.metrics, run.config.reward)
     except RewardTooWeak as exc:
-        return CycleOutcome("rejected", str(exc)), metrics
+        return CycleOutcome("rejected", str(exc))
+    new_policy = _ppo(run, reference, policy.tokenizer, rm)  # 4.
+    verdict = _evaluate(run, GateModels(current=policy.model, new=new_policy, reference=reference,
+                                        base=run.registry.load(run.registry.versions()[0]).model),
+                        policy.tokenizer, rm)  # 5.
+    if not verdict.promote:
+        return CycleOutcome("rejected", verdict.summary())
+    version = _promote(run, new_policy, policy.tokenizer, rm, verdict)  # 6.
+    return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version)
 
+
+def _sft(run: CycleRun, tokenizer):
+    """2. SFT on the demonstrations (and, when asked, the ranking winners): this cycle's reference policy.
+    Too few demonstrations: the reference is the current policy as it is."""
+    reference = load_pretrained(run.registry.path(run.current), run.current).model
+    records = [{"prompt": d.prompt, "completion": d.completion} for d in run.train.demonstrations]
+    if run.config.sft.ranking_winners:
+        records += ranking_winners(run.train.preference_groups)
+    if len(records) < run.config.sft.min_demonstrations:
+        run.say(f"2. SFT skipped: {len(records)} demonstrations (< {run.config.sft.min_demonstrations})")
+        return reference
+    run.say(f"2. SFT on {len(records)} demonstrations")
+    with stage(run.metrics, "sft"):
+        reference, sft_metrics = run_sft(reference, tokenizer, records, run.config.sft,
+                                         progress=lambda s, n, loss: run.say(f"   sft step {s}/{n} loss {loss:.3f}"))
+    run.metrics.update(sft_metrics)
+    return reference
+
+
+def _reward_model(run: CycleRun) -> RewardResult:
+    """3. The reward model on all preference pairs so far, measured on the held-out ones."""
+    run.say(f"3. reward model on {run.train.n_pairs} pairs ({len(run.train.preference_groups)} groups)")
+    with stage(run.metrics, "reward"):
+        rm = train_reward_model(run.registry.path(run.current), run.train.preference_groups,
+                                run.heldout.preference_groups, run.config.reward,
+                                progress=lambda s, n, loss: run.say(f"   reward step {s}/{n} loss {loss:.3f}"))
+    run.metrics["reward"] = rm.metrics
+    accuracy, correlation = rm.metrics["heldout_accuracy"], rm.metrics["length_correlation"]
+    run.say(f"   held-out pairwise accuracy {'-' if accuracy is None else f'{accuracy:.2f}'} on "
+            f"{rm.metrics['heldout_pairs']} pairs; reward-length correlation "
+            f"{'undefined' if correlation is None else f'{correlation:+.2f}'}")
+    return rm
+
+
+def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):
+    """4. PPO from the reference against the reward model; with PPO off, the reference itself."""
+    if not run.config.run_ppo:
+        run.say("4. PPO switched off: the new policy is this cycle's SFT step")
+        return copy.deepcopy(reference)
+    prompts = [p.prompt for p in run.train.ppo_prompts]
+    run.say(f"4. PPO on {len(prompts)} prompts, {run.config.ppo.total_episodes} episodes")
+
+    def progress(stats):
+        run.say(f"   PPO stopped early at update {stats['update']}: {stats['stopped']}" if "stopped" in stats
+                else "   " + _line(stats))
+        failpoint("training")
+
+    # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
+    with stage(run.metrics, "ppo"):
+        result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, _reward_fn(rm), run.config.ppo,
+                           progress=progress, token_reward_fn=rm.token_rewards())
+    save_history(result.history, run.workdir / "ppo_history.jsonl")
+    updates = [h for h in result.history if "score" in h]
+    run.metrics["ppo_last"] = updates[-1] if updates else {}
+    run.metrics["ppo_stopped"] = next((h["stopped"] for h in result.history if "stopped" in h), None)
+    return result.model
+
+
+def _reward_fn(rm: RewardResult):
     def reward_fn(prompts, completions, _token_ids=None):
         return rm.score(prompts, completions)
+    return reward_fn
 
-    # 4. PPO from the reference against the reward model
-    prompts = [p.prompt for p in train.ppo_prompts]
-    if config.run_ppo:
-        say(f"4. PPO on {len(prompts)} prompts, {config.ppo.total_episodes} episodes")
 
-        def ppo_progress(stats):
-            say(f"   PPO stopped early at update {stats['update']}: {stats['stopped']}" if "stopped" in stats
-                else "   " + _line(stats))
-            failpoint("training")
-
-        # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
-        with stage(metrics, "ppo"):
-            result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, reward_fn, config.ppo,
-                               progress=ppo_progress, token_reward_fn=rm.token_rewards())
-        save_history(result.history, workdir / "ppo_history.jsonl")
-        updates = [h for h in result.history if "score" in h]
-        metrics["ppo_last"] = updates[-1] if updates else {}
-        metrics["ppo_stopped"] = next((h["stopped"] for h in result.history if "stopped" in h), None)
-        new_policy = result.model
-    else:
-        say("4. PPO switched off: the new policy is this cycle's SFT step")
-        new_policy = copy.deepcopy(reference)
-
-    # 5. evaluate and gate
-    trained = {json.dumps(p) for p in prompts}  # never evaluate on a prompt that was trained on
-    eval_prompts = [p.prompt for p in heldout.ppo_prompts if json.dumps(p.prompt) not in trained][: config.max_eval_prompts]
-    say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
-    base = registry.load(registry.versions()[0]).model
+def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult) -> Verdict:
+    """5. The new policy against the current one on held-out prompts never trained on, and the gate."""
+    trained = {json.dumps(p.prompt) for p in run.train.ppo_prompts}
+    eval_prompts = [p.prompt for p in run.heldout.ppo_prompts
+                    if json.dumps(p.prompt) not in trained][: run.config.max_eval_prompts]
+    run.say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
     # Which length the users prefer is a count of their own choices, not a fit, so every group votes:
     # a cycle holds out about a sixth of the groups, too few to see a real preference.
     lengths = length_preference([[(len(g.completions[c]), len(g.completions[r])) for c, r in g.pairs]
-                                 for g in train.preference_groups + heldout.preference_groups])
-    metrics["length_preference"] = lengths
-    with stage(metrics, "evaluate"):
-        verdict = gate(GateModels(current=policy.model, new=new_policy, reference=reference, base=base), tokenizer,
-                       reward_fn, eval_prompts, config.gate, preferred_length=lengths["preferred"],
-                       system_prompt=TUTOR_SYSTEM_PROMPT)
-    metrics["gate"] = verdict.metrics
-    write_report(verdict, workdir / "report.md", extra={"cycle": cycle_id, "from_version": current})
-    say(f"   report: {workdir / 'report.md'}")
-    if not verdict.promote:
-        return CycleOutcome("rejected", verdict.summary()), metrics
+                                 for g in run.train.preference_groups + run.heldout.preference_groups])
+    run.metrics["length_preference"] = lengths
+    with stage(run.metrics, "evaluate"):
+        verdict = gate(models, tokenizer, _reward_fn(rm), eval_prompts, run.config.gate,
+                       preferred_length=lengths["preferred"], system_prompt=TUTOR_SYSTEM_PROMPT)
+    run.metrics["gate"] = verdict.metrics
+    write_report(verdict, run.workdir / "report.md", extra={"cycle": run.cycle_id, "from_version": run.current})
+    run.say(f"   report: {run.workdir / 'report.md'}")
+    return verdict
 
-    # 6. promote: the version directory is complete before CURRENT names it
+
+def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Verdict) -> str:
+    """6. The version directory is complete before CURRENT names it; old versions are pruned."""
+    registry, current = run.registry, run.current
     version = registry.next_version()
-    lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": cycle_id,
-               "feedback_rows": train.lineage()}
+    lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": run.cycle_id,
+               "feedback_rows": run.train.lineage()}
     # The reward model that trained this version lives inside it: written, renamed and pruned together.
-    with stage(metrics, "save"):
+    with stage(run.metrics, "save"):
         registry.write_version(version, new_policy, tokenizer, {
             "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
-            "config": asdict(config), "metrics": metrics, "lineage": lineage},
+            "config": asdict(run.config), "metrics": run.metrics, "lineage": lineage},
             extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
     failpoint("before_switch")
     registry.set_current(version)
     # Recorded after the switch: a crash before it leaves the DB as it was (the app adds unknown versions on start).
-    store.add_model_version(f"{version}/reward_model", "reward", str(registry.path(version) / "reward_model"),
-                            metrics=rm.metrics)
-    store.add_model_version(version, "policy", str(registry.path(version)), parent=current, metrics=verdict.metrics,
-                            lineage=lineage)
-    prune(registry, config.keep_versions, say)
-    return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version), metrics
+    run.store.add_model_version(f"{version}/reward_model", "reward", str(registry.path(version) / "reward_model"),
+                                metrics=rm.metrics)
+    run.store.add_model_version(version, "policy", str(registry.path(version)), parent=current,
+                                metrics=verdict.metrics, lineage=lineage)
+    prune(registry, run.config.keep_versions, run.say)
+    return version
 
 
 def ranking_winners(groups) -> list[dict]:

@@ -71,7 +71,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     # Early stop: the run ends before training on a batch whose rollouts are this far (nats per answer)
     # from the reference. Past it PPO mostly exploits the reward model: answers shrink while the reward
-    # keeps rising (docs/learning.md, "PPO's early stop"). 0 turns it off.
+    # keeps rising (docs/learning.md, run 1). 0 turns it off.
     stop_kl: float = 8.0
     gamma: float = 1.0
     lam: float = 0.95

@@ -338,7 +338,7 @@ def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = No
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is "
                             f"not above {config.min_heldout_accuracy:.2f}; " + STOP)
     # Few held-out pairs make a chance-level model look good: random feedback can clear the accuracy
-    # alone (docs/learning.md, "The reward-model check").
+    # alone (docs/learning.md, run 2).
     _, low, _ = wilson(round(accuracy * pairs), pairs)
     if low <= 0.5:
         raise RewardTooWeak(f"reward model held-out accuracy {accuracy:.2f} on {pairs} pairs is not clearly "

@@ -17,9 +17,9 @@ import pytest
 
 from app.embedded import ensure_base
 from app.engine import EngineConfig, GenerationEngine, SamplingConfig
-from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 from app.store import Store
 from app.versions import ModelRegistry
+from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 from rlhf.cycle import CycleConfig, CycleError, retrain_lock, rollback, run_cycle
 from rlhf.evaluate import GateConfig
 from rlhf.ppo import PPOConfig
@@ -48,17 +48,21 @@ def give_feedback(store: Store, n: int, prefer, seed: int = 0) -> None:
     """n conversations, each a k=2 comparison picked by `prefer(a, b) -> 'A' | 'B'`."""
     rng = random.Random(seed)
     for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        conversation = store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT)
-        question = f"Question {i}: tell me about {topic}?"
-        context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": question}]
-        with_example = f"Here is an example about {topic}. " + "Water boils at one hundred degrees. " * rng.randint(0, 2)
-        without = f"Let me say something about {topic}. " + "The capital of France is Paris. " * rng.randint(0, 2)
-        candidates = [with_example, without]
-        rng.shuffle(candidates)
-        comparison, _ = store.add_comparison(conversation, question, context,
-                                             [{"text": t, "model_version": "v0000"} for t in candidates])
-        store.decide_comparison(comparison, prefer(*candidates))
+        compare_in(store, store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT), i, prefer, rng)
+
+
+def compare_in(store: Store, conversation: str, i: int, prefer, rng: random.Random) -> None:
+    """Question i in `conversation`, a k=2 comparison of an answer with an example and one without."""
+    topic = TOPICS[i % len(TOPICS)]
+    question = f"Question {i}: tell me about {topic}?"
+    context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    with_example = f"Here is an example about {topic}. " + "Water boils at one hundred degrees. " * rng.randint(0, 2)
+    without = f"Let me say something about {topic}. " + "The capital of France is Paris. " * rng.randint(0, 2)
+    candidates = [with_example, without]
+    rng.shuffle(candidates)
+    comparison, _ = store.add_comparison(conversation, question, context,
+                                         [{"text": t, "model_version": "v0000"} for t in candidates])
+    store.decide_comparison(comparison, prefer(*candidates))
 
 
 def prefers_examples(a: str, b: str) -> str:
@@ -227,3 +231,27 @@ def test_a_settings_file_turns_bf16_on_and_off(tmp_path):
     assert retrain_config(None).ppo.bf16 == "auto" and retrain_config(None).reward.bf16 is False
     path.write_text('[retrain.reward]\nbf16 = "auto"\n')
     assert retrain_config(path).reward.bf16 == "auto"
+
+
+
+
+def test_a_cycle_without_heldout_pairs_is_rejected_with_the_reason(setup):
+    """Held-out conversations that hold only ratings of single answers give the reward model no held-out
+    pair to be measured on: the cycle ends at the reward-model check and says why (it used to fail on
+    printing an accuracy that was not there)."""
+    from rlhf.data import is_heldout
+
+    registry, store, _ = setup
+    rng = random.Random(0)
+    for i in range(80):
+        conversation = store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT)
+        if not is_heldout(conversation, TINY_CYCLE.heldout_fraction):
+            compare_in(store, conversation, i, prefers_examples, rng)
+            continue
+        question = f"Question {i}: tell me about {TOPICS[i % len(TOPICS)]}?"
+        context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        reply = store.add_turn(conversation, question, "Here is an example.", model_version="v0000", context=context)
+        store.add_rating(reply, "up", "")
+    outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+    assert outcome.status == "rejected" and "no held-out pairs" in outcome.message, outcome.message
+    assert registry.current_version() == "v0000" and store.last_cycle()["status"] == "rejected"
