@@ -9,7 +9,8 @@ Data model:
   ids, best first) and rewrites (the latest one replaces its assistant turn in `history()`).
 - Each generated message keeps the exact context the model saw, so training never has to rebuild a
   prompt from a history that may have been rewritten since.
-- model_versions and training_cycles record what the trainer produced and what became of it.
+- model_versions and training_cycles record what the trainer produced and what became of it: the
+  training history, which `forget_training_history()` clears without touching the feedback.
 
 No other module writes SQL. Ids that the UI passes around are uuid hex strings; feedback rows use
 integer ids. Timestamps are ISO-8601 UTC strings; JSON columns are TEXT, decoded on read.
@@ -23,6 +24,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime, timezone
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -35,6 +37,7 @@ TABLES = (
     "conversations", "messages", "ratings", "comparisons", "comparison_candidates",
     "comparison_picks", "rewrites", "model_versions", "training_cycles",
 )
+TRAINING_HISTORY_TABLES = ("model_versions", "training_cycles")
 JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage")
 PURPOSES = ("chat", "eval")
 ROLES = ("user", "assistant")
@@ -557,6 +560,39 @@ class Store:
         where = f"where status in ({', '.join('?' * len(statuses))})" if statuses else ""
         return _decode(self._one(f"select * from training_cycles {where} order by id desc limit 1",
                                  list(statuses or [])))
+
+    # -- the database as a whole --
+
+    @_locked
+    def backup(self, path: str | os.PathLike[str]) -> None:
+        """A consistent copy of the whole database at `path` (replaced if it exists).
+
+        SQLite's online backup copies pages as this connection sees them, so rows still in the
+        write-ahead log are in the copy, which a plain file copy would miss, and no write lands
+        halfway. Written under a temporary name beside `path`, then renamed, so `path` is never a
+        partial copy.
+        """
+        path = os.fspath(path)
+        partial = os.path.join(os.path.dirname(path) or ".",
+                               f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")
+        try:
+            with closing(sqlite3.connect(partial)) as copy:
+                self._db.conn.backup(copy)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    @_locked
+    def forget_training_history(self) -> None:
+        """Deletes every training cycle and model version, in one transaction.
+
+        Conversations, messages and all feedback stay as they are: the database is as it was
+        before any training, ready for a trainer to start again from the same feedback.
+        """
+        with self._db.atomic():
+            for table in TRAINING_HISTORY_TABLES:
+                self._db.execute(f"delete from [{table}]")
 
     @_locked
     def row_counts(self) -> dict[str, int]:

@@ -30,25 +30,29 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.learner import LearnerConfig, collect_answers, give_feedback, load_prompt_set  # noqa: E402
+from app.store import Store  # noqa: E402
+from bench.learner import LearnerConfig, TutoringPrompt, collect_answers, give_feedback, load_prompt_set  # noqa: E402
 from bench.learning_metrics import summarise  # noqa: E402
 from bench.rubrics import RUBRICS, Rubric  # noqa: E402
 from core.net import free_port  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "bench" / "configs" / "learning.toml"
+
+Say = Callable[[str], None]  # where progress lines go
 
 
 class ServedApp:
@@ -95,8 +99,6 @@ class ServedApp:
 def retrain(workdir: Path, config: Path, log, say) -> dict:
     """`launch.py --retrain` as a user runs it (its progress lines go to the log, PPO updates also to
     `say`), then the cycle as the database recorded it."""
-    from app.store import Store
-
     command = [sys.executable, str(ROOT / "launch.py"), "--retrain", "--db", str(workdir / "conversations.db"),
                "--models-dir", str(workdir / "models"), "--config", str(config)]
     with Store(workdir / "conversations.db") as store:
@@ -144,11 +146,9 @@ def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: s
 def archive_database(db: Path, archive: Path) -> None:
     """The learners' database, gzipped beside the report: it lets anyone inspect every feedback row, and
     `--feedback-from` retrain on it."""
-    snapshot = archive.with_suffix("")  # a consistent copy through SQLite's backup, WAL included
-    with sqlite3.connect(db) as src, sqlite3.connect(snapshot) as dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
+    snapshot = archive.with_suffix("")
+    with Store(db) as store:
+        store.backup(snapshot)  # consistent, rows still in the WAL included
     with open(snapshot, "rb") as raw, gzip.open(archive, "wb") as packed:
         shutil.copyfileobj(raw, packed)
     snapshot.unlink()
@@ -166,18 +166,12 @@ def replay_feedback(report: Path, workdir: Path, rubric: str) -> dict:
         raise FileExistsError(f"{db} exists: replaying feedback needs a fresh --workdir")
     with gzip.open(report / "conversations.db.gz") as src, open(db, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    with sqlite3.connect(db) as conn:  # feedback and conversations stay; what was trained from them goes
-        conn.execute("delete from training_cycles")
-        conn.execute("delete from model_versions")
-    conn.close()
+    with Store(db) as store:  # feedback and conversations stay; what was trained from them goes
+        store.forget_training_history()
     totals = Counter()
     for cycle in earlier["cycles"]:
         totals.update(cycle["feedback"])
     return {**totals, "replayed_from": str(report)}
-
-
-def measure(app: ServedApp, prompts, rubric, samples_per_prompt: int, clients: int, seed: int) -> list[dict]:
-    return collect_answers(app.url, [p for p in prompts for _ in range(samples_per_prompt)], rubric, clients, seed)
 
 
 @dataclass
@@ -204,38 +198,59 @@ class LearningRun:
     seed: int = 0
 
 
-def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list, list] | None = None,
-        say=None) -> dict:
-    """The whole benchmark; returns what results.json holds. `rubric` and `prompts` (train, held-out)
-    replace the named rubric and the shipped prompt set (tests use a trivial rubric and tiny models)."""
+@dataclass
+class Plan:
+    """What the run measures and how its feedback comes, fixed before the app starts."""
+
+    rubric: Rubric
+    train: list[TutoringPrompt]  # what learners ask when they give feedback
+    heldout: list[TutoringPrompt]  # what every measurement asks, samples_per_prompt times each
+    keywords: list[tuple[str, ...]]  # one per measured answer: its opener's keywords (the on-topic rate)
+    learner_config: LearnerConfig
+    replayed: dict | None  # with --feedback-from: that run's feedback counts, given in place of learners
+    cycles: int
+
+
+@dataclass
+class Progress:
+    """What the run has measured so far."""
+
+    rows: list[dict] = field(default_factory=list)  # the learning curve: one per cycle, 0 the base
+    cycles: list[dict] = field(default_factory=list)  # one per retrain: its feedback and verdict
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # each measured version's answers
+    base_scores: list[float] = field(default_factory=list)  # what later versions' win rates compare with
+    items_so_far: int = 0
+
+
+def settings_file(settings: LearningRun, workdir: Path) -> Path:
+    """The settings file the app and `--retrain` read: `settings.config`, or a copy of it in `workdir` with
+    PPO switched off, the reward form or PPO's learning rate changed."""
+    if not (settings.no_ppo or settings.reward_form or settings.ppo_learning_rate):
+        return settings.config
     import yaml
 
     from app.config import read_config_file
-    from core.chat_format import TUTOR_SYSTEM_PROMPT
-    from bench.learning_report import write_report
 
-    started = time.perf_counter()
-    say = say or (lambda line: print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True))
-    workdir = settings.workdir or Path(tempfile.mkdtemp(prefix=f"learning-{settings.rubric}-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
-    config = settings.config
-    if settings.no_ppo or settings.reward_form or settings.ppo_learning_rate:  # the settings file's, changed
-        values = read_config_file(settings.config)
-        retrain_values = values.setdefault("retrain", {})
-        if settings.no_ppo:  # PPO off: SFT on the ranking winners, rewrites and up-votes
-            retrain_values["run_ppo"] = False
-            retrain_values.setdefault("sft", {})["ranking_winners"] = True
-        if settings.reward_form:
-            from rlhf.reward import RewardConfig
+    values = read_config_file(settings.config)
+    retrain_values = values.setdefault("retrain", {})
+    if settings.no_ppo:  # PPO off: SFT on the ranking winners, rewrites and up-votes
+        retrain_values["run_ppo"] = False
+        retrain_values.setdefault("sft", {})["ranking_winners"] = True
+    if settings.reward_form:
+        from rlhf.reward import RewardConfig
 
-            RewardConfig(form=settings.reward_form)  # a wrong name fails now, not after the base measurement
-            retrain_values.setdefault("reward", {})["form"] = settings.reward_form
-        if settings.ppo_learning_rate:
-            retrain_values.setdefault("ppo", {})["learning_rate"] = settings.ppo_learning_rate
-        config = workdir / "settings.yaml"
-        config.write_text(yaml.safe_dump(values))
+        RewardConfig(form=settings.reward_form)  # a wrong name fails now, not after the base measurement
+        retrain_values.setdefault("reward", {})["form"] = settings.reward_form
+    if settings.ppo_learning_rate:
+        retrain_values.setdefault("ppo", {})["learning_rate"] = settings.ppo_learning_rate
+    config = workdir / "settings.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+def plan_run(settings: LearningRun, workdir: Path, rubric: Rubric | None,
+             prompts: tuple[list[TutoringPrompt], list[TutoringPrompt]] | None) -> Plan:
+    """The rubric, the prompts, and with `--feedback-from` the earlier run's database copied into `workdir`."""
     rubric = rubric or RUBRICS[settings.rubric]
     train, heldout = prompts or (load_prompt_set(split="train"), load_prompt_set(split="heldout"))
     if settings.max_heldout:
@@ -243,68 +258,123 @@ def run(settings: LearningRun, rubric: Rubric | None = None, prompts: tuple[list
     keywords = [p.keywords for p in heldout for _ in range(settings.samples_per_prompt)]
     learner_config = LearnerConfig(k=settings.k, error_rate=settings.error_rate)
     replayed = replay_feedback(settings.feedback_from, workdir, rubric.name) if settings.feedback_from else None
-    n_cycles = 1 if replayed else settings.cycles
-    log = open(workdir / "run.log", "a")
+    return Plan(rubric=rubric, train=train, heldout=heldout, keywords=keywords, learner_config=learner_config,
+                replayed=replayed, cycles=1 if replayed else settings.cycles)
 
-    what = (f"one cycle on the {replayed['items']} feedback items of {settings.feedback_from}" if replayed
+
+def measure(app: ServedApp, plan: Plan, settings: LearningRun) -> list[dict]:
+    """The served version's answers to every held-out opener, samples_per_prompt times, scored by the rubric."""
+    return collect_answers(app.url, [p for p in plan.heldout for _ in range(settings.samples_per_prompt)],
+                           plan.rubric, settings.eval_clients, settings.seed)
+
+
+def measure_base(app: ServedApp, plan: Plan, settings: LearningRun, progress: Progress, say: Say) -> None:
+    """Step 2: row 0 of the curve, and the scores that later versions are compared with."""
+    base_version = app.served_version()
+    say(f"app ready at {app.url}, serving {base_version}; measuring the base")
+    samples = measure(app, plan, settings)
+    progress.base_scores = [s["score"] for s in samples]
+    progress.samples[base_version] = samples
+    progress.rows.append({"cycle": 0, "version": base_version, "feedback_items": 0,
+                          **summarise(samples, None, plan.keywords)})
+    say(f"base success {progress.rows[-1]['success'][0]:.1%}")
+
+
+def one_cycle(n: int, app: ServedApp, plan: Plan, settings: LearningRun, progress: Progress, *,
+              workdir: Path, config: Path, log: TextIO, say: Say) -> None:
+    """Step 3, cycle `n`: feedback (the learners' or the replayed), `launch.py --retrain`, and a promoted
+    version measured once the app serves it."""
+    counts = plan.replayed or give_feedback(app.url, plan.train, plan.rubric, settings.items, plan.learner_config,
+                                            settings.learners, settings.seed + n, say=say).as_dict()
+    progress.items_so_far += counts["items"]
+    say(f"cycle {n}: {counts['items']} feedback items {'replayed' if plan.replayed else 'given'}; retraining")
+    outcome = retrain(workdir, config, log, say)
+    progress.cycles.append({"cycle": n, "feedback": counts, **outcome})
+    say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
+    rows = progress.rows
+    if outcome["status"] != "promoted":  # the app still serves the same version: same measurements
+        rows.append({**rows[-1], "cycle": n, "feedback_items": progress.items_so_far, "unchanged": True})
+        return
+    deadline = time.time() + 120
+    while app.served_version() != outcome["version"] and time.time() < deadline:
+        time.sleep(2)
+    samples = measure(app, plan, settings)
+    served = {s["model_version"] for s in samples}
+    if served != {outcome["version"]}:
+        raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
+    progress.samples[outcome["version"]] = samples
+    rows.append({"cycle": n, "version": outcome["version"], "feedback_items": progress.items_so_far,
+                 **summarise(samples, progress.base_scores, plan.keywords)})
+    say(f"cycle {n}: success {rows[-1]['success'][0]:.1%}, win rate vs base {rows[-1]['vs_base']['win_rate']:.1%}")
+
+
+def score_fluency(progress: Progress, plan: Plan, base_dir: Path) -> None:
+    """Step 4, first half: each row's perplexity of its answers under the base model (each version once)."""
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
+
+    perplexity = {}
+    for row in progress.rows:
+        if row["version"] not in perplexity:
+            samples = progress.samples[row["version"]]
+            logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
+            perplexity[row["version"]] = summarise(samples, None, plan.keywords, logppl).get("perplexity")
+        row["perplexity"] = perplexity[row["version"]]
+
+
+def write_results(settings: LearningRun, plan: Plan, progress: Progress, *, config: Path, workdir: Path,
+                  out: Path, minutes: float) -> dict:
+    """Step 4, second half: results.json, samples.json, the gzipped database, report.md and curves.png in
+    `out`; returns what results.json holds."""
+    from bench.learning_report import write_report
+
+    replayed = plan.replayed
+    results = {"rubric": plan.rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate,
+               "k": settings.k, "items_per_cycle": replayed["items"] if replayed else settings.items,
+               "heldout_openers": len(plan.heldout), "feedback_from": replayed and replayed["replayed_from"],
+               "samples_per_measurement": len(progress.base_scores), "minutes": minutes,
+               "rows": progress.rows, "cycles": progress.cycles, "config": config.read_text(),
+               "workdir": str(workdir)}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "samples.json").write_text(json.dumps(progress.samples, indent=1))
+    archive_database(workdir / "conversations.db", out / "conversations.db.gz")
+    write_report(results, progress.samples, out)
+    return results
+
+
+def run(settings: LearningRun, rubric: Rubric | None = None,
+        prompts: tuple[list[TutoringPrompt], list[TutoringPrompt]] | None = None, say: Say | None = None) -> dict:
+    """The whole benchmark, the steps of the module's docstring; returns what results.json holds. `rubric` and
+    `prompts` (train, held-out) replace the named rubric and the shipped prompt set (tests use a trivial rubric
+    and tiny models)."""
+    started = time.perf_counter()
+    say = say or (lambda line: print(f"[{time.perf_counter() - started:6.0f}s] {line}", flush=True))
+    workdir = settings.workdir or Path(tempfile.mkdtemp(prefix=f"learning-{settings.rubric}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    # Whatever can refuse (a wrong reward form, a workdir that already holds a database) does so before step 1.
+    config = settings_file(settings, workdir)
+    plan = plan_run(settings, workdir, rubric, prompts)
+    log = open(workdir / "run.log", "a")
+    what = (f"one cycle on the {plan.replayed['items']} feedback items of {settings.feedback_from}" if plan.replayed
             else f"{settings.cycles} cycles of {settings.items} items")
-    say(f"workdir {workdir}; rubric {rubric.name}; {len(heldout)} held-out openers x {settings.samples_per_prompt}; "
-        f"{what}{'; PPO off' if settings.no_ppo else ''}")
-    app = ServedApp(workdir, config, settings.model, log)
-    rows, cycles, all_samples = [], [], {}
+    say(f"workdir {workdir}; rubric {plan.rubric.name}; {len(plan.heldout)} held-out openers x "
+        f"{settings.samples_per_prompt}; {what}{'; PPO off' if settings.no_ppo else ''}")
+
+    app = ServedApp(workdir, config, settings.model, log)  # 1. the app, serving the base version
+    progress = Progress()
     try:
         app.wait_ready()
-        base_version = app.served_version()
-        say(f"app ready at {app.url}, serving {base_version}; measuring the base")
-        samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.eval_clients, settings.seed)
-        base_scores = [s["score"] for s in samples]
-        all_samples[base_version] = samples
-        rows.append({"cycle": 0, "version": base_version, "feedback_items": 0, **summarise(samples, None, keywords)})
-        say(f"base success {rows[-1]['success'][0]:.1%}")
-        items_so_far = 0
-        for n in range(1, n_cycles + 1):
-            counts = replayed or give_feedback(app.url, train, rubric, settings.items, learner_config,
-                                               settings.learners, settings.seed + n, say=say).as_dict()
-            items_so_far += counts["items"]
-            say(f"cycle {n}: {counts['items']} feedback items {'replayed' if replayed else 'given'}; retraining")
-            outcome = retrain(workdir, config, log, say)
-            cycles.append({"cycle": n, "feedback": counts, **outcome})
-            say(f"cycle {n}: {outcome['status']} in {outcome['seconds']:.0f}s: {outcome['reason']}")
-            if outcome["status"] != "promoted":  # the app still serves the same version: same measurements
-                rows.append({**rows[-1], "cycle": n, "feedback_items": items_so_far, "unchanged": True})
-                continue
-            deadline = time.time() + 120
-            while app.served_version() != outcome["version"] and time.time() < deadline:
-                time.sleep(2)
-            samples = measure(app, heldout, rubric, settings.samples_per_prompt, settings.eval_clients, settings.seed)
-            served = {s["model_version"] for s in samples}
-            if served != {outcome["version"]}:
-                raise RuntimeError(f"expected answers from {outcome['version']}, got {served}")
-            all_samples[outcome["version"]] = samples
-            rows.append({"cycle": n, "version": outcome["version"], "feedback_items": items_so_far,
-                         **summarise(samples, base_scores, keywords)})
-            say(f"cycle {n}: success {rows[-1]['success'][0]:.1%}, win rate vs base {rows[-1]['vs_base']['win_rate']:.1%}")
+        measure_base(app, plan, settings, progress, say)  # 2. the base measured
+        for n in range(1, plan.cycles + 1):  # 3. feedback, retrain, measure
+            one_cycle(n, app, plan, settings, progress, workdir=workdir, config=config, log=log, say=say)
     finally:
         app.stop()
         log.close()
-    say("scoring fluency with the base model")
-    base_dir = workdir / "models" / "v0000"
-    perplexity = {}
-    for row in rows:
-        if row["version"] not in perplexity:
-            samples = all_samples[row["version"]]
-            logppl = [v for v in base_log_perplexities(base_dir, samples, TUTOR_SYSTEM_PROMPT) if not math.isnan(v)]
-            perplexity[row["version"]] = summarise(samples, None, keywords, logppl).get("perplexity")
-        row["perplexity"] = perplexity[row["version"]]
-    results = {"rubric": rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate, "k": settings.k,
-               "items_per_cycle": replayed["items"] if replayed else settings.items, "heldout_openers": len(heldout),
-               "feedback_from": replayed and replayed["replayed_from"],
-               "samples_per_measurement": len(base_scores), "minutes": round((time.perf_counter() - started) / 60, 1),
-               "rows": rows, "cycles": cycles, "config": config.read_text(), "workdir": str(workdir)}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "samples.json").write_text(json.dumps(all_samples, indent=1))
-    archive_database(workdir / "conversations.db", out / "conversations.db.gz")
-    write_report(results, all_samples, out)
+    say("scoring fluency with the base model")  # 4. fluency, then the results and the report
+    score_fluency(progress, plan, workdir / "models" / "v0000")
+    results = write_results(settings, plan, progress, config=config, workdir=workdir, out=out,
+                            minutes=round((time.perf_counter() - started) / 60, 1))
     say(f"report: {out / 'report.md'}")
     return results
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,94 @@ def candidates(k: int) -> list[dict]:
             for i in range(k)]
 
 
-def test_schema_tables_exist(store: Store) -> None:
-    assert set(store.row_counts()) == set(TABLES)
-    assert all(n == 0 for n in store.row_counts().values())
+def every_kind_of_row(store: Store) -> None:
+    """At least one row in every table."""
+    conversation_id, reply = chat(store)
+    store.add_rating(reply, "up", "clear")
+    store.add_rewrite(reply, "2 + 2 = 4: two and two more.")
+    comparison_id, _ = store.add_comparison(conversation_id, "And 3 + 3?", CONTEXT, candidates(2))
+    store.decide_comparison(comparison_id, "B")
+    store.add_model_version("policy-0", "policy", "models/policy-0")
+    store.add_model_version("policy-1", "policy", "models/policy-1", parent="policy-0")
+    store.add_model_version("reward-1", "reward", "models/reward-1")
+    store.finish_cycle(store.start_cycle(), "promoted", policy_version="policy-1",
+                       reward_version="reward-1")
+    store.start_cycle()
+
+
+def rows_of(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every table, read through a connection of its own (which sees the WAL too)."""
+    with closing(sqlite3.connect(path)) as db:
+        return {table: db.execute(f"select * from [{table}] order by rowid").fetchall()
+                for table in TABLES}
+
+
+def test_schema_tables_exist(tmp_path: Path) -> None:
+    # The file's own catalogue, not row_counts(): that walks TABLES, so it cannot see a table
+    # that TABLES leaves out, and it reports a missing one only by crashing.
+    path = tmp_path / "tutor.db"
+    Store(path).close()
+    with closing(sqlite3.connect(path)) as db:
+        tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")
+                  if not name.startswith("sqlite_") and name != MIGRATIONS.migrations_table}
+        assert tables == set(TABLES)
+        assert {t: db.execute(f"select count(*) from [{t}]").fetchone()[0] for t in tables} == {
+            t: 0 for t in TABLES}
+
+
+def test_backup_holds_every_row_even_those_still_in_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "tutor.db"
+    with Store(path) as store:
+        every_kind_of_row(store)
+        with closing(sqlite3.connect(path)) as other:  # the rows so far into the main file...
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        late, _ = chat(store)  # ...and these only in the write-ahead log
+        shutil.copyfile(path, tmp_path / "plain.db")
+        assert late not in {row[0] for row in rows_of(tmp_path / "plain.db")["conversations"]}
+        store.backup(tmp_path / "backup.db")
+        expected = rows_of(path)
+    assert late in {row[0] for row in expected["conversations"]}
+    assert all(expected.values())
+    assert rows_of(tmp_path / "backup.db") == expected
+    assert not list(tmp_path.glob("*partial*"))  # the temporary name was renamed away
+
+
+HISTORY = ("model_versions", "training_cycles")
+
+
+def test_forget_training_history_keeps_conversations_and_feedback(tmp_path: Path) -> None:
+    path = tmp_path / "tutor.db"
+    with Store(path) as store:
+        every_kind_of_row(store)
+        before = rows_of(path)
+        store.forget_training_history()
+        after = rows_of(path)
+        assert all(before.values())  # there was something to keep and something to forget
+        assert {t: after[t] for t in HISTORY} == {t: [] for t in HISTORY}
+        assert {t: rows for t, rows in after.items() if t not in HISTORY} == {
+            t: rows for t, rows in before.items() if t not in HISTORY}
+        # a trainer starts again from nothing
+        assert store.last_cycle() is None and store.model_versions() == []
+        store.add_model_version("policy-0", "policy", "models/policy-0")
+        assert store.start_cycle() >= 1
+
+
+def test_forget_training_history_is_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "tutor.db"
+    with Store(path) as store:
+        every_kind_of_row(store)
+        before = rows_of(path)
+        # Each table refuses to be emptied once the other one is: whichever goes first goes, the
+        # second delete fails, and the first must be undone with it.
+        with closing(sqlite3.connect(path)) as db:
+            for table, other in (HISTORY, HISTORY[::-1]):
+                db.execute(f"""create trigger keep_{table} before delete on [{table}]
+                               when not exists (select 1 from [{other}])
+                               begin select raise(abort, 'the other table is already empty'); end""")
+            db.commit()
+        with pytest.raises(sqlite3.IntegrityError):
+            store.forget_training_history()
+        assert rows_of(path) == before
 
 
 def test_memory_database_works() -> None:
