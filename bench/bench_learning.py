@@ -181,8 +181,8 @@ class LearningRun:
     items: int = 150  # feedback items per cycle
     error_rate: float = 0.2
     k: int = 4
-    # Giving feedback at once (k answers each: 16 rows, the engine's batch). Six were no faster in run 6
-    # (673 s for 150 items against 690 s with four): the engine sets the pace.
+    # Giving feedback at once (k answers each: 16 rows, the engine's batch); more learners are no faster,
+    # since the engine sets the pace (docs/learning.md, run 6).
     learners: int = 4
     eval_clients: int = 16  # measuring at once
     samples_per_prompt: int = 2  # per held-out opener, per measurement

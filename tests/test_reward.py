@@ -3,12 +3,14 @@ Bradley-Terry loss is the one CONTRACT.md asks for, the gate stops weak models, 
 
 import math
 import random
+import statistics
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
-from core.chat_format import scored_answer_ids
+from core.chat_format import answer_ids, scored_answer_ids
 from rlhf.data import PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, build_reward_model, check_reward_model,
                          collate_groups, fit, grouped_bt_loss, load_reward_model, rewards_of,
@@ -52,21 +54,29 @@ def trained(tiny_model_dir):
     torch.manual_seed(0)
     calls = []
     train, heldout = planted_groups(64, seed=1), planted_groups(20, seed=2)
+    start = time.monotonic()
     result = train_reward_model(tiny_model_dir, train, heldout, CONFIG,
                                 progress=lambda *a: calls.append(a))
-    return result, train, heldout, calls
+    wall_seconds = time.monotonic() - start  # the whole call, as the caller saw it
+    return result, train, heldout, calls, wall_seconds
 
 
 def test_learns_planted_preference_not_length(trained):
-    result, _, heldout, calls = trained
+    result, _, heldout, calls, wall_seconds = trained
     m = result.metrics
     longer_wins = [len(g.completions[c]) > len(g.completions[r]) for g in heldout for c, r in g.pairs]
     assert sum(longer_wins) / len(longer_wins) < 0.7  # length alone would not pass
     assert m["heldout_pairs"] == len(longer_wins)
     assert m["heldout_accuracy"] >= 0.8, m
     assert len(m["train_loss"]) == CONFIG.epochs and m["train_loss"][-1] < m["train_loss"][0]
-    assert m["length_correlation"] is None or -1.0 <= m["length_correlation"] <= 1.0
-    assert m["seconds"] > 0
+    # The correlation is that of the model's own held-out rewards with the answers' token counts.
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    completions = [text for g in heldout for text in g.completions]
+    rewards = score(result.model, result.tokenizer, prompts, completions, batch_size=1).tolist()
+    lengths = [len(answer_ids(result.tokenizer, text)) for text in completions]
+    assert m["length_correlation"] == pytest.approx(statistics.correlation(rewards, lengths), abs=1e-4)
+    # The time of the whole step: training and the held-out measurement, within the caller's wall time.
+    assert 0.9 * wall_seconds <= m["seconds"] <= wall_seconds + 1e-3, (m["seconds"], wall_seconds)
     steps = [step for step, _, _ in calls]
     assert steps == list(range(1, len(calls) + 1)) and calls[-1][1] == len(calls)
     assert all(math.isfinite(loss) for _, _, loss in calls)
@@ -167,7 +177,7 @@ def test_gate_stops_a_reward_model_at_chance():
 
 def test_save_load_round_trip_scores_identically_and_batching_does_not_change_scores(
         trained, tmp_path):
-    result, _, heldout, _ = trained
+    result, _, heldout, *_ = trained
     prompts = [g.prompt for g in heldout for _ in g.completions]
     completions = [text for g in heldout for text in g.completions]
     batched = score(result.model, result.tokenizer, prompts, completions, batch_size=8)
@@ -311,6 +321,16 @@ def shorter_wins_groups(n: int, seed: int) -> list[PreferenceGroup]:
             completions=[short, long], pairs=[(0, 1)], conversation_id=f"len-{seed}-{i}", source="ranking",
             group_id=f"ranking:len-{seed}-{i}"))
     return groups
+
+
+def test_length_correlation_is_high_for_a_reward_model_that_counts_tokens(tiny_model_dir):
+    """The metric that warns of a length-counting reward model: planted preference for the longer answer,
+    learned by a bag of tokens without its length term, so every token's weight grows alike."""
+    longer_wins = lambda groups: [replace(g, pairs=[(1, 0)]) for g in groups]  # noqa: E731
+    result = train_reward_model(tiny_model_dir, longer_wins(shorter_wins_groups(48, seed=1)),
+                                longer_wins(shorter_wins_groups(12, seed=2)), replace(BAG, length_apart=False))
+    assert result.metrics["heldout_accuracy"] == 1.0
+    assert result.metrics["length_correlation"] > 0.8, result.metrics
 
 
 def test_bag_of_tokens_keeps_length_apart_from_its_reward(tiny_model_dir, tmp_path):

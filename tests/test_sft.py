@@ -1,7 +1,10 @@
 """SFT on prompt/completion demonstrations: the demonstrated answers become likelier, the prompt is not trained on."""
+import tempfile
+
 import torch
 
 from core.causal_lm import sequence_logprob
+from core.chat_format import answer_ids, generation_prompt_ids
 from rlhf.sft import SFTSettings, run_sft
 from tiny import tiny_model, tiny_tokenizer
 
@@ -18,10 +21,8 @@ def records():
 
 
 def completion_logprob(model, tok, record):
-    prompt = tok.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    a = tok(record["completion"][0]["content"], add_special_tokens=False)["input_ids"]
-    return sequence_logprob(model, [p], [a]).item()
+    prompt = generation_prompt_ids(tok, record["prompt"])
+    return sequence_logprob(model, [prompt], [answer_ids(tok, record["completion"][0]["content"])]).item()
 
 
 def test_sft_makes_demonstrations_likelier_and_changes_weights():
@@ -40,23 +41,39 @@ def test_sft_makes_demonstrations_likelier_and_changes_weights():
     assert not any("lora" in k for k in after)  # merged: a plain model
 
 
-def test_sft_loss_is_on_the_completion_only():
-    """TRL builds a completion mask from prompt/completion records; prompt tokens get no loss."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+# Shared by every prompt below and unrelated to any answer: trained on, it would become likely.
+DISTINCT = "Zebras juggle quartz violins beneath marmalade moons."
 
+
+def test_sft_loss_is_on_the_completion_only(tmp_path, monkeypatch):
+    """run_sft trains on the answers, not on the prompts: after SFT on records whose prompts all open
+    with the same user text, each answer (given its prompt) is much likelier per token, while that
+    repeated user text, teacher-forced in its place in the prompt, is hardly likelier at all."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # run_sft's output directory goes here
     tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=3)
-    args = SFTConfig(output_dir="/tmp/sft-mask-check", completion_only_loss=True, report_to=[], use_cpu=True,
-                     max_length=256)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records()[:2]), processing_class=tok)
-    batch = trainer.data_collator([trainer.train_dataset[0]])
-    labels, ids = batch["labels"][0], batch["input_ids"][0]
-    prompt_len = len(tok.apply_chat_template(records()[0]["prompt"], add_generation_prompt=True, tokenize=True,
-                                             return_dict=False))
-    assert (labels[:prompt_len] == -100).all()
-    assert (labels[prompt_len:] != -100).any() and torch.equal(labels[prompt_len:][labels[prompt_len:] != -100],
-                                                               ids[prompt_len:][labels[prompt_len:] != -100])
+    model = tiny_model(tok, seed=3, hidden=64)
+    data = [{"prompt": [r["prompt"][0], {"role": "user", "content": f"{DISTINCT} {r['prompt'][1]['content']}"}],
+             "completion": r["completion"]} for r in records()]
+    distinct = answer_ids(tok, DISTINCT)
+
+    def per_token_logprobs(m):
+        """(answer, user text) log-probability per token of each of the 4 distinct records."""
+        answers, users = [], []
+        for r in data[:4]:
+            prompt = generation_prompt_ids(tok, r["prompt"])
+            answer = answer_ids(tok, r["completion"][0]["content"])
+            at = next(i for i in range(len(prompt)) if prompt[i:i + len(distinct)] == distinct)
+            answers.append(sequence_logprob(m, [prompt], [answer]).item() / len(answer))
+            users.append(sequence_logprob(m, [prompt[:at]], [distinct]).item() / len(distinct))
+        return torch.tensor(answers), torch.tensor(users)
+
+    answers_before, users_before = per_token_logprobs(model)
+    merged, _ = run_sft(model, tok, data, SFTSettings(epochs=15, learning_rate=1e-2, batch_size=4))
+    answers_after, users_after = per_token_logprobs(merged)
+    # Nats per token. With the loss on the whole sequence (completion_only_loss=False) the repeated
+    # user text is learned faster than any answer; the bounds sit well apart from both outcomes.
+    assert (users_after - users_before).max() < 0.3, (users_before, users_after)
+    assert (answers_after - answers_before).min() > 0.5, (answers_before, answers_after)
 
 
 def test_ppo_can_train_the_policy_that_sft_returns():

@@ -6,12 +6,14 @@ OUT/rank<i>.json with its rank, the world size, checksums of the weights before 
 training, its own answers and the history. Under DDP the replicas must end bit-identical while
 each process sampled its own answers; tests/test_distributed.py checks exactly that.
 
-    accelerate launch --config_file configs/accelerate/multi_cpu_2proc.yaml --multi_gpu \
-        --main_process_port 0 rlhf/ppo_distributed_check.py OUT --cpu         # 2 CPU processes
-    accelerate launch --multi_gpu --num_processes 2 rlhf/ppo_distributed_check.py OUT   # 2 GPUs
+From the repository root (PYTHONPATH=. for `rlhf`; `tiny` is found next to this script):
+
+    PYTHONPATH=. accelerate launch --config_file configs/accelerate/multi_cpu_2proc.yaml --multi_gpu \
+        --main_process_port 0 tests/ppo_distributed_check.py OUT --cpu         # 2 CPU processes
+    PYTHONPATH=. accelerate launch --multi_gpu --num_processes 2 tests/ppo_distributed_check.py OUT   # 2 GPUs
 
 --multi_gpu makes accelerate start the processes with torchrun; see docs/multi_gpu.md for why the
-CPU run needs it.
+CPU run needs it. Not a test module itself (no test_ prefix): tests/test_distributed.py launches it.
 """
 
 from __future__ import annotations
@@ -20,17 +22,13 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import torch
+from accelerate import PartialState
 
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-
-from rlhf.ppo import PPOConfig, train_ppo  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from rlhf.ppo import PPOConfig, train_ppo
+from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
            ["What is 3 + 4?", "Tell me about France.", "What is a fraction?", "How do plants eat?"]]
