@@ -223,7 +223,7 @@ class GenerationEngine:
         self._seeds = random.Random(sampling.seed)
         # All torch work happens on the decode thread, loading included: OpenMP keeps a spinning
         # thread team per calling thread, and a second team (say, the main thread's after a load)
-        # slowed decoding from ~24 to ~15 tokens/s on a 2-core CPU.
+        # slows decoding down on a small CPU (docs/performance.md).
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
