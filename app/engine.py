@@ -369,7 +369,8 @@ class GenerationEngine:
         batch = self._batch
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
         out = self.policy.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.attention_mask,
-                                position_ids=next_position_ids(batch.attention_mask), cache=batch.cache, use_cache=True, logits_to_keep=1)
+                                position_ids=next_position_ids(batch.attention_mask), cache=batch.cache,
+                                use_cache=True, logits_to_keep=1)
         self.stats.forward_batch_sizes[len(batch)] += 1
         batch.seen[torch.arange(len(batch), device=batch.seen.device), batch.next_tokens] = True
         batch.next_tokens = sample_next(out.logits[:, -1], batch.seen, self.sampling, self._warpers,

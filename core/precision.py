@@ -61,5 +61,4 @@ def wants_bf16(setting: str | bool) -> bool:
 
 def training_device() -> dict:
     """What a TRL/transformers Trainer is told: bf16 and the GPU when there is one, the CPU otherwise."""
-    cuda = torch.cuda.is_available()
-    return {"bf16": cuda, "use_cpu": not cuda}
+    return {"bf16": wants_bf16("auto"), "use_cpu": not torch.cuda.is_available()}

@@ -20,9 +20,9 @@ Accelerate places the model and runs backward / mixed precision, so `accelerate 
 same code data-parallel: every process generates its own rollout_batch_size answers, statistics
 and the KL controller use the mean over processes, advantages are whitened per process.
 
-Alignment (core/causal_lm.py): logits at position t predict token t + 1. For a (B, P + R) prompt + response batch,
-logits[:, P - 1 : P + R - 1] score the R response tokens, and the value at the same position is
-V of the state just before that token. The response mask covers the generated tokens up to and
+Alignment (core/causal_lm.py): logits at position t predict token t + 1. For a (B, P + R) prompt +
+response batch, logits[:, P - 1 : P + R - 1] score the R response tokens, and the value at the same
+position is V of the state just before that token. The response mask covers the generated tokens up to and
 including the first EOS, never the padding after it.
 """
 

@@ -3,8 +3,8 @@
 Small torch-only functions, one per equation, so the PPO loop can read as numbered steps:
 rewards from the reward model and the per-token KL penalty to the reference, GAE, then the
 clipped policy and value losses (token log-probs from logits are core/causal_lm.py's). Every
-tensor is (B, T) over the same token positions, and `mask` (B, T), float or bool, marks the response tokens the policy generated; prompt and
-padding positions never contribute to a result.
+tensor is (B, T) over the same token positions, and `mask` (B, T), float or bool, marks the
+response tokens the policy generated; prompt and padding positions never contribute to a result.
 """
 
 from __future__ import annotations
