@@ -26,6 +26,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, default=1, help="with --retrain: cycles to run back to back (default: 1)")
     p.add_argument("--export", type=Path, metavar="DIR", help="write the feedback as TRL-format JSONL into DIR, then exit")
     p.add_argument("--rollback", metavar="VERSION", help="make an older policy version current again, then exit")
+    accounts = p.add_argument_group("accounts (then exit; the password is read from a prompt, or from stdin "
+                                    "when it is not a terminal)")
+    accounts.add_argument("--add-user", metavar="NAME", help="add an account")
+    accounts.add_argument("--role", choices=("learner", "teacher", "admin"), default="learner",
+                          help="with --add-user (default: learner)")
+    accounts.add_argument("--teacher", metavar="NAME", help="with --add-user: the learner's teacher")
+    accounts.add_argument("--add-users", type=Path, metavar="CSV",
+                          help="add a class at once: CSV with columns name,role,teacher,password "
+                               "(empty passwords are generated and printed)")
+    accounts.add_argument("--set-password", metavar="NAME", help="change an account's password")
+    accounts.add_argument("--disable-user", metavar="NAME", help="stop an account from logging in")
+    accounts.add_argument("--enable-user", metavar="NAME", help="let a disabled account log in again")
+    accounts.add_argument("--list-users", action="store_true", help="list the accounts")
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
     return p.parse_args(argv)
 
@@ -41,9 +54,54 @@ def serve_config(args: argparse.Namespace):
     return merge(config, {k: v for k, v in flags.items() if v is not None}, "flags")
 
 
+def read_password(prompt: str = "Password: ") -> str:
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass(prompt)
+        if getpass.getpass("Again: ") != first:
+            raise ValueError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+def manage_accounts(args: argparse.Namespace) -> int:
+    from app.accounts import AccountError, Accounts
+    from app.store import Store
+
+    db = serve_config(args).db
+    try:
+        with Store(db) as store:
+            accounts = Accounts(store)
+            if args.add_user:
+                account = accounts.add(args.add_user, args.role, read_password(), args.teacher)
+                print(f"added {account.role} {account.name}" + (f" (teacher {account.teacher})" if account.teacher else ""))
+            elif args.add_users:
+                for account, password in accounts.add_from_csv(args.add_users.read_text(encoding="utf-8")):
+                    print(f"{account.name},{account.role},{account.teacher or ''},{password}")
+            elif args.set_password:
+                accounts.set_password(args.set_password, read_password("New password: "))
+                print(f"password of {args.set_password} changed")
+            elif args.disable_user or args.enable_user:
+                name = args.disable_user or args.enable_user
+                accounts.set_disabled(name, bool(args.disable_user))
+                print(f"{name} {'disabled' if args.disable_user else 'enabled'}")
+            else:
+                for row in store.accounts():
+                    print(f"{row['name']}\t{row['role']}\t{row['teacher'] or '-'}\t"
+                          f"{'disabled' if row['disabled'] else 'enabled'}")
+    except (AccountError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.add_user or args.add_users or args.set_password or args.disable_user or args.enable_user \
+            or args.list_users:
+        return manage_accounts(args)
     if args.retrain or args.export or args.rollback:
         from rlhf.cli import run_offline
 

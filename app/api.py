@@ -11,6 +11,7 @@ from typing import Iterator
 
 import gradio as gr
 
+from app.accounts import LOCAL, Account
 from app.service import TutorService, UserError
 
 
@@ -34,35 +35,89 @@ def as_gradio_error(fn):
     return wrapper
 
 
-def register_api(service: TutorService, concurrency_limit: int | None = 64) -> None:
-    """Must be called inside a `gr.Blocks` context."""
+def session_actor(service: TutorService, login_required: bool):
+    """The account of a request's session: the one local user when the server has no accounts."""
+    def actor(request: gr.Request | None) -> Account:
+        if not login_required:
+            return LOCAL
+        account = service.accounts.get(getattr(request, "username", None))
+        if account is None:  # not logged in, or the account was disabled since
+            raise UserError("please log in first")
+        return account
+    return actor
+
+
+def register_api(service: TutorService, login_required: bool = False, concurrency_limit: int | None = 64) -> None:
+    """Must be called inside a `gr.Blocks` context. No endpoint takes a user from its arguments:
+    the session's account is the user (with accounts), and every id is checked against it."""
+    actor = session_actor(service, login_required)
 
     @as_gradio_error
-    def new_conversation(user: str = "", purpose: str = "chat") -> dict:
-        return service.new_conversation(user, purpose)
+    def new_conversation(user: str = "", purpose: str = "chat", request: gr.Request = None) -> dict:
+        return service.new_conversation(actor(request), user, purpose)
 
     @as_gradio_error
-    def chat(conversation_id: str, message: str) -> Iterator[dict]:
-        yield from service.chat(conversation_id, message)
+    def chat(conversation_id: str, message: str, request: gr.Request = None) -> Iterator[dict]:
+        yield from service.chat(actor(request), conversation_id, message)
 
     @as_gradio_error
-    def compare(conversation_id: str, message: str, k: int = 2) -> dict:
-        return service.compare(conversation_id, message, k)
+    def compare(conversation_id: str, message: str, k: int = 2, request: gr.Request = None) -> dict:
+        return service.compare(actor(request), conversation_id, message, k)
 
     @as_gradio_error
-    def pick(comparison_id: str, choice: str) -> dict:
-        return service.pick(comparison_id, choice)
+    def pick(comparison_id: str, choice: str, request: gr.Request = None) -> dict:
+        return service.pick(actor(request), comparison_id, choice)
 
     @as_gradio_error
-    def rate(message_id: str, rating: str, reason: str = "") -> dict:
-        return service.rate(message_id, rating, reason)
+    def rate(message_id: str, rating: str, reason: str = "", request: gr.Request = None) -> dict:
+        return service.rate(actor(request), message_id, rating, reason)
 
     @as_gradio_error
-    def rewrite(message_id: str, text: str) -> dict:
-        return service.rewrite(message_id, text)
+    def rewrite(message_id: str, text: str, request: gr.Request = None) -> dict:
+        return service.rewrite(actor(request), message_id, text)
 
-    def status() -> dict:
-        return service.status()
+    @as_gradio_error
+    def status(request: gr.Request = None) -> dict:
+        return service.status(actor(request))
 
-    for fn in (new_conversation, chat, compare, pick, rate, rewrite, status):
+    @as_gradio_error
+    def history(conversation_id: str, request: gr.Request = None) -> list:
+        return service.history(actor(request), conversation_id)
+
+    @as_gradio_error
+    def conversations(request: gr.Request = None) -> list:
+        return service.conversations(actor(request))
+
+    @as_gradio_error
+    def consent(choice: str, request: gr.Request = None) -> dict:
+        return service.set_consent(actor(request), choice)
+
+    @as_gradio_error
+    def export_data(user: str = "", request: gr.Request = None) -> list:
+        return service.export_data(actor(request), user)
+
+    @as_gradio_error
+    def delete_conversation(conversation_id: str, request: gr.Request = None) -> dict:
+        return service.delete_conversation(actor(request), conversation_id)
+
+    @as_gradio_error
+    def delete_data(user: str = "", confirm: str = "", request: gr.Request = None) -> dict:
+        if confirm != "delete":  # a whole user's data goes only when the caller says so in words
+            raise UserError("to delete all data, pass confirm='delete'")
+        return service.delete_user_data(actor(request), user)
+
+    @as_gradio_error
+    def exclude(kind: str, target: str, reason: str = "", request: gr.Request = None) -> dict:
+        return service.exclude(actor(request), kind, target, reason)
+
+    @as_gradio_error
+    def recheck(request: gr.Request = None) -> dict:
+        return service.recheck(actor(request)) or {}
+
+    @as_gradio_error
+    def answer_recheck(comparison_id: str, choice: str, request: gr.Request = None) -> dict:
+        return service.answer_recheck(actor(request), comparison_id, choice)
+
+    for fn in (new_conversation, chat, compare, pick, rate, rewrite, status, history, conversations, consent,
+               export_data, delete_conversation, delete_data, exclude, recheck, answer_recheck):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=concurrency_limit)

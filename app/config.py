@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.engine import EngineConfig, SamplingConfig
+from app.quotas import QuotaConfig
 from app.service import Limits
+from core.moderation import ModerationConfig
 
 
 @dataclass
@@ -20,6 +22,10 @@ class ServeConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    # Origins besides the server's own that may call it from a browser (e.g. a school portal).
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 def read_config_file(path: Path | str) -> dict:

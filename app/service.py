@@ -1,8 +1,15 @@
-"""What the endpoints do, independent of Gradio: validate, generate, store.
+"""What the endpoints do, independent of Gradio: check who asks, validate, moderate, generate, store.
 
-Every check runs before the first write, so bad input raises `UserError` and leaves the database
-as it was. A reply is stored (user turn and answer together, in one transaction) only once it is
-complete; a client that goes away mid-reply cancels its generation and leaves no half turn behind.
+Every call names its `actor`, the account of the session (app/accounts.py); an id that belongs to
+somebody the actor may not act for is refused exactly like an unknown id, so a refusal does not
+even tell that the id exists. Every check (type, size, ownership, quota, moderation) runs before the
+first write, so a refused request raises `UserError` and leaves the database as it was. A reply is
+stored (user turn and answer together, in one transaction) only once it is complete; a client that
+goes away mid-reply cancels its generation and leaves no half turn behind.
+
+What a learner writes is moderated before the model sees it: an unsafe message gets a kind refusal
+and is kept only flagged, off the conversation's line. What the model writes is moderated as it
+streams: an unsafe reply is replaced before any of its unsafe part is shown, and stored flagged.
 """
 from __future__ import annotations
 
@@ -11,17 +18,22 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
+from app.accounts import LOCAL, Account, Accounts
 from app.engine import EngineBusy, GenerationEngine
+from app.quotas import QuotaExceeded, Quotas
+from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
-from app.store import Store
+from core.moderation import OUTPUT_REPLACEMENT, STREAM_WINDOW, Moderator, refusal
+from core.privacy import redact
 
 PURPOSES = ("chat", "eval")
 RATINGS = ("up", "down")
 # Offered by the UI; /rate also accepts free text up to MAX_REASON_CHARS.
 REASONS_DOWN = ("wrong", "unclear", "gave the answer away", "too long", "off-topic", "other")
 REASONS_UP = ("clear", "encouraging", "good hint", "good example")
+MAX_ID_CHARS = 64  # ids are uuid hex strings (32); anything longer is not one
 
 
 class UserError(ValueError):
@@ -39,30 +51,47 @@ class Limits:
 
 class TutorService:
     def __init__(self, store: Store, engine: GenerationEngine, limits: Limits | None = None,
-                 system_prompt: str = TUTOR_SYSTEM_PROMPT, rng: random.Random | None = None) -> None:
+                 system_prompt: str = TUTOR_SYSTEM_PROMPT, rng: random.Random | None = None, *,
+                 accounts: Accounts | None = None, quotas: Quotas | None = None,
+                 moderator: Moderator | None = None) -> None:
         self.store, self.engine = store, engine
         self.limits = limits or Limits()
         self.system_prompt = system_prompt
         self.rng = rng or random.Random()
+        self.accounts = accounts or Accounts(store)
+        self.quotas = quotas or Quotas(store)
+        self.moderator = moderator or Moderator()
         self._busy: set[str] = set()  # conversations with a reply being written
         self._busy_lock = threading.Lock()
 
     # -- conversations ---------------------------------------------------------------------------
-    def new_conversation(self, user: str = "", purpose: str = "chat") -> dict:
+    def new_conversation(self, actor: Account, user: str = "", purpose: str = "chat") -> dict:
         if purpose not in PURPOSES:
-            raise UserError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
-        if len(user or "") > self.limits.max_user_chars:
+            raise UserError(f"purpose must be one of {', '.join(PURPOSES)}, not {_show(purpose)}")
+        if not isinstance(user, str):
+            raise UserError(f"user must be a string, not {_show(user)}")
+        if len(user) > self.limits.max_user_chars:
             raise UserError(f"user name is longer than {self.limits.max_user_chars} characters")
-        return {"conversation_id": self.store.new_conversation(user or "", purpose, self.system_prompt)}
+        # With accounts the session says who the user is; the argument only names the local user.
+        owner = user if actor.is_local else actor.name
+        self._spend(actor, "conversation")
+        return {"conversation_id": self.store.new_conversation(owner, purpose, self.system_prompt)}
 
-    def chat(self, conversation_id: str, message: str) -> Iterator[dict]:
+    def chat(self, actor: Account, conversation_id: str, message: str) -> Iterator[dict]:
         """Streams {"message_id", "text", "model_version", "done"}; `text` is the reply so far."""
+        conversation_id = self._own(actor, "conversation", conversation_id)
         message = self.check_message(message)
         messages = self._context(conversation_id, message)
+        self._spend(actor, "chat")
+        verdict = self.moderator.check(message)
+        if verdict.flagged:  # never reaches the model; kept flagged for a teacher to see
+            yield self._refuse(conversation_id, message, verdict)
+            return
         with self._turn(conversation_id):
             request = self._submit(messages)
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
+            flag = None
             try:
                 with as_user_error(PromptTooLong):  # the engine finds that the prompt cannot fit
                     for chunk in request.token_chunks():
@@ -70,26 +99,37 @@ class TutorService:
                         text = _decode(request, tokens)
                         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                             continue
+                        shown = self.moderator.check(text[-STREAM_WINDOW:])
+                        if shown.flagged:  # stop before this chunk is shown
+                            flag = f"unsafe_reply:{shown.category}"
+                            break
                         yield {"message_id": message_id, "text": text,
                                "model_version": request.model_version, "done": False}
             finally:
                 request.cancel()  # no-op when finished; stops the row when the client went away
-            if request.finish_reason == "cancelled":
+            if request.finish_reason == "cancelled" and flag is None:
                 return
-            text = _decode(request, tokens)
+            text = OUTPUT_REPLACEMENT if flag else _decode(request, tokens)
+            if flag is None and self.moderator.check(text).flagged:
+                text, flag = OUTPUT_REPLACEMENT, "unsafe_reply"
             self.store.add_turn(conversation_id, message, text, message_id=message_id,
                                 model_version=request.model_version, generation=self._generation(request),
-                                context=request.context)
+                                context=request.context, reply_flag=flag)
             yield {"message_id": message_id, "text": text, "model_version": request.model_version, "done": True}
 
-    def compare(self, conversation_id: str, message: str, k: int = 2) -> dict:
+    def compare(self, actor: Account, conversation_id: str, message: str, k: int = 2) -> dict:
         """k answers to the same turn, sampled in one batch, stored in random order until picked."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
-            raise UserError(f"k must be a whole number from 2 to {self.limits.max_candidates}, not {k!r}")
+            raise UserError(f"k must be a whole number from 2 to {self.limits.max_candidates}, not {_show(k)}")
+        conversation_id = self._own(actor, "conversation", conversation_id)
         message = self.check_message(message)
         messages = self._context(conversation_id, message)
+        self._spend(actor, "compare")
+        verdict = self.moderator.check(message)
+        if verdict.flagged:
+            raise UserError(refusal(verdict))
         with self._turn(conversation_id):
             requests = [self._submit(messages) for _ in range(k)]
             try:
@@ -98,8 +138,13 @@ class TutorService:
             finally:
                 for r in requests:
                     r.cancel()
-            candidates = [{"text": t, "model_version": r.model_version, "generation": self._generation(r),
-                           "context": r.context} for t, r in zip(texts, requests)]
+            candidates = []
+            for text, r in zip(texts, requests):
+                shown = self.moderator.check(text)
+                candidates.append({"text": OUTPUT_REPLACEMENT if shown.flagged else text,
+                                   "model_version": r.model_version, "generation": self._generation(r),
+                                   "context": r.context,
+                                   "flag": f"unsafe_reply:{shown.category}" if shown.flagged else None})
             self.rng.shuffle(candidates)
             comparison_id, ids = self.store.add_comparison(conversation_id, message, requests[0].context, candidates)
         return {"comparison_id": comparison_id,
@@ -107,40 +152,124 @@ class TutorService:
                                for i, c in zip(ids, candidates)]}
 
     # -- feedback --------------------------------------------------------------------------------
-    def pick(self, comparison_id: str, choice: str) -> dict:
+    def pick(self, actor: Account, comparison_id: str, choice: str) -> dict:
+        comparison_id = self._own(actor, "comparison", comparison_id)
+        if not isinstance(choice, str) or len(choice) > 32:
+            raise UserError("choice must be a short string such as 'A', 'tie' or 'C,A,B'")
+        self._spend(actor, "pick")
         with as_user_error(LookupError, ValueError):
-            decision = self.store.decide_comparison(str(comparison_id), str(choice))
+            decision = self.store.decide_comparison(comparison_id, choice)
         return {"ok": True, "winner": decision["winner"]}
 
-    def rate(self, message_id: str, rating: str, reason: str = "") -> dict:
+    def rate(self, actor: Account, message_id: str, rating: str, reason: str = "") -> dict:
+        message_id = self._own(actor, "message", message_id)
         if rating not in RATINGS:
-            raise UserError(f"rating must be 'up' or 'down', not {rating!r}")
+            raise UserError(f"rating must be 'up' or 'down', not {_show(rating)}")
+        if not isinstance(reason, str) and reason is not None:
+            raise UserError("reason must be text")
         reason = (reason or "").strip()
         if len(reason) > self.limits.max_reason_chars:
             raise UserError(f"reason is longer than {self.limits.max_reason_chars} characters")
+        self._check_safe(reason)
+        self._spend(actor, "rate")
         with as_user_error(LookupError, ValueError):
             self.store.add_rating(message_id, rating, reason)
         return {"ok": True}
 
-    def rewrite(self, message_id: str, text: str) -> dict:
-        text = (text or "").strip()
+    def rewrite(self, actor: Account, message_id: str, text: str) -> dict:
+        message_id = self._own(actor, "message", message_id)
+        text = (text or "").strip() if isinstance(text, str) or text is None else None
+        if text is None:
+            raise UserError("the rewritten answer must be text")
         if not text:
             raise UserError("the rewritten answer is empty")
         if len(text) > self.limits.max_rewrite_chars:
             raise UserError(f"the rewritten answer is longer than {self.limits.max_rewrite_chars} characters")
+        self._check_safe(text)
+        self._spend(actor, "rewrite")
         with as_user_error(LookupError, ValueError):
             self.store.add_rewrite(message_id, text)
         return {"ok": True}
 
-    def status(self) -> dict:
+    def recheck(self, actor: Account) -> dict | None:
+        """Now and then a learner is shown a comparison they decided before, in flipped order; how
+        often the second pick agrees with the first is one measure of how much their picks say."""
+        comparison = self.store.repeat_candidate(actor.name)
+        if comparison is None:
+            return None
+        a, b = comparison["candidates"]
+        return {"comparison_id": comparison["id"], "context": comparison["context"],
+                "candidates": [{"label": "A", "text": b["content"]}, {"label": "B", "text": a["content"]}]}
+
+    def answer_recheck(self, actor: Account, comparison_id: str, choice: str) -> dict:
+        comparison_id = self._own(actor, "comparison", comparison_id)
+        if choice not in ("A", "B"):
+            raise UserError(f"choice must be 'A' or 'B', not {_show(choice)}")
+        self._spend(actor, "recheck")
+        flipped = {"A": "B", "B": "A"}[choice]  # the labels were shown swapped
+        with as_user_error(LookupError, ValueError):
+            self.store.add_repeat_check(comparison_id, actor.name, flipped)
+        return {"ok": True}
+
+    # -- reading, consent, export and delete -----------------------------------------------------
+    def status(self, actor: Account | None = None) -> dict:
         return {"model_version": self.engine.version, "feedback": self.store.feedback_counts(),
                 "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats()}
 
-    def history(self, conversation_id: str) -> list[dict]:
+    def history(self, actor: Account, conversation_id: str) -> list[dict]:
+        conversation_id = self._readable(actor, "conversation", conversation_id)
         with as_user_error(LookupError, ValueError):
             return self.store.history(conversation_id)
 
-    # -- helpers ---------------------------------------------------------------------------------
+    def conversations(self, actor: Account) -> list[dict]:
+        if actor.is_local:
+            raise UserError("listing conversations needs accounts")
+        return self.store.conversations_of(self.accounts.readable_users(actor))
+
+    def set_consent(self, actor: Account, choice: str) -> dict:
+        if choice not in CONSENT_CHOICES:
+            raise UserError(f"consent must be one of {', '.join(CONSENT_CHOICES)}, not {_show(choice)}")
+        self.store.set_consent(actor.name, choice)
+        return {"ok": True, "consent": choice}
+
+    def consent(self, actor: Account) -> str | None:
+        return self.store.consent(actor.name)
+
+    def export_data(self, actor: Account, user: str | None = None) -> list[dict]:
+        """The user's conversations and feedback as JSON records, personal details redacted."""
+        user = self._data_owner(actor, user)
+        return [_redacted(record) for record in self.store.user_data(user)]
+
+    def delete_conversation(self, actor: Account, conversation_id: str) -> dict:
+        conversation_id = self._readable(actor, "conversation", conversation_id)
+        gone = self.store.delete_conversations([conversation_id], "conversation", conversation_id)
+        return {"ok": True, "deleted_feedback": sum(map(len, gone.values()))}
+
+    def delete_user_data(self, actor: Account, user: str | None = None) -> dict:
+        user = self._data_owner(actor, user)
+        ids = [c["conversation_id"] for c in self.store.conversations_of([user])]
+        gone = self.store.delete_conversations(ids, "user", user)
+        return {"ok": True, "deleted_conversations": len(ids), "deleted_feedback": sum(map(len, gone.values()))}
+
+    def exclude(self, actor: Account, kind: str, target: str, reason: str) -> dict:
+        """A teacher leaves one of their learners, or one conversation, out of every later cycle."""
+        if actor.role not in ("teacher", "admin"):
+            raise UserError("only a teacher or an admin can exclude data from training")
+        if kind not in EXCLUSION_KINDS:
+            raise UserError(f"kind must be one of {', '.join(EXCLUSION_KINDS)}, not {_show(kind)}")
+        if kind == "conversation":
+            target = _check_id("conversation", target)
+            owner = self.store.owner("conversation", target)
+            if owner is None or not self._steward(actor, owner):
+                raise UserError(_unknown("conversation", target))
+        elif not isinstance(target, str) or self.store.account(target) is None or not self._steward(actor, target):
+            raise UserError(f"no user named {_show(target)}")
+        if not isinstance(reason, str) or len(reason.strip()) > self.limits.max_reason_chars:
+            raise UserError(f"reason must be text of at most {self.limits.max_reason_chars} characters")
+        self.store.add_exclusion(kind, target, redact(reason.strip()), actor.name)
+        return {"ok": True}
+
+    # -- checks (each runs before any write) -----------------------------------------------------
     def check_message(self, message: str) -> str:
         if not isinstance(message, str) or not message.strip():
             raise UserError("the message is empty")
@@ -149,10 +278,60 @@ class TutorService:
                             f"{self.limits.max_message_chars:,}")
         return message.strip()
 
+    def _own(self, actor: Account, kind: str, item_id: Any) -> str:
+        """The id, if `actor` may write to it; the unknown-id error otherwise."""
+        item_id = _check_id(kind, item_id)
+        owner = self.store.owner(kind, item_id)
+        if owner is None or not (actor.is_local or owner == actor.name):
+            raise UserError(_unknown(kind, item_id))
+        return item_id
+
+    def _readable(self, actor: Account, kind: str, item_id: Any) -> str:
+        item_id = _check_id(kind, item_id)
+        owner = self.store.owner(kind, item_id)
+        if owner is None or not self.accounts.can_read(actor, owner):
+            raise UserError(_unknown(kind, item_id))
+        return item_id
+
+    def _data_owner(self, actor: Account, user: str | None) -> str:
+        if user in (None, "") or user == actor.name:
+            return actor.name
+        if not isinstance(user, str) or len(user) > self.limits.max_user_chars \
+                or not self.accounts.can_read(actor, user) or self.store.account(user) is None:
+            raise UserError(f"no user named {_show(user)}")
+        return user
+
+    def _steward(self, actor: Account, owner: str) -> bool:
+        """An admin, or the teacher of `owner`: who may leave `owner`'s data out of training."""
+        if actor.role == "admin":
+            return True
+        row = self.store.account(owner)
+        return actor.role == "teacher" and row is not None and row["teacher"] == actor.name
+
+    def _spend(self, actor: Account, kind: str) -> None:
+        # Quotas stop one account from steering what others' feedback teaches; the local user of a
+        # server without accounts is the only one (and bench/learner.py drives it at full speed).
+        if actor.is_local:
+            return
+        try:
+            self.quotas.spend(actor.name, kind)
+        except QuotaExceeded as exc:
+            raise UserError(str(exc)) from None
+
+    def _check_safe(self, text: str) -> None:
+        if text:
+            verdict = self.moderator.check(text)
+            if verdict.flagged:
+                raise UserError(refusal(verdict))
+
+    def _refuse(self, conversation_id: str, message: str, verdict) -> dict:
+        text = refusal(verdict)
+        message_id = self.store.add_turn(conversation_id, message, text, model_version=None,
+                                         input_flag=f"unsafe_input:{verdict.category}")
+        return {"message_id": message_id, "text": text, "model_version": self.engine.version, "done": True}
+
     def _context(self, conversation_id: str, message: str) -> list[dict]:
-        conversation = self.store.conversation(str(conversation_id))
-        if conversation is None:
-            raise UserError(f"no conversation with id {str(conversation_id)[:64]!r}")
+        conversation = self.store.conversation(conversation_id)
         if self.store.undecided_comparison(conversation_id):
             raise UserError("pick the best answer of the open comparison before going on")
         turns = [{"role": m["role"], "content": m["content"]} for m in self.store.history(conversation_id)]
@@ -204,3 +383,28 @@ def as_user_error(*kinds: type[Exception]):
 
 def _decode(request, tokens: list[int]) -> str:
     return request.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _check_id(kind: str, item_id: Any) -> str:
+    if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ID_CHARS or not item_id.isascii():
+        raise UserError(f"{kind}_id must be an id string of at most {MAX_ID_CHARS} characters")
+    return item_id
+
+
+def _unknown(kind: str, item_id: str) -> str:
+    # The same words the store uses for an id it does not hold.
+    return f"no conversation with id {item_id!r}" if kind == "conversation" else f"unknown {kind} {item_id!r}"
+
+
+def _show(value: Any) -> str:
+    """A value quoted for an error message, cut short: never echo a whole oversized input."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _redacted(record: dict) -> dict:
+    """An exported conversation with personal details replaced in every text."""
+    out = {**record, "messages": [{**m, "content": redact(m["content"])} for m in record["messages"]],
+           "ratings": [{**r, "reason": redact(r["reason"])} for r in record["ratings"]],
+           "rewrites": [{**w, "text": redact(w["text"])} for w in record["rewrites"]]}
+    return out

@@ -19,6 +19,7 @@ integer ids. Timestamps are ISO-8601 UTC strings; JSON columns are TEXT, decoded
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -32,13 +33,15 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlite_utils import Database, Migrations
 
 MIGRATIONS = Migrations("tutor")
+log = logging.getLogger(__name__)
 
 TABLES = (
     "conversations", "messages", "ratings", "comparisons", "comparison_candidates",
     "comparison_picks", "rewrites", "model_versions", "training_cycles",
+    "accounts", "consents", "exclusions", "repeat_checks", "deletions",
 )
 TRAINING_HISTORY_TABLES = ("model_versions", "training_cycles")
-JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage")
+JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage", "feedback")
 PURPOSES = ("chat", "eval")
 ROLES = ("user", "assistant")
 RATINGS = ("up", "down")
@@ -47,6 +50,11 @@ CYCLE_END_STATUSES = ("promoted", "rejected", "failed", "interrupted")
 LABELS = "ABCD"  # display order of comparison candidates
 MIN_CANDIDATES, MAX_CANDIDATES = 2, len(LABELS)
 MAX_REASON_CHARS = 500
+ACCOUNT_ROLES = ("learner", "teacher", "admin")
+CONSENT_CHOICES = ("given", "declined")
+EXCLUSION_KINDS = ("user", "conversation")
+# What a user does, for quotas: the table that records it and the timestamp column counted.
+ACTIVITY_KINDS = ("conversation", "chat", "compare", "pick", "rate", "rewrite", "recheck")
 
 
 def _create(
@@ -110,6 +118,34 @@ def m003_training(db: Database) -> None:
         "id": int, "started_at": str, "finished_at": str, "status": str, "policy_version": str,
         "reward_version": str, "reason": str, "metrics": str,
     }, pk="id", nullable=("finished_at", "policy_version", "reward_version"))
+
+
+@MIGRATIONS()
+def m004_accounts(db: Database) -> None:
+    # Accounts, consent, teachers' exclusions, repeat checks of picks and a record of deletions.
+    # `flag` marks a message that moderation stopped: kept for review, never shown to the model
+    # again and never training data.
+    _create(db, "accounts", {"name": str, "role": str, "password_hash": str, "teacher": str,
+                             "disabled": int, "created_at": str}, pk="name",
+            foreign_keys=[("teacher", "accounts", "name")], nullable=("teacher",))
+    _create(db, "consents", {"user": str, "choice": str, "created_at": str}, pk="user")
+    _create(db, "exclusions", {"id": int, "kind": str, "target": str, "reason": str, "by": str,
+                               "created_at": str}, pk="id")
+    _create(db, "repeat_checks", {"id": int, "comparison_id": str, "user": str, "choice": str,
+                                  "agrees": int, "created_at": str}, pk="id",
+            foreign_keys=[("comparison_id", "comparisons", "id")])
+    _create(db, "deletions", {"id": int, "kind": str, "target": str, "feedback": str,
+                              "created_at": str}, pk="id")
+    db.table("messages").add_column("flag", str)
+    db.table("conversations").create_index(["user"])
+    db.table("repeat_checks").create_index(["comparison_id"], unique=True)
+
+
+# A conversation that may train: not an evaluation, and its user has not declined consent.
+TRAINABLE = ("c.purpose != 'eval' and c.user not in "
+             "(select user from consents where choice = 'declined')")
+NO_FLAGGED_CANDIDATE = ("not exists (select 1 from comparison_candidates f join messages fm "
+                        "on fm.id = f.message_id where f.comparison_id = x.id and fm.flag is not null)")
 
 
 def _now() -> str:
@@ -188,6 +224,8 @@ class Store:
             self._db.enable_wal()  # the trainer reads the file while the app writes to it
         self._db.execute("PRAGMA busy_timeout=5000")  # wait for the other process, don't fail
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten with zeros, so a learner's deleted text is not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         MIGRATIONS.apply(self._db)
 
     def close(self) -> None:
@@ -237,7 +275,7 @@ class Store:
         self, conversation_id: str, role: str, content: str, position: int, active: bool, *,
         model_version: str | None = None, generation: dict[str, Any] | None = None,
         context: list[dict[str, str]] | None = None, comparison_id: str | None = None,
-        message_id: str | None = None,
+        message_id: str | None = None, flag: str | None = None,
     ) -> str:
         _check(role in ROLES, f"role must be one of {ROLES}")
         _check(isinstance(content, str), "content must be a string")
@@ -252,6 +290,7 @@ class Store:
             "content": content, "position": position, "active": int(active),
             "model_version": model_version, "generation": _dumps(generation),
             "context": _dumps(context), "comparison_id": comparison_id, "created_at": _now(),
+            "flag": flag,
         })
         return message_id
 
@@ -301,17 +340,27 @@ class Store:
     def add_turn(
         self, conversation_id: str, user_message: str, reply: str, *, message_id: str | None = None,
         model_version: str | None = None, generation: dict[str, Any] | None = None,
-        context: list[dict[str, str]] | None = None,
+        context: list[dict[str, str]] | None = None, input_flag: str | None = None,
+        reply_flag: str | None = None,
     ) -> str:
-        """A user message and the assistant's reply to it, stored together or not at all."""
+        """A user message and the assistant's reply to it, stored together or not at all.
+
+        A flagged input (moderation refused it) is kept, with its refusal, off the main line: no
+        later turn's context and no training data sees it. A flagged reply is the replacement
+        the learner was shown; it stays on the main line but is never feedback to learn from.
+        """
         self._require("conversations", "id", conversation_id)
         self._require_all_decided(conversation_id)
+        _check(input_flag is None or isinstance(input_flag, str), "bad input_flag")
+        _check(reply_flag is None or isinstance(reply_flag, str), "bad reply_flag")
+        active = input_flag is None
         with self._db.atomic():
             position = self._next_position(conversation_id)
-            self._add_message(conversation_id, "user", user_message, position, True)
-            return self._add_message(conversation_id, "assistant", reply, position + 1, True,
+            self._add_message(conversation_id, "user", user_message, position, active, flag=input_flag)
+            return self._add_message(conversation_id, "assistant", reply, position + 1, active,
                                      model_version=model_version, generation=generation,
-                                     context=context, message_id=message_id)
+                                     context=context, message_id=message_id,
+                                     flag=input_flag or reply_flag)
 
     @_locked
     def message(self, message_id: str) -> dict[str, Any] | None:
@@ -359,7 +408,7 @@ class Store:
                     conversation_id, "assistant", candidate["text"], position + 1, False,
                     model_version=candidate.get("model_version"),
                     generation=candidate.get("generation"), context=context,
-                    comparison_id=comparison_id)
+                    comparison_id=comparison_id, flag=candidate.get("flag"))
                 self._insert("comparison_candidates", {
                     "comparison_id": comparison_id, "message_id": message_id, "label": label})
                 message_ids.append(message_id)
@@ -437,7 +486,8 @@ class Store:
             ("rewrites", per_message.format("rewrites", only_chat)),
         )}
 
-    # -- training data (read only; eval conversations and all their feedback are left out) --
+    # -- training data (read only; eval conversations, conversations of users who declined
+    #    consent, and flagged messages with all their feedback are left out) --
 
     @_locked
     def training_histories(self) -> list[dict[str, Any]]:
@@ -446,29 +496,30 @@ class Store:
         One row per message: conversation_id, system_prompt, message_id, position, role, content.
         """
         return self._all(
-            """select c.id as conversation_id, c.system_prompt, m.id as message_id, m.position,
-                 m.role, coalesce((select r.text from rewrites r where r.message_id = m.id
+            f"""select c.id as conversation_id, c.user, c.system_prompt, m.id as message_id,
+                 m.position, m.role, coalesce((select r.text from rewrites r where r.message_id = m.id
                                    order by r.id desc limit 1), m.content) as content
                from conversations c join messages m on m.conversation_id = c.id
-               where c.purpose != 'eval' and m.active = 1
+               where {TRAINABLE} and m.active = 1
                order by c.created_at, c.id, m.position""")
 
     @_locked
     def training_comparisons(self) -> list[dict[str, Any]]:
         """Decided comparisons with their pick and candidates (label order), oldest pick first."""
         rows = self._all(
-            """select x.id as comparison_id, x.conversation_id, x.k, x.context,
+            f"""select x.id as comparison_id, x.conversation_id, c.user, x.k, x.context,
                  p.id as pick_id, p.choice, p.ranking
                from comparisons x join conversations c on c.id = x.conversation_id
                join comparison_picks p on p.comparison_id = x.id
-               where c.purpose != 'eval' and x.decided_at is not null order by p.id""")
+               where {TRAINABLE} and x.decided_at is not null and {NO_FLAGGED_CANDIDATE}
+               order by p.id""")
         candidates: dict[str, list[dict[str, Any]]] = {}
         for row in self._all(
-                """select cc.comparison_id, cc.label, cc.message_id, m.content
+                f"""select cc.comparison_id, cc.label, cc.message_id, m.content
                    from comparison_candidates cc join messages m on m.id = cc.message_id
                    join comparisons x on x.id = cc.comparison_id
                    join conversations c on c.id = x.conversation_id
-                   where c.purpose != 'eval' and x.decided_at is not null
+                   where {TRAINABLE} and x.decided_at is not null and {NO_FLAGGED_CANDIDATE}
                    order by cc.comparison_id, cc.label"""):
             candidates.setdefault(row.pop("comparison_id"), []).append(row)
         for row in rows:
@@ -479,11 +530,11 @@ class Store:
     def training_ratings(self) -> list[dict[str, Any]]:
         """The latest rating of each rated assistant message, with the message and its context."""
         return self._all(
-            """select r.id as rating_id, r.message_id, r.rating, r.reason, m.conversation_id,
+            f"""select r.id as rating_id, r.message_id, r.rating, r.reason, m.conversation_id, c.user,
                  m.position, m.content, m.context, m.comparison_id
                from ratings r join messages m on m.id = r.message_id
                join conversations c on c.id = m.conversation_id
-               where c.purpose != 'eval'
+               where {TRAINABLE} and m.flag is null
                  and r.id = (select max(id) from ratings where message_id = r.message_id)
                order by r.id""")
 
@@ -491,11 +542,11 @@ class Store:
     def training_rewrites(self) -> list[dict[str, Any]]:
         """The latest rewrite of each rewritten assistant message, with the message it replaces."""
         return self._all(
-            """select w.id as rewrite_id, w.message_id, w.text, m.conversation_id, m.position,
+            f"""select w.id as rewrite_id, w.message_id, w.text, m.conversation_id, c.user, m.position,
                  m.content, m.context, m.comparison_id
                from rewrites w join messages m on m.id = w.message_id
                join conversations c on c.id = m.conversation_id
-               where c.purpose != 'eval'
+               where {TRAINABLE} and m.flag is null
                  and w.id = (select max(id) from rewrites where message_id = w.message_id)
                order by w.id""")
 
@@ -560,6 +611,238 @@ class Store:
         where = f"where status in ({', '.join('?' * len(statuses))})" if statuses else ""
         return _decode(self._one(f"select * from training_cycles {where} order by id desc limit 1",
                                  list(statuses or [])))
+
+    # -- accounts and consent --
+
+    @_locked
+    def add_account(self, name: str, role: str, password_hash: str, teacher: str | None = None) -> None:
+        _check(isinstance(name, str) and name.strip() == name and 0 < len(name) <= 64,
+               "an account name is 1 to 64 characters, without spaces at either end")
+        _check(role in ACCOUNT_ROLES, f"role must be one of {', '.join(ACCOUNT_ROLES)}")
+        _check(isinstance(password_hash, str) and password_hash, "password_hash cannot be blank")
+        _check(self._one("select 1 from accounts where name = ?", [name]) is None,
+               f"account {name!r} already exists")
+        if teacher is not None:
+            row = self._require("accounts", "name", teacher)
+            _check(row["role"] == "teacher", f"{teacher!r} is not a teacher")
+        self._insert("accounts", {"name": name, "role": role, "password_hash": password_hash,
+                                  "teacher": teacher, "disabled": 0, "created_at": _now()})
+
+    @_locked
+    def account(self, name: str) -> dict[str, Any] | None:
+        row = self._one("select * from accounts where name = ?", [name])
+        if row is not None:
+            row["disabled"] = bool(row["disabled"])
+        return row
+
+    @_locked
+    def accounts(self) -> list[dict[str, Any]]:
+        """Every account without its password hash, in name order."""
+        return [{**row, "disabled": bool(row["disabled"])} for row in self._all(
+            "select name, role, teacher, disabled, created_at from accounts order by name")]
+
+    @_locked
+    def has_accounts(self) -> bool:
+        return self._one("select 1 from accounts limit 1") is not None
+
+    @_locked
+    def update_account(self, name: str, *, password_hash: str | None = None,
+                       disabled: bool | None = None) -> None:
+        self._require("accounts", "name", name)
+        with self._db.atomic():
+            if password_hash is not None:
+                _check(isinstance(password_hash, str) and password_hash, "password_hash cannot be blank")
+                self._db.execute("update accounts set password_hash = ? where name = ?", [password_hash, name])
+            if disabled is not None:
+                self._db.execute("update accounts set disabled = ? where name = ?", [int(bool(disabled)), name])
+
+    @_locked
+    def learners_of(self, teacher: str) -> list[str]:
+        return [r["name"] for r in self._all("select name from accounts where teacher = ? order by name",
+                                             [teacher])]
+
+    @_locked
+    def set_consent(self, user: str, choice: str) -> None:
+        _check(isinstance(user, str), "user must be a string")
+        _check(choice in CONSENT_CHOICES, f"consent must be one of {', '.join(CONSENT_CHOICES)}")
+        self._db.execute("insert or replace into consents (user, choice, created_at) values (?, ?, ?)",
+                         [user, choice, _now()])
+
+    @_locked
+    def consent(self, user: str) -> str | None:
+        row = self._one("select choice from consents where user = ?", [user])
+        return None if row is None else row["choice"]
+
+    # -- ownership and activity (for access checks and quotas) --
+
+    @_locked
+    def owner(self, kind: str, item_id: str) -> str | None:
+        """The user whose conversation holds this conversation, message or comparison; None if unknown."""
+        sql = {"conversation": "select user from conversations where id = ?",
+               "message": "select c.user from messages m join conversations c on c.id = m.conversation_id "
+                          "where m.id = ?",
+               "comparison": "select c.user from comparisons x join conversations c "
+                             "on c.id = x.conversation_id where x.id = ?"}
+        _check(kind in sql, f"kind must be one of {', '.join(sql)}")
+        row = self._one(sql[kind], [item_id])
+        return None if row is None else row["user"]
+
+    @_locked
+    def conversations_of(self, users: list[str]) -> list[dict[str, Any]]:
+        marks = ", ".join("?" * len(users))
+        return self._all(f"""select c.id as conversation_id, c.user, c.purpose, c.created_at,
+                              (select count(*) from messages m where m.conversation_id = c.id
+                               and m.active = 1) as turns
+                             from conversations c where c.user in ({marks}) order by c.created_at""",
+                         list(users))
+
+    @_locked
+    def activity_since(self, user: str, since: str) -> dict[str, int]:
+        """How many of each ACTIVITY_KINDS `user` did from `since` (ISO UTC) on."""
+        mine = "join conversations c on c.id = {} where c.user = ? and {}.created_at >= ?"
+        sql = {
+            "conversation": "select count(*) from conversations c where c.user = ? and c.created_at >= ?",
+            "chat": "select count(*) from messages m " + mine.format("m.conversation_id", "m")
+                    + " and m.role = 'user' and m.comparison_id is null",
+            "compare": "select count(*) from comparisons x " + mine.format("x.conversation_id", "x"),
+            "pick": "select count(*) from comparison_picks p join comparisons x on x.id = p.comparison_id "
+                    + mine.format("x.conversation_id", "p"),
+            "rate": "select count(*) from ratings r join messages m on m.id = r.message_id "
+                    + mine.format("m.conversation_id", "r"),
+            "rewrite": "select count(*) from rewrites w join messages m on m.id = w.message_id "
+                       + mine.format("m.conversation_id", "w"),
+            "recheck": "select count(*) from repeat_checks k where k.user = ? and k.created_at >= ?",
+        }
+        return {kind: int(self._db.execute(q, [user, since]).fetchone()[0]) for kind, q in sql.items()}
+
+    # -- teachers' exclusions and repeat checks (read by the trainer) --
+
+    @_locked
+    def add_exclusion(self, kind: str, target: str, reason: str, by: str) -> int:
+        _check(kind in EXCLUSION_KINDS, f"kind must be one of {', '.join(EXCLUSION_KINDS)}")
+        _check(all(isinstance(v, str) for v in (target, reason, by)), "target, reason and by are strings")
+        _check(len(reason) <= MAX_REASON_CHARS, f"reason is longer than {MAX_REASON_CHARS} characters")
+        return int(self._insert("exclusions", {"kind": kind, "target": target, "reason": reason, "by": by,
+                                               "created_at": _now()}))
+
+    @_locked
+    def training_exclusions(self) -> list[dict[str, Any]]:
+        return self._all("select kind, target, reason, by, created_at from exclusions order by id")
+
+    @_locked
+    def repeat_candidate(self, user: str) -> dict[str, Any] | None:
+        """A two-answer comparison `user` decided with a winner and was not asked again about."""
+        row = self._one(
+            """select x.id from comparisons x join conversations c on c.id = x.conversation_id
+               join comparison_picks p on p.comparison_id = x.id
+               where c.user = ? and c.purpose != 'eval' and x.k = 2 and p.choice in ('A', 'B')
+                 and not exists (select 1 from repeat_checks k where k.comparison_id = x.id)
+               order by random() limit 1""", [user])
+        return None if row is None else self.comparison(row["id"])
+
+    @_locked
+    def add_repeat_check(self, comparison_id: str, user: str, choice: str) -> bool:
+        """Records the second pick (a label of the first showing); returns whether it agrees."""
+        comparison = self._require("comparisons", "id", comparison_id)
+        pick = self._one("select choice from comparison_picks where comparison_id = ?", [comparison_id])
+        _check(pick is not None and pick["choice"] in ("A", "B") and comparison["k"] == 2,
+               "only a decided two-answer comparison can be asked again")
+        _check(choice in ("A", "B"), "choice must be 'A' or 'B'")
+        _check(self._one("select 1 from repeat_checks where comparison_id = ?", [comparison_id]) is None,
+               "this comparison was already asked again")
+        agrees = choice == pick["choice"]
+        self._insert("repeat_checks", {"comparison_id": comparison_id, "user": user, "choice": choice,
+                                       "agrees": int(agrees), "created_at": _now()})
+        return agrees
+
+    @_locked
+    def repeat_checks(self) -> list[dict[str, Any]]:
+        return [{**r, "agrees": bool(r["agrees"])} for r in self._all(
+            "select user, comparison_id, agrees, created_at from repeat_checks order by id")]
+
+    # -- a user's data: export and delete --
+
+    @_locked
+    def user_data(self, user: str) -> list[dict[str, Any]]:
+        """Every conversation of `user` with all its messages and the feedback on them."""
+        out = []
+        for c in self._all("select * from conversations where user = ? order by created_at", [user]):
+            messages = self._all("""select id, role, content, position, active, model_version, flag,
+                                    comparison_id, created_at from messages where conversation_id = ?
+                                    order by position, created_at""", [c["id"]])
+            ids = [m["id"] for m in messages]
+            marks = ", ".join("?" * len(ids))
+            out.append({
+                "conversation_id": c["id"], "purpose": c["purpose"], "created_at": c["created_at"],
+                "messages": messages,
+                "ratings": self._all(f"select message_id, rating, reason, created_at from ratings "
+                                     f"where message_id in ({marks}) order by id", ids),
+                "rewrites": self._all(f"select message_id, text, created_at from rewrites "
+                                      f"where message_id in ({marks}) order by id", ids),
+                "picks": self._all("""select p.comparison_id, p.choice, p.ranking, p.created_at
+                                      from comparison_picks p join comparisons x on x.id = p.comparison_id
+                                      where x.conversation_id = ? order by p.id""", [c["id"]]),
+            })
+        return out
+
+    @_locked
+    def delete_conversations(self, conversation_ids: list[str], kind: str, target: str) -> dict[str, list[int]]:
+        """Deletes these conversations and everything in them, then scrubs the file.
+
+        The ids of the feedback rows that went are recorded (no text), and every model version
+        trained on any of them gets `trained_on_deleted` in its lineage. Returns those row ids.
+        """
+        ids = list(conversation_ids)
+        marks = ", ".join("?" * len(ids))
+        in_messages = f"message_id in (select id from messages where conversation_id in ({marks}))"
+        in_comparisons = f"comparison_id in (select id from comparisons where conversation_id in ({marks}))"
+        gone = {
+            "ratings": [r["id"] for r in self._all(f"select id from ratings where {in_messages}", ids)],
+            "picks": [r["id"] for r in self._all(f"select id from comparison_picks where {in_comparisons}", ids)],
+            "rewrites": [r["id"] for r in self._all(f"select id from rewrites where {in_messages}", ids)],
+        }
+        with self._db.atomic():
+            for sql in (f"delete from ratings where {in_messages}", f"delete from rewrites where {in_messages}",
+                        f"delete from comparison_picks where {in_comparisons}",
+                        f"delete from repeat_checks where {in_comparisons}",
+                        f"delete from comparison_candidates where {in_comparisons}",
+                        f"delete from comparisons where conversation_id in ({marks})",
+                        f"delete from messages where conversation_id in ({marks})",
+                        f"delete from conversations where id in ({marks})"):
+                self._db.execute(sql, ids)
+            self._insert("deletions", {"kind": kind, "target": target, "feedback": _dumps(gone),
+                                       "created_at": _now()})
+            self._mark_trained_on_deleted(gone)
+        self._scrub()
+        return gone
+
+    def _mark_trained_on_deleted(self, gone: dict[str, list[int]]) -> None:
+        for version in self._all("select version, lineage from model_versions"):
+            lineage = version["lineage"] if isinstance(version["lineage"], dict) else {}
+            rows = lineage.get("feedback_rows") or {}
+            hit = {kind: sorted(set(rows.get(kind, [])) & set(ids)) for kind, ids in gone.items()}
+            hit = {kind: ids for kind, ids in hit.items() if ids}
+            if hit:
+                marked = lineage.setdefault("trained_on_deleted", {})
+                for kind, ids in hit.items():
+                    marked[kind] = sorted(set(marked.get(kind, [])) | set(ids))
+                self._db.execute("update model_versions set lineage = ? where version = ?",
+                                 [_dumps(lineage), version["version"]])
+
+    def _scrub(self) -> None:
+        # secure_delete zeroes the freed pages, but older copies of them may still sit in the
+        # write-ahead log: checkpoint it, rebuild the file, and truncate the log again.
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:  # another process holds the file; the rows are gone anyway
+            log.warning("could not compact the database after a deletion: %s", exc)
+
+    @_locked
+    def deletions(self) -> list[dict[str, Any]]:
+        return self._all("select * from deletions order by id")
+
 
     # -- the database as a whole --
 

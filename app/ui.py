@@ -8,11 +8,14 @@ it. Every handler returns (or yields) a dict keyed by the components it updates,
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 
 import gradio as gr
 
-from app.api import register_api
+from app.api import register_api, session_actor
 from app.service import REASONS_DOWN, REASONS_UP, TutorService, UserError
 from app.store import LABELS
 
@@ -30,6 +33,11 @@ CSS = """
                 background: var(--background-fill-secondary);}
 footer {display:none !important;}
 """
+CONSENT_NOTICE = ("### Before you start\n"
+                  "Your tutor learns from the conversations and the feedback of its learners. May we keep "
+                  "yours to improve it? Names, e-mail addresses, phone numbers and addresses are removed "
+                  "first. If you say no, you can still chat; nothing of yours is used for training. You "
+                  "can download or delete your data at any time under *My data*.")
 INTRO = ("Ask about maths, science, languages, programming or history. Your tutor explains step by step. "
          "Rate answers with 👍/👎, compare two answers, or write a better one: every piece of feedback "
          "helps the tutor improve.")
@@ -50,6 +58,14 @@ def _badge_html(service: TutorService) -> str:
 @dataclass
 class Page:
     """The components of the page, the keys of the handlers' update dicts."""
+    consent_panel: gr.Column
+    consent_yes: gr.Button
+    consent_no: gr.Button
+    export_btn: gr.Button
+    export_file: gr.File
+    delete_conv_btn: gr.Button
+    delete_all_btn: gr.Button
+    delete_all_sure: gr.Checkbox
     state: gr.State
     badge: gr.HTML
     chatbot: gr.Chatbot
@@ -68,19 +84,28 @@ class Page:
     rewrite_btn: gr.Button
 
 
-def build_demo(service: TutorService) -> gr.Blocks:
-    with gr.Blocks(title="Tutor") as demo:
-        register_api(service)  # first, so the contract's endpoint names are not taken by UI events
-        page = _layout(_badge_html(service))
-        _connect(service, page)
+def build_demo(service: TutorService, login_required: bool = False) -> gr.Blocks:
+    with gr.Blocks(title="Tutor", analytics_enabled=False) as demo:
+        # First, so the contract's endpoint names are not taken by UI events.
+        register_api(service, login_required=login_required)
+        page = _layout(_badge_html(service), login_required)
+        _connect(demo, service, page, session_actor(service, login_required))
     return demo
 
 
-def _layout(badge_html: str) -> Page:
+def _layout(badge_html: str, login_required: bool) -> Page:
     state = gr.State(_empty_state())
     with gr.Row(elem_id="header"):
         gr.HTML("<div><h1>📚 Tutor</h1><p>Learn step by step, with a tutor that learns from you.</p></div>")
-        badge = gr.HTML(badge_html)
+        with gr.Row():
+            badge = gr.HTML(badge_html)
+            if login_required:
+                gr.Button("Log out", link="/logout", size="sm", scale=0, min_width=90, elem_id="logout")
+    with gr.Column(visible=False, elem_id="consent-panel", elem_classes="compare-panel") as consent_panel:
+        gr.Markdown(CONSENT_NOTICE)
+        with gr.Row():
+            consent_yes = gr.Button("Yes, use my feedback", variant="primary", elem_id="consent-yes")
+            consent_no = gr.Button("No, just let me chat", elem_id="consent-no")
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(elem_id="chatbot", height="60vh", show_label=False, layout="bubble",
@@ -110,27 +135,49 @@ def _layout(badge_html: str) -> Page:
                 gr.Markdown("Improve the tutor's latest answer. It becomes an example the tutor learns from.")
                 better = gr.Textbox(lines=6, show_label=False, elem_id="better")
                 rewrite_btn = gr.Button("Save my better answer", elem_id="rewrite")
-            gr.Markdown("<small>Conversations and feedback are stored to improve the tutor.</small>")
-    return Page(state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
+            with gr.Accordion("🗂️ My data", open=False):
+                gr.Markdown("Download everything you wrote and rated, or delete it for good.")
+                export_btn = gr.Button("Download my data (JSONL)", elem_id="export")
+                export_file = gr.File(label="Your data", visible=False, interactive=False, elem_id="export-file")
+                delete_conv_btn = gr.Button("Delete this conversation", elem_id="delete-conversation")
+                delete_all_sure = gr.Checkbox(label="Yes, delete everything", value=False, elem_id="delete-sure")
+                delete_all_btn = gr.Button("Delete all my data", variant="stop", elem_id="delete-all")
+            gr.Markdown("<small>Conversations and feedback are stored to improve the tutor, unless you said "
+                        "no. Personal details are removed before anything is used for training.</small>")
+    return Page(consent_panel=consent_panel, consent_yes=consent_yes, consent_no=consent_no,
+                export_btn=export_btn, export_file=export_file, delete_conv_btn=delete_conv_btn, delete_all_btn=delete_all_btn,
+                delete_all_sure=delete_all_sure,
+                state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
                 pick_btn=pick_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
                 new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn)
 
 
-def _connect(service: TutorService, page: Page) -> None:
-    """The handlers, closures over `page`, and the events that call them."""
+def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
+    """The handlers, closures over `page`, and the events that call them. Each takes the session's
+    account from its `gr.Request`, never from the page."""
 
-    def ensure_conversation(state: dict) -> dict:
+    def me(request: gr.Request):
+        try:
+            return actor(request)
+        except UserError as exc:
+            _fail(exc)
+
+    def ensure_conversation(state: dict, request: gr.Request) -> dict:
         if not state["conversation_id"]:
-            state = {**state, "conversation_id": service.new_conversation("", "chat")["conversation_id"]}
+            try:
+                created = service.new_conversation(me(request), "", "chat")
+            except UserError as exc:
+                _fail(exc)
+            state = {**state, "conversation_id": created["conversation_id"]}
         return state
 
-    def send(message: str, history: list, state: dict):
+    def send(message: str, history: list, state: dict, request: gr.Request):
         try:
             service.check_message(message)  # before a conversation row is created for nothing
         except UserError as exc:
             _fail(exc)
-        state = ensure_conversation(state)
-        stream = service.chat(state["conversation_id"], message)
+        state = ensure_conversation(state, request)
+        stream = service.chat(me(request), state["conversation_id"], message)
         try:
             chunk = next(stream)  # validation happens here, before the page changes
         except UserError as exc:
@@ -146,12 +193,12 @@ def _connect(service: TutorService, page: Page) -> None:
         yield {page.chatbot: history, page.state: {**state, "ids": ids}, page.message: "",
                page.badge: _badge_html(service), page.better: gr.update(value=history[-1]["content"])}
 
-    def compare(message: str, k: str, history: list, state: dict):
+    def compare(message: str, k: str, history: list, state: dict, request: gr.Request):
         try:
             service.check_message(message)
         except UserError as exc:
             _fail(exc)
-        state = ensure_conversation(state)
+        state = ensure_conversation(state, request)
         waiting = history + [{"role": "user", "content": message.strip()}]
         first, *others = page.boxes  # the first box holds the waiting note
         yield {page.chatbot: waiting, page.state: state, page.message: "", page.panel: gr.update(visible=True),
@@ -159,7 +206,7 @@ def _connect(service: TutorService, page: Page) -> None:
                **{box: gr.update(visible=False) for box in others},
                page.choice: gr.update(choices=[], value=None), page.order: gr.update(visible=False)}
         try:
-            result = service.compare(state["conversation_id"], message, int(k))
+            result = service.compare(me(request), state["conversation_id"], message, int(k))
         except UserError as exc:  # e.g. the tutor is busy: put the page back as it was, message included
             yield {page.chatbot: history, page.state: state, page.message: message,
                    page.panel: gr.update(visible=False)}
@@ -175,7 +222,7 @@ def _connect(service: TutorService, page: Page) -> None:
                **boxes, page.choice: gr.update(choices=choices, value=None),
                page.order: gr.update(visible=len(candidates) > 2, value="")}
 
-    def pick(choice: str | None, order: str, history: list, state: dict):
+    def pick(choice: str | None, order: str, history: list, state: dict, request: gr.Request):
         comparison = state["comparison"]
         if not comparison:
             raise gr.Error("there is no open comparison")
@@ -183,7 +230,7 @@ def _connect(service: TutorService, page: Page) -> None:
         if not decision:
             raise gr.Error("choose the best answer first")
         try:
-            winner = service.pick(comparison["comparison_id"], decision)["winner"]
+            winner = service.pick(me(request), comparison["comparison_id"], decision)["winner"]
         except UserError as exc:
             _fail(exc)
         text = next(c["text"] for c in comparison["candidates"] if c["message_id"] == winner)
@@ -193,14 +240,14 @@ def _connect(service: TutorService, page: Page) -> None:
         return {page.chatbot: history, page.state: state, page.panel: gr.update(visible=False),
                 page.better: gr.update(value=text)}
 
-    def like(data: gr.LikeData, state: dict):
+    def like(data: gr.LikeData, state: dict, request: gr.Request):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         message_id = state["ids"][index] if 0 <= index < len(state["ids"]) else None
         if not message_id:
             raise gr.Error("this answer is not saved yet; wait until it is complete")
         rating = "up" if data.liked in (True, "Like", "like") else "down"
         try:
-            service.rate(message_id, rating, "")
+            service.rate(me(request), message_id, rating, "")
         except UserError as exc:
             _fail(exc)
         reasons = REASONS_UP if rating == "up" else REASONS_DOWN
@@ -208,23 +255,23 @@ def _connect(service: TutorService, page: Page) -> None:
         return {page.state: {**state, "rated": {"message_id": message_id, "rating": rating}},
                 page.reason: gr.update(visible=True, choices=list(reasons), value=None, label=label)}
 
-    def give_reason(reason: str | None, state: dict):
+    def give_reason(reason: str | None, state: dict, request: gr.Request):
         rated = state["rated"]
         if not reason or not rated:  # e.g. the radio was reset by `like`: nothing to store
             return {page.reason: gr.update()}
         try:  # a new row: feedback is append-only and the latest rating of a message counts
-            service.rate(rated["message_id"], rated["rating"], reason)
+            service.rate(me(request), rated["message_id"], rated["rating"], reason)
         except UserError as exc:
             _fail(exc)
         gr.Info("Thanks for telling us why.")
         return {page.reason: gr.update(visible=False)}
 
-    def rewrite(text: str, history: list, state: dict):
+    def rewrite(text: str, history: list, state: dict, request: gr.Request):
         last = max((i for i, m in enumerate(history) if m["role"] == "assistant" and state["ids"][i]), default=None)
         if last is None:
             raise gr.Error("there is no answer to improve yet")
         try:
-            service.rewrite(state["ids"][last], text)
+            service.rewrite(me(request), state["ids"][last], text)
         except UserError as exc:
             _fail(exc)
         history = list(history)
@@ -238,6 +285,42 @@ def _connect(service: TutorService, page: Page) -> None:
 
     def version_badge():
         return {page.badge: _badge_html(service)}
+
+    def ask_consent(request: gr.Request):
+        return {page.consent_panel: gr.update(visible=service.consent(me(request)) is None)}
+
+    def give_consent(choice: str):
+        def handler(request: gr.Request):
+            service.set_consent(me(request), choice)
+            gr.Info("Thank you. You can change your mind under My data." if choice == "given" else
+                    "Understood: you can chat, and nothing of yours is used for training.")
+            return {page.consent_panel: gr.update(visible=False)}
+        return handler
+
+    def export(request: gr.Request):
+        records = service.export_data(me(request))
+        folder = tempfile.mkdtemp(prefix="tutor-export-")
+        path = os.path.join(folder, "my_tutor_data.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return {page.export_file: gr.update(value=path, visible=True)}
+
+    def delete_conversation(state: dict, request: gr.Request):
+        if not state["conversation_id"]:
+            raise gr.Error("there is no conversation to delete yet")
+        try:
+            service.delete_conversation(me(request), state["conversation_id"])
+        except UserError as exc:
+            _fail(exc)
+        gr.Info("This conversation is deleted.")
+        return new_conversation()
+
+    def delete_all(sure: bool, request: gr.Request):
+        if not sure:
+            raise gr.Error("tick 'Yes, delete everything' first")
+        result = service.delete_user_data(me(request))
+        gr.Info(f"Deleted {result['deleted_conversations']} conversation(s) and all feedback on them.")
+        return {**new_conversation(), page.delete_all_sure: False}
 
     # Each event's outputs are every component its handler's dicts may name.
     chat_outputs = [page.chatbot, page.state, page.message, page.badge, page.better]
@@ -255,4 +338,12 @@ def _connect(service: TutorService, page: Page) -> None:
     page.new_btn.click(new_conversation, None,
                        [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge],
                        api_visibility="private")
+    fresh_page = [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge]
+    page.consent_yes.click(give_consent("given"), None, [page.consent_panel], api_visibility="private")
+    page.consent_no.click(give_consent("declined"), None, [page.consent_panel], api_visibility="private")
+    page.export_btn.click(export, None, [page.export_file], api_visibility="private")
+    page.delete_conv_btn.click(delete_conversation, [page.state], fresh_page, api_visibility="private")
+    page.delete_all_btn.click(delete_all, [page.delete_all_sure], fresh_page + [page.delete_all_sure],
+                              api_visibility="private")
+    demo.load(ask_consent, None, [page.consent_panel], api_visibility="private")
     gr.Timer(10).tick(version_badge, None, [page.badge], api_visibility="private", show_progress="hidden")

@@ -7,14 +7,16 @@ The rules (CONTRACT.md, "Feedback -> training data"):
 - `tie` gives nothing; `both_bad` gives nothing by itself, but a rewrite of any candidate of that
   comparison then beats every candidate.
 - Among answers to the same exact context, each up-rated one beats each down-rated one (only the
-  latest vote of a message counts); they form one group per context.
+  latest vote of a message counts); they form one group per context and user, so that no user's
+  votes are paired with another's (rlhf/annotators.py weighs each user's items by that user).
 - A rewrite (the latest per message) beats the answer it rewrites.
 - Demonstrations: rewrites and up-rated answers, with the exact context the answer was generated
   from as the prompt (system prompt included), so the loss falls on the demonstrated answer only.
 - PPO prompts: system prompt + main line up to and including each user turn, rewrites in place.
 - `eval` conversations never appear (the Store's training_* queries leave them out).
 
-Every item keeps the feedback rows it came from, so a model's lineage can name them. The store is
+Every item keeps the feedback rows it came from, so a model's lineage can name them, and the account
+that owns its conversation (`user`, "" on a server without accounts). The store is
 only read here, through its public query methods.
 """
 
@@ -46,6 +48,7 @@ class Demonstration:
     source: str  # 'rewrite' | 'upvote'
     message_id: str
     feedback: tuple[FeedbackRef, ...] = ()
+    user: str = ""  # the account that owns the conversation
 
 
 @dataclass
@@ -59,12 +62,14 @@ class PreferenceGroup:
     weight: float = 1.0  # of the whole group: a trainer spreads it over the group's pairs
     group_id: str = ""
     feedback: tuple[FeedbackRef, ...] = ()
+    user: str = ""  # the account that owns the conversation(s): one user per group
 
 
 @dataclass
 class PpoPrompt:
     prompt: list[Message]
     conversation_id: str
+    user: str = ""
 
 
 @dataclass
@@ -103,7 +108,8 @@ def _assistant(text: str) -> list[Message]:
 
 
 def _group(prompt: list[Message], text_pairs: Iterable[tuple[str, str]], conversation_id: str,
-           source: str, group_id: str, feedback: Iterable[FeedbackRef]) -> PreferenceGroup | None:
+           source: str, group_id: str, feedback: Iterable[FeedbackRef],
+           user: str = "") -> PreferenceGroup | None:
     """A group with each distinct text once; None when no pair says anything."""
     ordered = list(dict.fromkeys(text_pairs))
     # Equal texts teach nothing, and two candidates with the same text can put it on both sides.
@@ -115,7 +121,7 @@ def _group(prompt: list[Message], text_pairs: Iterable[tuple[str, str]], convers
     return PreferenceGroup(prompt=prompt, completions=completions,
                            pairs=[(index[c], index[r]) for c, r in useful],
                            conversation_id=conversation_id, source=source, group_id=group_id,
-                           feedback=tuple(dict.fromkeys(feedback)))
+                           feedback=tuple(dict.fromkeys(feedback)), user=user)
 
 
 def _ranking_pairs(ranking: list[str], all_ids: list[str]) -> list[tuple[str, str]]:
@@ -130,9 +136,11 @@ class _Histories:
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.system: dict[str, str] = {}
+        self.user: dict[str, str] = {}
         self.lines: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             self.system[row["conversation_id"]] = row["system_prompt"]
+            self.user[row["conversation_id"]] = row.get("user", "")
             self.lines.setdefault(row["conversation_id"], []).append(row)
 
     def before(self, conversation_id: str, position: int) -> list[Message]:
@@ -148,7 +156,8 @@ class _Histories:
             for m in line:
                 messages.append({"role": m["role"], "content": m["content"]})
                 if m["role"] == "user":
-                    prompts.append(PpoPrompt(list(messages), conversation_id))
+                    prompts.append(PpoPrompt(list(messages), conversation_id,
+                                             self.user[conversation_id]))
         return prompts
 
 
@@ -169,13 +178,14 @@ def collect(store: Store) -> TrainingData:
         pairs = _ranking_pairs(c["ranking"], [m["message_id"] for m in c["candidates"]])
         groups.append(_group(c["context"], [(text[a], text[b]) for a, b in pairs],
                              c["conversation_id"], "ranking", f"ranking:{c['comparison_id']}",
-                             [("pick", c["pick_id"])]))
+                             [("pick", c["pick_id"])], c.get("user", "")))
 
     demonstrations: list[Demonstration] = []
     for w in store.training_rewrites():
         prompt, feedback = context(w), [("rewrite", w["rewrite_id"])]
         demonstrations.append(Demonstration(prompt, _assistant(w["text"]), w["conversation_id"],
-                                            "rewrite", w["message_id"], tuple(feedback)))
+                                            "rewrite", w["message_id"], tuple(feedback),
+                                            w.get("user", "")))
         losers = [w["content"]]
         if w["comparison_id"] in both_bad:
             bad = both_bad[w["comparison_id"]]
@@ -183,17 +193,19 @@ def collect(store: Store) -> TrainingData:
             feedback.append(("pick", bad["pick_id"]))
         groups.append(_group(prompt, [(w["text"], loser) for loser in losers],
                              w["conversation_id"], "rewrite", f"rewrite:{w['rewrite_id']}",
-                             feedback))
+                             feedback, w.get("user", "")))
 
-    by_context: dict[str, list[tuple[dict[str, Any], list[Message]]]] = {}
+    # One group per (user, context): pairing one user's up-vote with another's down-vote would make
+    # a pair that neither of them decided, and that no user's weight could be applied to.
+    by_context: dict[tuple[str, str], list[tuple[dict[str, Any], list[Message]]]] = {}
     for r in store.training_ratings():
-        prompt = context(r)
+        prompt, user = context(r), r.get("user", "")
         if r["rating"] == "up":
             demonstrations.append(Demonstration(prompt, _assistant(r["content"]),
                                                 r["conversation_id"], "upvote", r["message_id"],
-                                                (("rating", r["rating_id"]),)))
-        by_context.setdefault(_prompt_key(prompt), []).append((r, prompt))
-    for key, rated in by_context.items():
+                                                (("rating", r["rating_id"]),), user))
+        by_context.setdefault((user, _prompt_key(prompt)), []).append((r, prompt))
+    for (user, key), rated in by_context.items():
         ups = [r for r, _ in rated if r["rating"] == "up"]
         downs = [r for r, _ in rated if r["rating"] == "down"]
         if ups and downs:
@@ -202,8 +214,9 @@ def collect(store: Store) -> TrainingData:
             groups.append(_group(
                 rated[0][1], [(u["content"], d["content"]) for u in ups for d in downs],
                 min(r["conversation_id"] for r in ups + downs), "rating",
-                "rating:" + hashlib.sha256(key.encode()).hexdigest()[:16],
-                [("rating", r["rating_id"]) for r in ups + downs]))
+                # user "" (no accounts) keeps the ids that groups had before there were users
+                "rating:" + hashlib.sha256((f"{user}\n{key}" if user else key).encode()).hexdigest()[:16],
+                [("rating", r["rating_id"]) for r in ups + downs], user))
 
     seen: set[tuple[str, str]] = set()
     unique_demonstrations = []

@@ -21,6 +21,7 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from app.accounts import LOCAL
 from app.engine import SamplingConfig
 from app.service import Limits, UserError
 from core.chat_format import TUTOR_SYSTEM_PROMPT
@@ -394,15 +395,15 @@ def test_errors_of_the_store_and_the_engine_reach_the_user_as_user_errors(served
     """The service turns what the store and the engine refuse into UserError, the error the API shows the
     user as it is (any other exception is a fault of the server)."""
     service = served.tutor.service
-    conversation = service.new_conversation("ada", "chat")["conversation_id"]
+    conversation = service.new_conversation(LOCAL, "ada", "chat")["conversation_id"]
     with pytest.raises(UserError, match="too long for the model"):  # the engine's PromptTooLong
-        list(service.chat(conversation, "x" * 3000))
+        list(service.chat(LOCAL, conversation, "x" * 3000))
     with pytest.raises(UserError, match="too long for the model"):
-        service.compare(conversation, "x" * 3000, 2)
+        service.compare(LOCAL, conversation, "x" * 3000, 2)
     with pytest.raises(UserError, match="unknown comparison"):  # the store's LookupError
-        service.pick("nope", "A")
+        service.pick(LOCAL, "nope", "A")
     with pytest.raises(UserError, match="unknown"):
-        service.rate("nope", "up", "")
+        service.rate(LOCAL, "nope", "up", "")
 
 
 def test_a_refused_turn_leaves_no_trace_in_the_conversation(served):
