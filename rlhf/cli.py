@@ -21,6 +21,7 @@ def run_offline(args) -> int:
     from app.store import Store
     from app.versions import ModelError, ModelRegistry
     from rlhf.cycle import CycleError, rollback, run_cycle
+    from rlhf.annotators import weigh_annotators
     from rlhf.data import NotEnoughData, collect, export_jsonl
 
     db = args.db or Path("conversations.db")
@@ -33,7 +34,10 @@ def run_offline(args) -> int:
             raise CycleError(f"no feedback database at {db}; start the app and collect feedback first")
         with Store(db) as store:
             if args.export:
-                paths = export_jsonl(collect(store), args.export)
+                # what a cycle would train on: exclusions, agreement weights and caps applied
+                data, _ = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(),
+                                           retrain_config(args.config).annotators)
+                paths = export_jsonl(data, args.export)
                 print(f"wrote {', '.join(str(p) for p in paths.values())}")
                 return 0
             config = retrain_config(args.config)

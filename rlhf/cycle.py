@@ -1,6 +1,7 @@
 """One RLHF cycle, the InstructGPT loop closed inside the app:
 
-    1. data      feedback in the DB -> demonstrations, preference groups, PPO prompts (held out by conversation)
+    1. data      feedback in the DB -> demonstrations, preference groups, PPO prompts (held out by conversation);
+                 exclusions, per-user agreement weights and share caps (rlhf/annotators.py)
     2. SFT       on demonstrations, when there are enough (merged: this cycle's reference policy)
     3. reward    model on all preference pairs so far; stop here unless clearly above chance on held-out pairs
     4. PPO       the reference policy against the reward model, per-token KL penalty to the reference
@@ -29,6 +30,7 @@ from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
 from app.versions import ModelRegistry, load_pretrained, record_versions
+from rlhf.annotators import AnnotatorConfig, weigh_annotators
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
@@ -51,6 +53,7 @@ class CycleConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    annotators: AnnotatorConfig = field(default_factory=AnnotatorConfig)
 
 
 class CycleError(RuntimeError):
@@ -116,7 +119,8 @@ class CycleRun:
 
 def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) -> CycleOutcome:
     # 1. data -------------------------------------------------------------------------------------
-    data = collect(store)
+    data, annotators = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(),
+                                        config.annotators)
     train, heldout = split_data(data, config.heldout_fraction)
     try:
         check_enough(train, config.min_pairs, config.min_prompts)
@@ -137,8 +141,13 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     say(f"cycle {cycle_id}: from policy {current}; {data.counts()} (held out: {heldout.counts()})")
     run = CycleRun(store, registry, config, cycle_id, current, train, heldout,
                    workdir=registry.root / "cycles" / f"{cycle_id:04d}", say=say,
-                   metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts()})
+                   metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts(),
+                            "left_out": annotators["left_out"]})
+    for entry in annotators["left_out"]:
+        say(f"   left out {entry['kind']} {entry['target']} ({entry['items']} items): {entry['reason']}")
     try:
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        (run.workdir / "annotators.json").write_text(json.dumps(annotators, indent=2) + "\n", encoding="utf-8")
         outcome = _train_and_gate(run)
     except KeyboardInterrupt:
         store.finish_cycle(cycle_id, "interrupted", reason="interrupted by the user")
@@ -276,7 +285,7 @@ def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Ve
     registry, current = run.registry, run.current
     version = registry.next_version()
     lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": run.cycle_id,
-               "feedback_rows": run.train.lineage()}
+               "feedback_rows": run.train.lineage(), "left_out": run.metrics["left_out"]}
     # The reward model that trained this version lives inside it: written, renamed and pruned together.
     with stage(run.metrics, "save"):
         registry.write_version(version, new_policy, tokenizer, {

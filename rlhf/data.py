@@ -13,7 +13,9 @@ The rules (CONTRACT.md, "Feedback -> training data"):
 - Demonstrations: rewrites and up-rated answers, with the exact context the answer was generated
   from as the prompt (system prompt included), so the loss falls on the demonstrated answer only.
 - PPO prompts: system prompt + main line up to and including each user turn, rewrites in place.
-- `eval` conversations never appear (the Store's training_* queries leave them out).
+- `eval` conversations never appear (the Store's training_* queries leave them out), nor do those of
+  a user who declined consent, nor flagged messages as answers (moderation stopped them).
+- Personal details (emails, phone numbers, addresses, given names) are redacted in every text.
 
 Every item keeps the feedback rows it came from, so a model's lineage can name them, and the account
 that owns its conversation (`user`, "" on a server without accounts). The store is
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from app.store import Store
+from core.privacy import redact
 
 Message = dict[str, str]
 FeedbackRef = tuple[str, int]  # ("rating" | "pick" | "rewrite", row id)
@@ -225,9 +228,29 @@ def collect(store: Store) -> TrainingData:
         if key not in seen:
             seen.add(key)
             unique_demonstrations.append(d)
-    return TrainingData(demonstrations=unique_demonstrations,
-                        preference_groups=[g for g in groups if g is not None],
-                        ppo_prompts=histories.ppo_prompts())
+    return _redacted(TrainingData(demonstrations=unique_demonstrations,
+                                  preference_groups=[g for g in groups if g is not None],
+                                  ppo_prompts=histories.ppo_prompts()))
+
+
+def _redacted(data: TrainingData) -> TrainingData:
+    """Personal details replaced by placeholders (core/privacy.py) in every text that can be trained on."""
+    seen: dict[str, str] = {}
+
+    def text(t: str) -> str:  # histories repeat in every later prompt: each text is redacted once
+        if t not in seen:
+            seen[t] = redact(t)
+        return seen[t]
+
+    def messages(ms: list[Message]) -> list[Message]:
+        return [{**m, "content": text(m["content"])} for m in ms]
+
+    return TrainingData(
+        demonstrations=[replace(d, prompt=messages(d.prompt), completion=messages(d.completion))
+                        for d in data.demonstrations],
+        preference_groups=[replace(g, prompt=messages(g.prompt), completions=[text(c) for c in g.completions])
+                           for g in data.preference_groups],
+        ppo_prompts=[replace(p, prompt=messages(p.prompt)) for p in data.ppo_prompts])
 
 
 # -- held-out split ----------------------------------------------------------------------------
