@@ -60,6 +60,8 @@ def merge(obj, values: dict, where: str = "config"):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}.{key} must be a table")
             changes[key] = merge(current, value, f"{where}.{key}")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            changes[key] = {**current, **value}  # a table of limits: the keys given change, the rest stay
         else:
             # Coerce (an int for a float setting), but a bool stays a bool (str(False) would read as set)
             # and a setting that takes a bool or "auto" keeps either.
