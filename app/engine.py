@@ -8,6 +8,12 @@ transformers' own `generate_batch` decoded several times slower on a CPU (docs/p
 
 The served policy is re-read from the model registry between steps: when a newer version is
 promoted, admission pauses, the running batch drains, and the new weights are loaded.
+
+Faults stay with the requests they touch. An exception in admission, prefill or a decode step fails
+those rows with EngineFault (a clear message, never the exception's text) and the thread goes on; if
+the thread itself ever dies, the next submit restarts it. A promoted version that fails to load, or
+whose first forward passes fail, is marked bad: the engine goes back to the version it served before
+and never retries the bad one (a new promotion is a new version). `health()` says all of this.
 """
 from __future__ import annotations
 
@@ -56,6 +62,9 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond the running batch; more are refused at once
     max_context_tokens: int = 2048  # prompt + reply; older turns are cut to fit
     poll_interval_s: float = 0.2  # how often an idle engine looks for a newly promoted policy
+    # The longest a reply may go without a token (queue wait and prefill included) before its
+    # client is told so; a healthy engine under full load stays far below it.
+    token_timeout_s: float = 120.0
     # Weights' dtype while serving. "auto": as loaded (bf16 on a GPU, fp32 on a CPU). "bf16" pays on a
     # CPU with bf16 instructions (AVX512-BF16, AMX); bench/bench_serving.py measures it.
     precision: str = "auto"
@@ -76,6 +85,10 @@ class PolicySource(Protocol):
     def current_version(self) -> str: ...
 
     def load(self, version: str) -> Policy: ...
+
+
+class EngineFault(RuntimeError):
+    """The engine could not serve this request; the message is for the user (details are in the log)."""
 
 
 class EngineBusy(RuntimeError):
@@ -114,7 +127,11 @@ class Request:
         """Yields lists of the token ids generated since the last list: a slow reader (a busy server
         streaming to many clients) catches up in one step instead of one message per token."""
         while True:
-            chunk = [self.events.get(timeout=timeout)]
+            try:
+                chunk = [self.events.get(timeout=timeout)]
+            except queue.Empty:  # the engine is stuck: the client gets an answer, not a hang
+                self.cancel()
+                raise EngineFault("the tutor took too long to answer; please try again") from None
             while chunk[-1] is not None and not isinstance(chunk[-1], BaseException):
                 try:
                     chunk.append(self.events.get_nowait())
@@ -134,6 +151,9 @@ class EngineStats:
     forward_batch_sizes: collections.Counter = field(default_factory=collections.Counter)
     tokens_generated: int = 0
     swaps: int = 0
+    faults: int = 0  # requests' batches failed by an exception in prefill or a step
+    restarts: int = 0  # of the decode thread
+    last_fault: str | None = None
 
 
 class _Batch:
@@ -226,6 +246,8 @@ class GenerationEngine:
         # slows decoding down on a small CPU (docs/performance.md).
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
+        self._bad_versions: dict[str, str] = {}  # version -> why it is not served
+        self._on_probation: tuple | None = None  # (previous policy, its eos ids) until a new one runs a step
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -240,6 +262,8 @@ class GenerationEngine:
         """Queues a reply to `messages`. Sampling settings are the engine's, shared by the whole batch;
         only the length limit and the seed (by default the engine's next) are per request."""
         sampling = self.sampling if max_new_tokens is None else replace(self.sampling, max_new_tokens=max_new_tokens)
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._restart()
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
                 raise EngineBusy(f"the tutor is busy ({len(self._waiting)} requests waiting); try again in a moment")
@@ -248,6 +272,15 @@ class GenerationEngine:
             self._waiting.append(request)
             self._wake.notify()
         return request
+
+    def _restart(self) -> None:
+        with self._wake:
+            if self._thread.is_alive():
+                return
+            self.stats.restarts += 1
+            log.error("restarting the decode thread (restart %d)", self.stats.restarts)
+            self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
@@ -259,17 +292,32 @@ class GenerationEngine:
         """How busy the engine is: rows decoding, requests waiting, and the version served."""
         return {"running": len(self._batch), "waiting": len(self._waiting), "version": self.version}
 
+    def health(self) -> dict:
+        """Whether the engine serves, and what went wrong lately (for /status and the log)."""
+        return {"ok": self._thread.is_alive() and not self._stop.is_set(), "faults": self.stats.faults,
+                "restarts": self.stats.restarts, "last_fault": self.stats.last_fault,
+                "bad_versions": dict(self._bad_versions)}
+
     # -- the decode thread -------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if not hasattr(self, "policy"):  # first start; a restart keeps the policy it had
+            try:
+                self.policy = self._load_policy(self.source.current_version())
+                self._eos = set(end_of_turn_ids(self.policy.model, self.policy.tokenizer))
+            except BaseException as exc:
+                self._load_error = exc
+                return
+            finally:
+                self._loaded.set()
         try:
-            self.policy = self._load_policy(self.source.current_version())
-            self._eos = set(end_of_turn_ids(self.policy.model, self.policy.tokenizer))
-        except BaseException as exc:
-            self._load_error = exc
-            return
-        finally:
-            self._loaded.set()
+            self._loop()
+        except BaseException:  # never expected; the next submit() restarts the thread
+            log.exception("decode thread died; it restarts on the next request")
+            self._fail(self._batch.requests, "the tutor hit an internal error; please try again")
+            self._batch = _Batch()
+
+    def _loop(self) -> None:
         last_poll = 0.0
         pending_version = None
         while not self._stop.is_set():
@@ -290,25 +338,48 @@ class GenerationEngine:
             try:
                 self._step()
             except Exception as exc:  # a broken step must not hang every client of the batch
-                log.exception("decode step failed")
-                for request in self._batch.requests:
-                    request.events.put(RuntimeError(f"generation failed: {exc}"))
+                self._fault("decode step", exc, self._batch.requests)
                 self._batch = _Batch()
+            else:
+                self._on_probation = None  # the swapped-in version has run a step: it works
+
+    def _fault(self, where: str, exc: BaseException, requests: list[Request]) -> None:
+        log.error("%s failed on policy %s", where, self.policy.version, exc_info=exc)
+        self.stats.faults += 1
+        self.stats.last_fault = f"{where}: {type(exc).__name__}"
+        self._fail(requests, "the tutor could not answer this time; please try again")
+        if self._on_probation is not None:  # a just-promoted version that cannot run: back to the last
+            bad, previous = self.policy.version, self._on_probation
+            self._bad_versions[bad] = f"{where} failed: {type(exc).__name__}"
+            self.policy, self._eos, self._on_probation = previous[0], previous[1], None
+            log.error("policy %s marked bad; serving %s again", bad, self.policy.version)
+
+    @staticmethod
+    def _fail(requests: list[Request], message: str) -> None:
+        for request in requests:
+            request.finish_reason = "error"
+            request.events.put(EngineFault(message))
 
     def _promoted_version(self) -> str | None:
         try:
             version = self.source.current_version()
         except Exception:  # a registry mid-write or unreadable: keep serving what we have
             return None
-        return version if version != self.policy.version else None
+        if version == self.policy.version or version in self._bad_versions:
+            return None
+        return version
 
     def _swap(self, version: str) -> None:
         try:
             policy = self._load_policy(version)
-        except Exception:
+            eos = set(end_of_turn_ids(policy.model, policy.tokenizer))
+        except Exception as exc:
+            # Marked bad, not retried: a retry loop would pause admission every poll for nothing.
+            self._bad_versions[version] = f"load failed: {type(exc).__name__}: {exc}"[:300]
             log.exception("could not load promoted policy %s; still serving %s", version, self.policy.version)
             return
-        self.policy, self._eos = policy, set(end_of_turn_ids(policy.model, policy.tokenizer))
+        self._on_probation = (self.policy, self._eos)
+        self.policy, self._eos = policy, eos
         self.stats.swaps += 1
         log.info("now serving policy %s", version)
 
@@ -338,7 +409,10 @@ class GenerationEngine:
             except Exception as exc:
                 request.events.put(exc)
         if ready:
-            self._prefill(ready)
+            try:
+                self._prefill(ready)
+            except Exception as exc:
+                self._fault("prefill", exc, ready)
 
     def _prefill(self, requests: list[Request]) -> None:
         """Runs the new prompts as one left-padded batch and joins them to the running batch."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from app.accounts import LOCAL, Account, Accounts
-from app.engine import EngineBusy, GenerationEngine
+from app.engine import EngineBusy, EngineFault, GenerationEngine
 from app.quotas import QuotaExceeded, Quotas
 from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
@@ -93,8 +93,9 @@ class TutorService:
             tokens: list[int] = []
             flag = None
             try:
-                with as_user_error(PromptTooLong):  # the engine finds that the prompt cannot fit
-                    for chunk in request.token_chunks():
+                # the engine finds that the prompt cannot fit, or cannot serve it (a clear message)
+                with as_user_error(PromptTooLong, EngineFault):
+                    for chunk in request.token_chunks(self.engine.config.token_timeout_s):
                         tokens.extend(chunk)
                         text = _decode(request, tokens)
                         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
@@ -133,8 +134,8 @@ class TutorService:
         with self._turn(conversation_id):
             requests = [self._submit(messages) for _ in range(k)]
             try:
-                with as_user_error(PromptTooLong):
-                    texts = [_decode(r, list(r.tokens())) for r in requests]
+                with as_user_error(PromptTooLong, EngineFault):
+                    texts = [_decode(r, list(r.tokens(self.engine.config.token_timeout_s))) for r in requests]
             finally:
                 for r in requests:
                     r.cancel()
@@ -214,7 +215,8 @@ class TutorService:
     # -- reading, consent, export and delete -----------------------------------------------------
     def status(self, actor: Account | None = None) -> dict:
         return {"model_version": self.engine.version, "feedback": self.store.feedback_counts(),
-                "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats()}
+                "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats(),
+                "engine": self.engine.health()}
 
     def history(self, actor: Account, conversation_id: str) -> list[dict]:
         conversation_id = self._readable(actor, "conversation", conversation_id)

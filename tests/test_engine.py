@@ -230,3 +230,128 @@ def test_a_sampled_reply_is_drawn_again_from_its_seed(engine_factory):
     redrawn = again.submit(asked, seed=seeds[1])
     assert list(redrawn.tokens(timeout=30)) == replies[1]
     assert max(again.stats.forward_batch_sizes) >= 4  # it was decoded beside the crowd
+
+
+# -- faults stay with the requests they touch ------------------------------------------------------
+def break_forward(p, when):
+    """Makes p's model raise inside its forward pass whenever `when(kwargs)` holds."""
+    forward = p.model.forward
+
+    def faulty(*args, **kwargs):
+        if when(kwargs):
+            raise RuntimeError("CUDA error: device-side assert /secret/path.py")
+        return forward(*args, **kwargs)
+    p.model.forward = faulty
+
+
+def prefill(kwargs):
+    return kwargs["input_ids"].shape[1] > 1
+
+
+def answered(engine, text="hello"):
+    request = engine.submit(conversation(text))
+    return list(request.tokens(timeout=30)), request
+
+
+@pytest.mark.parametrize("where", ["prefill", "step"])
+def test_an_exception_in_prefill_or_a_step_fails_only_its_requests_and_the_engine_goes_on(engine_factory, where):
+    from app.engine import EngineFault
+
+    p = policy()
+    broken = {"on": True}
+    break_forward(p, lambda kw: broken["on"] and prefill(kw) == (where == "prefill"))
+    engine = engine_factory(FixedSource({"v0000": p}))
+    request = engine.submit(conversation("hello"))
+    with pytest.raises(EngineFault, match="could not answer") as raised:
+        list(request.tokens(timeout=30))
+    assert "secret" not in str(raised.value)  # the user sees a clear message, the log the details
+    broken["on"] = False
+    tokens, again = answered(engine)
+    assert tokens == reference_greedy(p, conversation("hello"), GREEDY.max_new_tokens)
+    health = engine.health()
+    assert health["ok"] and health["faults"] == 1 and where.replace("step", "decode step") in health["last_fault"]
+
+
+def test_a_version_that_fails_to_load_is_marked_bad_and_not_retried(engine_factory):
+    a = policy(seed=0, version="v0000")
+    loads = []
+
+    class Source(FixedSource):
+        def load(self, version):
+            loads.append(version)
+            if version == "v0001":
+                raise OSError("model.safetensors: truncated")
+            return super().load(version)
+
+    source = Source({"v0000": a})
+    engine = engine_factory(source, poll_interval_s=0.01)
+    source.current = "v0001"
+    time.sleep(0.5)  # fifty polls
+    assert loads.count("v0001") == 1, loads
+    assert "v0001" in engine.health()["bad_versions"] and engine.version == "v0000"
+    tokens, request = answered(engine)
+    assert request.model_version == "v0000" and tokens
+
+
+def test_a_version_that_loads_but_cannot_run_is_marked_bad_and_the_last_one_serves_again(engine_factory):
+    from app.engine import EngineFault
+
+    a, b = policy(seed=0, version="v0000"), policy(seed=5, version="v0001")
+    break_forward(b, lambda kw: True)
+    source = FixedSource({"v0000": a, "v0001": b})
+    engine = engine_factory(source, poll_interval_s=0.01)
+    source.current = "v0001"
+    deadline = time.time() + 5
+    while engine.version != "v0001" and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(EngineFault):
+        answered(engine)
+    assert engine.version == "v0000" and "v0001" in engine.health()["bad_versions"]
+    time.sleep(0.2)  # polls again: v0001 is still CURRENT, and is not loaded again
+    tokens, request = answered(engine)
+    assert request.model_version == "v0000"
+    assert tokens == reference_greedy(a, conversation("hello"), GREEDY.max_new_tokens)
+
+
+def test_a_dead_decode_thread_is_restarted_by_the_next_request(engine_factory):
+    class Boom(BaseException):
+        pass
+
+    engine = engine_factory(FixedSource({"v0000": policy()}))
+    admit = engine._admit
+    calls = {"n": 0}
+
+    def dies_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Boom()
+        admit()
+    engine._admit = dies_once
+    with engine._wake:
+        engine._wake.notify()
+    engine._thread.join(timeout=5)
+    assert not engine._thread.is_alive() and not engine.health()["ok"]
+    tokens, _ = answered(engine)
+    assert tokens and engine.health()["ok"] and engine.health()["restarts"] == 1
+
+
+def test_a_stuck_engine_answers_its_client_within_the_deadline(engine_factory):
+    from app.engine import EngineFault
+
+    p = policy()
+    forward = p.model.forward
+    stuck = threading.Event()
+
+    def slow(*args, **kwargs):
+        if not stuck.is_set():
+            stuck.wait(timeout=3)
+        return forward(*args, **kwargs)
+    p.model.forward = slow
+    engine = engine_factory(FixedSource({"v0000": p}), token_timeout_s=0.3)
+    request = engine.submit(conversation("hello"))
+    started = time.monotonic()
+    with pytest.raises(EngineFault, match="too long"):
+        list(request.tokens(timeout=engine.config.token_timeout_s))
+    assert time.monotonic() - started < 2
+    assert request.cancelled.is_set()
+    stuck.set()
