@@ -378,6 +378,15 @@ BAD_INPUTS = {
     "rewriting an unknown message": ("/rewrite", lambda s: ("nope", "Better."), "unknown"),
     "purpose train": ("/new_conversation", lambda s: ("someone", "train"), "purpose must be"),
     "user name over the limit": ("/new_conversation", lambda s: (over(LIMITS.max_user_chars), "chat"), "longer than"),
+    # raw JSON of the wrong type or encoding, checked at the edge before any work
+    "a number as the message": ("/chat", lambda s: (s["conversation"], 42), "message must be a string"),
+    "a list as the conversation id": ("/chat", lambda s: ([s["conversation"]], "Hello?"), "must be a string"),
+    "a NUL in the rewrite": ("/rewrite", lambda s: (s["reply"], "Better\x00."), "NUL"),
+    "a dict as the rating": ("/rate", lambda s: (s["reply"], {"up": True}, ""), "rating must be a string"),
+    "a string as k": ("/compare", lambda s: (s["conversation"], "Hello?", "two"), "whole number"),
+    "true as k": ("/compare", lambda s: (s["conversation"], "Hello?", True), "whole number"),
+    "a megabyte as the choice": ("/pick", lambda s: (s["open"], "A" * 1_000_000), "longer than"),
+    "null as the comparison id": ("/pick", lambda s: (None, "A"), "must be a string"),
 }
 
 
@@ -388,6 +397,20 @@ def test_bad_input_raises_a_clear_error_and_writes_nothing(served, seeded, case)
     with pytest.raises(AppError) as raised:
         served.client.predict(*arguments(seeded), api_name=api_name)
     assert says.lower() in str(raised.value).lower(), f"unclear error for {case}: {raised.value}"
+    assert row_counts(served.db) == before
+
+
+def test_a_lone_surrogate_sent_as_raw_json_gets_a_clear_error_and_writes_nothing(served, seeded):
+    """gradio_client cannot even encode one, but any HTTP client can send the JSON escape."""
+    import httpx
+
+    before = row_counts(served.db)
+    body = '{"data": ["%s", "Hello \\ud800?"]}' % seeded["conversation"]
+    base = served.client.src.rstrip("/")
+    event = httpx.post(f"{base}/gradio_api/call/chat", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=30).json()["event_id"]
+    stream = httpx.get(f"{base}/gradio_api/call/chat/{event}", timeout=30).text
+    assert "event: error" in stream and "not valid text" in stream, stream
     assert row_counts(served.db) == before
 
 
