@@ -6,7 +6,9 @@
       v0001/ ...       later versions written by training cycles
 
 A version directory is complete before its name can appear in CURRENT, so a crash at any point
-leaves the pointer on a whole, loadable version.
+leaves the pointer on a whole, loadable version: its files and the directory are fsynced before the
+rename, and the models directory after it. A version is removed by first renaming it out of the
+listing (`.vNNNN.removing`), so a removal cut short never leaves a half-deleted version that looks whole.
 """
 from __future__ import annotations
 
@@ -88,6 +90,25 @@ class ModelRegistry:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / POINTER)
+        _fsync_dir(self.root)  # the rename itself survives a power cut
+
+    def remove(self, version: str) -> None:
+        """Unlists the version (one atomic rename, made durable), then deletes its files."""
+        doomed = self.root / f".{version}.removing"
+        os.replace(self.path(version), doomed)
+        _fsync_dir(self.root)
+        failpoint("removing")
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def clean_leftovers(self) -> list[str]:
+        """Deletes what a crash left: half-written (`.partial`) and half-removed (`.removing`) versions."""
+        if not self.root.is_dir():
+            return []
+        left = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".")
+                and p.name.endswith((".partial", ".removing"))]
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in left]
 
     def next_version(self) -> str:
         numbers = [int(v[1:]) for v in self.versions()]
@@ -108,14 +129,37 @@ class ModelRegistry:
         tmp = self.root / f".{version}.partial"
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-        model.save_pretrained(tmp)
-        failpoint("saving")
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:  # more files that belong to the version, e.g. its reward model
-            extra(tmp)
-        (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        try:
+            model.save_pretrained(tmp)
+            failpoint("saving")
+            tokenizer.save_pretrained(tmp)
+            if extra is not None:  # more files that belong to the version, e.g. its reward model
+                extra(tmp)
+            (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial directory behind
+            raise
         os.replace(tmp, final)
+        _fsync_dir(self.root)
         return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under `root`, then every directory, deepest first: all of it on disk."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
 
 
 def record_versions(store, registry: ModelRegistry) -> None:

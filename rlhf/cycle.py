@@ -97,6 +97,9 @@ def feedback_digest(data) -> str:
 
 def run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say=print) -> CycleOutcome:
     with retrain_lock(registry.root):
+        left = registry.clean_leftovers()
+        if left:
+            say(f"removed what an earlier cycle left unfinished: {', '.join(left)}")
         return _run_cycle(store, registry, config, say)
 
 
@@ -153,12 +156,22 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
         store.finish_cycle(cycle_id, "interrupted", reason="interrupted by the user")
         raise
     except Exception as exc:
-        store.finish_cycle(cycle_id, "failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        _record_failure(store, cycle_id, f"{type(exc).__name__}: {exc}"[:500], say)
+        if isinstance(exc, OSError):  # a full disk or an I/O error: one line for the user, not a traceback
+            raise CycleError(f"cycle {cycle_id} stopped by a disk error ({exc}); nothing was promoted, the "
+                             "served version and all feedback are unchanged") from exc
         raise
     run.metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
                        reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=run.metrics)
     return outcome
+
+
+def _record_failure(store: Store, cycle_id: int, reason: str, say) -> None:
+    try:
+        store.finish_cycle(cycle_id, "failed", reason=reason)
+    except Exception as exc:  # the disk that failed the cycle may refuse this write too
+        say(f"could not record cycle {cycle_id} as failed ({exc}); it stays 'running' in the DB")
 
 
 @contextmanager
@@ -323,7 +336,7 @@ def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:
     removed = []
     for version in versions:
         if version not in protected:
-            shutil.rmtree(registry.path(version), ignore_errors=True)
+            registry.remove(version)
             removed.append(version)
     if removed:
         say(f"   pruned old versions {', '.join(removed)} (keeping base, current, parent and the {keep} newest)")
@@ -337,7 +350,8 @@ def _line(stats: dict) -> str:
 
 
 def rollback(registry: ModelRegistry, version: str) -> str:
-    if version not in registry.versions():
-        raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
-    registry.set_current(version)
+    with retrain_lock(registry.root):  # never between a cycle's promotion and its prune
+        if version not in registry.versions():
+            raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
+        registry.set_current(version)
     return f"{version} is current again; a running app switches to it before its next reply"

@@ -255,3 +255,43 @@ def test_a_cycle_without_heldout_pairs_is_rejected_with_the_reason(setup):
     outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
     assert outcome.status == "rejected" and "no held-out pairs" in outcome.message, outcome.message
     assert registry.current_version() == "v0000" and store.last_cycle()["status"] == "rejected"
+
+
+def test_a_full_disk_during_a_cycle_is_one_line_cleaned_up_and_recorded(setup, monkeypatch):
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
+    monkeypatch.setenv("TUTOR_FAILPOINT", "saving=enospc")
+    with pytest.raises(CycleError) as raised:
+        run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+    message = str(raised.value)
+    assert "\n" not in message and "No space left on device" in message and "unchanged" in message
+    assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
+    assert not [p.name for p in registry.root.iterdir() if p.name.endswith(".partial")]
+    last = store.last_cycle()
+    assert last["status"] == "failed" and "No space left" in last["reason"]
+    assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == before
+
+
+def test_a_removal_cut_short_never_leaves_a_version_that_looks_whole(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    for version in ("v0000", "v0001"):
+        (registry.path(version)).mkdir(parents=True)
+        (registry.path(version) / "meta.json").write_text("{}")
+        (registry.path(version) / "model.safetensors").write_bytes(b"x" * 1000)
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]; from app.versions import ModelRegistry;"
+            "ModelRegistry(sys.argv[2]).remove('v0001')")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(registry.root)],
+                          env={**os.environ, "TUTOR_FAILPOINT": "removing"}, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert registry.versions() == ["v0000"]  # unlisted before any file went
+    assert registry.clean_leftovers() == [".v0001.removing"]
+    assert sorted(p.name for p in registry.root.iterdir()) == ["v0000"]
+
+
+def test_rollback_waits_for_no_cycle(setup):
+    registry, _, _ = setup
+    with retrain_lock(registry.root):
+        with pytest.raises(CycleError, match="another retrain is running"):
+            rollback(registry, "v0000")
+    assert "v0000 is current again" in rollback(registry, "v0000")
