@@ -1,4 +1,4 @@
-"""The learner-facing page: chat with streaming, thumbs with reasons, compare mode, rewrites.
+"""The learner-facing page: chat with streaming, thumbs with reasons, compare mode, rewrites, past conversations.
 
 `build_demo(service)` returns a gr.Blocks; all per-user state lives in gr.State, nothing global.
 `_layout` builds the components into a `Page` first; `_connect` then defines the handlers as closures over
@@ -31,6 +31,7 @@ CSS = """
            font-size: var(--text-lg);}
 .compare-panel {border:1px solid var(--color-accent); border-radius:14px; padding:12px 16px;
                 background: var(--background-fill-secondary);}
+#conversations input {text-overflow: ellipsis; padding-right: 28px;}  /* clear of the arrow */
 footer {display:none !important;}
 """
 CONSENT_NOTICE = ("### Before you start\n"
@@ -38,6 +39,7 @@ CONSENT_NOTICE = ("### Before you start\n"
                   "yours to improve it? Names, e-mail addresses, phone numbers and addresses are removed "
                   "first. If you say no, you can still chat; nothing of yours is used for training. You "
                   "can download or delete your data at any time under *My data*.")
+MAX_LISTED = 50  # the newest conversations in the dropdown; each label costs one history read
 INTRO = ("Ask about maths, science, languages, programming or history. Your tutor explains step by step. "
          "Rate answers with 👍/👎, compare two answers, or write a better one: every piece of feedback "
          "helps the tutor improve.")
@@ -49,6 +51,15 @@ def _empty_state() -> dict:
 
 def _fail(exc: UserError):
     raise gr.Error(str(exc), print_exception=False)
+
+
+def _conversation_label(conversation: dict, first_message: str, me: str) -> str:
+    """Start time (UTC), then the first question cut short; another user's conversation names its owner."""
+    started = conversation["created_at"][:16].replace("T", " ")
+    text = " ".join(first_message.split())
+    text = text if len(text) <= 40 else text[:39] + "…"
+    owner = "" if conversation["user"] == me else f"{conversation['user']}: "
+    return f"{started} · {owner}{text}"
 
 
 def _badge_html(service: TutorService) -> str:
@@ -82,6 +93,7 @@ class Page:
     reason: gr.Radio
     better: gr.Textbox
     rewrite_btn: gr.Button
+    conversations: gr.Dropdown  # the user's past conversations (and, for a teacher, her learners')
 
 
 def build_demo(service: TutorService, login_required: bool = False) -> gr.Blocks:
@@ -129,6 +141,8 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 compare_btn = gr.Button("Compare answers", scale=2, elem_id="compare")
                 new_btn = gr.Button("New conversation", scale=2, elem_id="new")
         with gr.Column(scale=1, min_width=260):
+            conversations = gr.Dropdown([], value=None, label="Your conversations", visible=login_required,
+                                        elem_id="conversations", interactive=True)
             gr.Markdown("#### Your feedback\nClick 👍 or 👎 under an answer. You can say why, too.")
             reason = gr.Radio([], label="Why?", visible=False, elem_id="reason")
             with gr.Accordion("✏️ Write a better answer", open=False):
@@ -149,7 +163,8 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 delete_all_sure=delete_all_sure,
                 state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
                 pick_btn=pick_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
-                new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn)
+                new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn,
+                conversations=conversations)
 
 
 def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
@@ -283,6 +298,42 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         return {page.chatbot: [], page.state: _empty_state(), page.panel: gr.update(visible=False),
                 page.reason: gr.update(visible=False), page.message: "", page.badge: _badge_html(service)}
 
+    def list_conversations(state: dict, request: gr.Request):
+        """The dropdown's choices, newest first, with the open conversation selected if it is listed."""
+        actor = me(request)
+        if actor.is_local:  # one local user: no accounts, no list
+            return {page.conversations: gr.update()}
+        choices = []
+        for conversation in reversed(service.conversations(actor)[-MAX_LISTED:]):
+            if not conversation["turns"]:
+                continue  # created, then nothing was said in it
+            try:
+                first = next((m["content"] for m in service.history(actor, conversation["conversation_id"])
+                              if m["role"] == "user"), "")
+            except UserError:  # deleted since it was listed
+                continue
+            choices.append((_conversation_label(conversation, first, actor.name), conversation["conversation_id"]))
+        selected = state["conversation_id"] if state["conversation_id"] in {c[1] for c in choices} else None
+        return {page.conversations: gr.update(choices=choices, value=selected)}
+
+    def open_conversation(conversation_id: str | None, request: gr.Request):
+        if not conversation_id:
+            return {page.chatbot: gr.update()}
+        try:  # a conversation the user may not read is refused like an unknown one, and nothing is shown
+            messages = service.history(me(request), conversation_id)
+        except UserError as exc:  # a notice, not gr.Error: that would mark every output, the textbox too
+            gr.Warning(str(exc))
+            return {page.chatbot: gr.update()}
+        history = [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids = [m["message_id"] if m["role"] == "assistant" else None for m in messages]
+        latest = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
+        return {**new_conversation(), page.chatbot: history, page.better: gr.update(value=latest),
+                page.state: {**_empty_state(), "conversation_id": conversation_id, "ids": ids}}
+
+    def load_page(request: gr.Request):
+        """The consent notice if it is unanswered, and the conversation `?conversation=<id>` names."""
+        return {**ask_consent(request), **open_conversation(request.query_params.get("conversation"), request)}
+
     def version_badge():
         return {page.badge: _badge_html(service)}
 
@@ -324,26 +375,35 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
 
     # Each event's outputs are every component its handler's dicts may name.
     chat_outputs = [page.chatbot, page.state, page.message, page.badge, page.better]
-    page.message.submit(send, [page.message, page.chatbot, page.state], chat_outputs, api_visibility="private")
-    page.send_btn.click(send, [page.message, page.chatbot, page.state], chat_outputs, api_visibility="private")
+    fresh_page = [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge]
+    opened = fresh_page + [page.better]
+
+    def relist(event) -> None:
+        """The dropdown follows every event that starts, fills, opens or ends a conversation."""
+        event.success(list_conversations, [page.state], [page.conversations], api_visibility="private",
+                      show_progress="hidden")
+
+    relist(page.message.submit(send, [page.message, page.chatbot, page.state], chat_outputs,
+                               api_visibility="private"))
+    relist(page.send_btn.click(send, [page.message, page.chatbot, page.state], chat_outputs,
+                               api_visibility="private"))
+    page.conversations.input(open_conversation, [page.conversations], opened, api_visibility="private")
     page.compare_btn.click(compare, [page.message, page.k, page.chatbot, page.state],
                            [page.chatbot, page.state, page.message, page.panel, *page.boxes, page.choice,
                             page.order], api_visibility="private")
-    page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
-                        [page.chatbot, page.state, page.panel, page.better], api_visibility="private")
+    relist(page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
+                               [page.chatbot, page.state, page.panel, page.better], api_visibility="private"))
     page.chatbot.like(like, [page.state], [page.state, page.reason], api_visibility="private")
     page.reason.change(give_reason, [page.reason, page.state], [page.reason], api_visibility="private")
     page.rewrite_btn.click(rewrite, [page.better, page.chatbot, page.state], [page.chatbot],
                            api_visibility="private")
-    page.new_btn.click(new_conversation, None,
-                       [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge],
-                       api_visibility="private")
-    fresh_page = [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge]
+    relist(page.new_btn.click(new_conversation, None, fresh_page, api_visibility="private"))
     page.consent_yes.click(give_consent("given"), None, [page.consent_panel], api_visibility="private")
     page.consent_no.click(give_consent("declined"), None, [page.consent_panel], api_visibility="private")
     page.export_btn.click(export, None, [page.export_file], api_visibility="private")
-    page.delete_conv_btn.click(delete_conversation, [page.state], fresh_page, api_visibility="private")
-    page.delete_all_btn.click(delete_all, [page.delete_all_sure], fresh_page + [page.delete_all_sure],
-                              api_visibility="private")
-    demo.load(ask_consent, None, [page.consent_panel], api_visibility="private")
+    relist(page.delete_conv_btn.click(delete_conversation, [page.state], fresh_page, api_visibility="private"))
+    relist(page.delete_all_btn.click(delete_all, [page.delete_all_sure], fresh_page + [page.delete_all_sure],
+                                     api_visibility="private"))
+    relist(demo.load(load_page, None, [page.consent_panel, *opened], api_visibility="private",
+                     show_progress="hidden"))
     gr.Timer(10).tick(version_badge, None, [page.badge], api_visibility="private", show_progress="hidden")

@@ -29,7 +29,7 @@ pytestmark = [
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.common.exceptions import (  # noqa: E402
-    NoSuchElementException, StaleElementReferenceException, WebDriverException)
+    NoSuchElementException, StaleElementReferenceException, TimeoutException, WebDriverException)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -410,3 +410,192 @@ def test_empty_message_is_refused_and_nothing_is_stored(page, served):
     wait_toast(page, "error", "empty")
     assert texts(page, USER) == [] and texts(page, BOT) == []
     assert query(db, "select count(*) as n from messages")[0]["n"] == before
+
+
+# -- with accounts: Gradio's login page, and who may open which conversation --
+
+SHOTS = Path("/tmp/shots")  # screenshots to look at: the login page, a learner's chat, a refused open
+PASSWORD = "correct horse battery"
+LOGIN_FORM = "input[data-testid='password']"
+
+
+@pytest.fixture(scope="module")
+def school(serve_tutor, tiny_model_dir, tmp_path_factory):
+    """A served app with accounts: learners ada (whose teacher is tess) and ben, and the teacher tess."""
+    from app.accounts import Accounts
+    from app.quotas import QuotaConfig
+    from app.store import Store
+
+    root = tmp_path_factory.mktemp("browser-school")
+    with Store(root / "c.db") as store:
+        accounts = Accounts(store)
+        accounts.add("tess", "teacher", PASSWORD)
+        accounts.add("ada", "learner", PASSWORD, teacher="tess")
+        accounts.add("ben", "learner", PASSWORD)
+        for name in ("tess", "ben"):  # ada answers the consent notice in her test; it shifts the page
+            store.set_consent(name, "declined")
+    with serve_tutor(root, tiny_model_dir, sampling=SamplingConfig(max_new_tokens=40),
+                     quotas=QuotaConfig(enabled=False)) as (tutor, url):
+        yield {"url": url, "db": root / "c.db", "tutor": tutor}
+
+
+@pytest.fixture
+def school_page(school, browser, tmp_path):
+    """The browser, logged out of the school; the page at the end of the test goes to tmp_path."""
+    browser.get(school["url"])
+    browser.delete_all_cookies()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    print(f"page at the end of the test: {tmp_path / 'page.png'} and page.html")
+    yield browser
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    (tmp_path / "page.html").write_text(browser.page_source)
+
+
+def log_in(driver, url: str, name: str, shot: str | None = None) -> None:
+    """Through Gradio's own login form, as a person would."""
+    driver.get(url)
+    wait(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, LOGIN_FORM))
+    if shot:
+        driver.save_screenshot(str(SHOTS / shot))
+    driver.find_element(By.CSS_SELECTOR, "input[data-testid='textbox']").send_keys(name)
+    driver.find_element(By.CSS_SELECTOR, LOGIN_FORM).send_keys(PASSWORD)
+    driver.find_element(By.XPATH, "//button[normalize-space()='Login']").click()
+    wait(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#message textarea"))
+
+
+def options(driver) -> list:
+    """The options of the "Your conversations" dropdown, opened first if it is closed (then there are
+    none yet: the list renders a moment later, outside the component)."""
+    box = driver.find_element(By.CSS_SELECTOR, "#conversations input")
+    if box.get_attribute("aria-expanded") != "true":
+        box.click()
+        return []
+    return driver.find_elements(By.CSS_SELECTOR, f"#{box.get_attribute('aria-controls')} li")
+
+
+def listed(driver, until, what: str) -> list[str]:
+    """The labels in the "Your conversations" dropdown once `until(labels)` holds. An open list is not
+    refilled when the choices come (an event after the page loads), so it is closed and opened again."""
+    seen, opened = [], []
+
+    def ready(d):
+        seen[:] = fresh(lambda: [squash(e.text) for e in options(d)])
+        opened.append(time.monotonic())
+        if until(seen):
+            return True
+        if time.monotonic() - opened[0] > 1:  # open a while, and still not there: close, to open afresh
+            close_dropdown(d)
+            opened.clear()
+        return False
+
+    try:
+        wait(driver).until(ready)
+    except TimeoutException:
+        pytest.fail(f"the dropdown never listed {what}; it lists {seen}")
+    close_dropdown(driver)
+    return list(seen)
+
+
+def close_dropdown(driver) -> None:
+    """It opens when it gets the focus (a click on a focused one does nothing), so it is closed by a blur."""
+    driver.execute_script("arguments[0].blur()", driver.find_element(By.CSS_SELECTOR, "#conversations input"))
+
+
+def close_toasts(driver) -> None:
+    """Notices sit over the top right corner, where the Log out button is; a person closes them first."""
+    for button in fresh(lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-close']")):
+        fresh(button.click)
+    wait(driver).until(lambda d: not d.find_elements(By.CSS_SELECTOR, TOAST))
+
+
+def letters(text: str) -> str:
+    """Only the letters and digits: the browser drops or spaces out the tiny model's control characters."""
+    return "".join(c for c in text or "" if c.isalnum())
+
+
+def a_conversation_of(tutor, name: str, question: str) -> tuple[str, str]:
+    """A conversation of `name` with one turn, made through the service; its id and the answer."""
+    service = tutor.service
+    owner = service.accounts.get(name)
+    conversation_id = service.new_conversation(owner, "", "chat")["conversation_id"]
+    answer = list(service.chat(owner, conversation_id, question))[-1]["text"]
+    return conversation_id, answer
+
+
+def test_log_in_chat_and_log_out(school_page, school):
+    page = school_page
+    log_in(page, school["url"], "ada", shot="login.png")
+    wait(page).until(lambda d: visible(d, "consent-panel"), "no consent notice for a new learner")
+    page.find_element(By.ID, "consent-no").click()
+    wait(page).until(lambda d: not visible(d, "consent-panel"))
+    question = unique("What is a prime number?")
+    final, _ = ask(page, question)
+    assert squash(final)
+    stored = eventually(lambda: (m := conversation_of(school["db"], question)) and len(m) == 2 and m,
+                        "ada's stored turn")
+    assert query(school["db"], "select user from conversations where id = ?",
+                 [stored[0]["conversation_id"]])[0]["user"] == "ada"
+    # The new conversation is listed, labelled by its first question.
+    listed(page, lambda labels: any(question[:30] in label for label in labels), "the new conversation")
+    close_toasts(page)
+    wait(page).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='dropdown-option']"))
+    page.save_screenshot(str(SHOTS / "ada_chat.png"))
+
+    # Her own conversation, opened by its address after a reload, is back as it was.
+    page.get(f"{school['url']}?conversation={stored[0]['conversation_id']}")
+    wait(page).until(lambda d: [squash(t) for t in texts(d, USER)] == [squash(question)])
+    assert [letters(t) for t in texts(page, BOT)] == [letters(final)]
+    no_error_toast(page)
+
+    page.find_element(By.ID, "logout").click()
+    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, LOGIN_FORM), "no login form after logging out")
+    assert not page.find_elements(By.CSS_SELECTOR, "#message textarea")
+    page.get(school["url"])  # the session is gone: a reload shows the login form again, not the chat
+    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, LOGIN_FORM))
+
+
+def test_another_learner_cannot_open_a_conversation_by_its_address(school_page, school):
+    page, tutor = school_page, school["tutor"]
+    ada_question = unique("Ada asks about atoms")
+    ada_id, ada_answer = a_conversation_of(tutor, "ada", ada_question)
+    ben_question = unique("Ben asks about bees")
+    a_conversation_of(tutor, "ben", ben_question)
+
+    log_in(page, school["url"], "ben")
+    page.get(f"{school['url']}?conversation={ada_id}")
+    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#message textarea"))
+    wait_toast(page, "warning", f"no conversation with id {ada_id!r}")
+    no_error_toast(page)
+    page.save_screenshot(str(SHOTS / "ben_refused.png"))
+    shown = page.find_element(By.TAG_NAME, "body").text
+    assert squash(ada_question) not in squash(shown)
+    assert len(letters(ada_answer)) < 8 or letters(ada_answer) not in letters(shown)  # too short to tell
+    assert texts(page, USER) == [] and texts(page, BOT) == []
+
+    labels = listed(page, lambda labels: any(ben_question[:30] in label for label in labels),
+                    "ben's own conversation")
+    assert not any(ada_question[:30] in label or "ada:" in label for label in labels), labels
+
+
+def test_a_teacher_lists_and_opens_her_learners_conversation(school_page, school):
+    page, tutor = school_page, school["tutor"]
+    question = unique("Ada asks about cells")
+    _, answer = a_conversation_of(tutor, "ada", question)
+
+    log_in(page, school["url"], "tess")
+    labels = listed(page, lambda labels: any(question[:30] in label for label in labels),
+                    "the conversation of her learner ada")
+    mine = [label for label in labels if question[:30] in label]
+    assert len(mine) == 1 and "ada:" in mine[0], labels
+
+    wait(page).until(lambda d: (e := next((e for e in options(d) if question[:30] in squash(e.text)), None))
+                     and (e.click() or True), "ada's conversation is not there to choose")
+    wait(page).until(lambda d: [squash(t) for t in texts(d, USER)] == [squash(question)])
+    assert [letters(t) for t in texts(page, BOT)] == [letters(answer)]
+    no_error_toast(page)
+
+    # She may read it, not write into it: the service refuses, and the page says so.
+    type_message(page, "Well done, Ada!")
+    page.find_element(By.ID, "send").click()
+    wait_toast(page, "error", "no conversation with id")
+    assert len(texts(page, USER)) == 1
