@@ -110,8 +110,11 @@ def register_api(service: TutorService, login_required: bool = False, concurrenc
     def chat(conversation_id: str, message: str, request: gr.Request = None) -> Iterator[dict]:
         yield from service.chat(actor(request), conversation_id, message)
 
-    def compare(conversation_id: str, message: str, k: int = 2, request: gr.Request = None) -> dict:
-        return service.compare(actor(request), conversation_id, message, k)
+    def compare(conversation_id: str, message: str, k: int = 2, request: gr.Request = None) -> Iterator[dict]:
+        yield from service.compare_stream(actor(request), conversation_id, message, k)
+
+    def abandon(comparison_id: str, request: gr.Request = None) -> dict:
+        return service.abandon(actor(request), comparison_id)
 
     def pick(comparison_id: str, choice: str, request: gr.Request = None) -> dict:
         return service.pick(actor(request), comparison_id, choice)
@@ -154,6 +157,6 @@ def register_api(service: TutorService, login_required: bool = False, concurrenc
     def answer_recheck(comparison_id: str, choice: str, request: gr.Request = None) -> dict:
         return service.answer_recheck(actor(request), comparison_id, choice)
 
-    for fn in (new_conversation, chat, compare, pick, rate, rewrite, status, history, conversations, consent,
+    for fn in (new_conversation, chat, compare, abandon, pick, rate, rewrite, status, history, conversations, consent,
                export_data, delete_conversation, delete_data, exclude, recheck, answer_recheck):
         gr.api(as_gradio_error(typed(fn)), api_name=fn.__name__, concurrency_limit=concurrency_limit)

@@ -111,6 +111,9 @@ class Request:
     tokenizer: object = None
     token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # seeded from sampling.seed at prefill
+    # (tokenizer, context, prompt ids), fitted on the submitting thread so that a long history costs
+    # the decode thread nothing; admission uses it when that tokenizer is still the one served.
+    prepared: tuple | None = None
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -144,6 +147,62 @@ class Request:
                 raise chunk[-1]
             if done:
                 return
+
+
+class _Tagged:
+    """A request's event sink that puts each event on a queue shared by a group, tagged with the
+    request's index, so one blocking read serves all of the group's replies."""
+
+    def __init__(self, shared: queue.Queue, index: int) -> None:
+        self.shared, self.index = shared, index
+
+    def put(self, item) -> None:
+        self.shared.put((self.index, item))
+
+
+@dataclass
+class RequestGroup:
+    """Replies to one prompt that one client reads together: a comparison's k candidates."""
+
+    requests: list[Request]
+    events: queue.Queue
+    _open: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._open = set(range(len(self.requests)))
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stops one reply (it is no longer waited for) or, with no index, all of them."""
+        for i in range(len(self.requests)) if index is None else [index]:
+            self.requests[i].cancel()
+            self._open.discard(i)
+
+    def token_chunks(self, timeout: float | None = None):
+        """Yields {index: token ids since the last yield} until every open reply has ended; raises
+        the engine's error for any of them (the caller cancels the rest)."""
+        while self._open:
+            try:
+                items = [self.events.get(timeout=timeout)]
+            except queue.Empty:
+                self.cancel()
+                raise EngineFault("the tutor took too long to answer; please try again") from None
+            while True:
+                try:
+                    items.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            new: dict[int, list[int]] = {}
+            for index, item in items:
+                if index not in self._open:
+                    continue  # a reply cancelled by the caller: its last events are not wanted
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    self._open.discard(index)
+                else:
+                    new.setdefault(index, []).append(item)
+            if new:
+                yield new
 
 
 @dataclass
@@ -261,17 +320,35 @@ class GenerationEngine:
     def submit(self, messages: list[dict], max_new_tokens: int | None = None, seed: int | None = None) -> Request:
         """Queues a reply to `messages`. Sampling settings are the engine's, shared by the whole batch;
         only the length limit and the seed (by default the engine's next) are per request."""
+        return self._enqueue(messages, [queue.Queue()], max_new_tokens, seed)[0]
+
+    def submit_group(self, messages: list[dict], n: int, max_new_tokens: int | None = None) -> "RequestGroup":
+        """Queues `n` independent replies to the same `messages` (a comparison's candidates), all or
+        none: a queue with room for fewer refuses the whole group, so no reply runs for nobody."""
+        events: queue.Queue = queue.Queue()
+        requests = self._enqueue(messages, [_Tagged(events, i) for i in range(n)], max_new_tokens, None)
+        return RequestGroup(requests, events)
+
+    def _enqueue(self, messages: list[dict], sinks: list, max_new_tokens: int | None, seed: int | None) -> list[Request]:
         sampling = self.sampling if max_new_tokens is None else replace(self.sampling, max_new_tokens=max_new_tokens)
         if not self._thread.is_alive() and not self._stop.is_set():
             self._restart()
+        tokenizer = self.policy.tokenizer
+        try:
+            prepared = (tokenizer, *self.prepare(tokenizer, messages, self.config.max_context_tokens - sampling.max_new_tokens))
+        except Exception:  # e.g. too long: admission fits it again and tells the client, as for any request
+            prepared = None
         with self._wake:
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(sinks) > self.config.max_queue:
                 raise EngineBusy(f"the tutor is busy ({len(self._waiting)} requests waiting); try again in a moment")
-            seed = self._seeds.getrandbits(63) if seed is None else seed
-            request = Request(messages=messages, sampling=replace(sampling, seed=seed))
-            self._waiting.append(request)
+            requests = []
+            for events in sinks:
+                row_seed = self._seeds.getrandbits(63) if seed is None else seed
+                requests.append(Request(messages=messages, sampling=replace(sampling, seed=row_seed), events=events,
+                                        prepared=prepared))
+            self._waiting.extend(requests)
             self._wake.notify()
-        return request
+        return requests
 
     def _restart(self) -> None:
         with self._wake:
@@ -402,8 +479,11 @@ class GenerationEngine:
         ready = []
         for request in admitted:
             try:
-                budget = self.config.max_context_tokens - request.sampling.max_new_tokens
-                request.context, request.token_ids = self.prepare(self.policy.tokenizer, request.messages, budget)
+                if request.prepared is not None and request.prepared[0] is self.policy.tokenizer:
+                    request.context, request.token_ids = request.prepared[1], list(request.prepared[2])
+                else:  # not fitted yet, or a new version was swapped in since
+                    budget = self.config.max_context_tokens - request.sampling.max_new_tokens
+                    request.context, request.token_ids = self.prepare(self.policy.tokenizer, request.messages, budget)
                 request.model_version, request.tokenizer = self.policy.version, self.policy.tokenizer
                 ready.append(request)
             except Exception as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -47,6 +48,9 @@ class Limits:
     max_rewrite_chars: int = 8000
     max_user_chars: int = 200
     max_candidates: int = 4
+    # An undecided comparison older than this is abandoned when its conversation goes on, so a
+    # learner who left one open (a closed tab, a lost connection) never finds it locked.
+    comparison_timeout_s: float = 15 * 60
 
 
 class TutorService:
@@ -114,12 +118,22 @@ class TutorService:
             if flag is None and self.moderator.check(text).flagged:
                 text, flag = OUTPUT_REPLACEMENT, "unsafe_reply"
             self.store.add_turn(conversation_id, message, text, message_id=message_id,
-                                model_version=request.model_version, generation=self._generation(request),
+                                model_version=request.model_version, generation=self._generation(request, flag),
                                 context=request.context, reply_flag=flag)
             yield {"message_id": message_id, "text": text, "model_version": request.model_version, "done": True}
 
     def compare(self, actor: Account, conversation_id: str, message: str, k: int = 2) -> dict:
-        """k answers to the same turn, sampled in one batch, stored in random order until picked."""
+        """The last chunk of `compare_stream`: every candidate complete and stored."""
+        result = None
+        for result in self.compare_stream(actor, conversation_id, message, k):
+            pass
+        return result
+
+    def compare_stream(self, actor: Account, conversation_id: str, message: str, k: int = 2) -> Iterator[dict]:
+        """k answers to the same turn, sampled in one batch and streamed side by side, in the random
+        order they are shown and stored in. Chunks are {"comparison_id", "candidates": [{"message_id",
+        "text" so far, "model_version"}], "done"}; the comparison is stored only when all k are
+        complete, so a client that goes away stops all k and leaves nothing behind."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
@@ -132,25 +146,69 @@ class TutorService:
         if verdict.flagged:
             raise UserError(refusal(verdict))
         with self._turn(conversation_id):
-            requests = [self._submit(messages) for _ in range(k)]
+            try:
+                group = self.engine.submit_group(messages, k)
+            except EngineBusy as exc:
+                raise UserError(str(exc)) from None
+            comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
+            shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
+            self.rng.shuffle(shown)
+            tokens: list[list[int]] = [[] for _ in range(k)]
+            texts, flags = [""] * k, [None] * k
+
+            def chunk(done: bool) -> dict:
+                return {"comparison_id": comparison_id, "done": done, "candidates": [
+                    {"message_id": ids[j], "text": texts[i], "model_version": group.requests[i].model_version}
+                    for j, i in enumerate(shown)]}
             try:
                 with as_user_error(PromptTooLong, EngineFault):
-                    texts = [_decode(r, list(r.tokens(self.engine.config.token_timeout_s))) for r in requests]
+                    for new in group.token_chunks(self.engine.config.token_timeout_s):
+                        for i, more in new.items():
+                            tokens[i].extend(more)
+                            text = _decode(group.requests[i], tokens[i])
+                            if text.endswith("\ufffd"):  # half of a multi-byte character
+                                continue
+                            seen = self.moderator.check(text[-STREAM_WINDOW:])
+                            if seen.flagged:  # this candidate stops; its unsafe part is never shown
+                                flags[i], texts[i] = f"unsafe_reply:{seen.category}", OUTPUT_REPLACEMENT
+                                group.cancel(i)
+                            else:
+                                texts[i] = text
+                        yield chunk(done=False)
             finally:
-                for r in requests:
-                    r.cancel()
-            candidates = []
-            for text, r in zip(texts, requests):
-                shown = self.moderator.check(text)
-                candidates.append({"text": OUTPUT_REPLACEMENT if shown.flagged else text,
-                                   "model_version": r.model_version, "generation": self._generation(r),
-                                   "context": r.context,
-                                   "flag": f"unsafe_reply:{shown.category}" if shown.flagged else None})
-            self.rng.shuffle(candidates)
-            comparison_id, ids = self.store.add_comparison(conversation_id, message, requests[0].context, candidates)
-        return {"comparison_id": comparison_id,
-                "candidates": [{"message_id": i, "text": c["text"], "model_version": c["model_version"]}
-                               for i, c in zip(ids, candidates)]}
+                group.cancel()  # no-op for finished rows; stops them all when the client went away
+            if any(r.finish_reason == "cancelled" and flag is None for r, flag in zip(group.requests, flags)):
+                return
+            for i, request in enumerate(group.requests):
+                if flags[i] is None:
+                    texts[i] = _decode(request, tokens[i])
+                    if self.moderator.check(texts[i]).flagged:
+                        texts[i], flags[i] = OUTPUT_REPLACEMENT, "unsafe_reply"
+            candidates = [{"text": texts[i], "model_version": group.requests[i].model_version,
+                           "generation": self._generation(group.requests[i], flags[i]),
+                           "context": group.requests[i].context, "flag": flags[i]} for i in shown]
+            self.store.add_comparison(conversation_id, message, group.requests[shown[0]].context, candidates,
+                                      comparison_id=comparison_id, message_ids=ids)
+        yield chunk(done=True)
+
+    def open_comparison(self, actor: Account, conversation_id: str) -> dict | None:
+        """The conversation's undecided comparison in `compare`'s shape, for a learner who comes back
+        (only the owner may pick, so only the owner is shown it)."""
+        conversation_id = self._own(actor, "conversation", conversation_id)
+        undecided = self.store.undecided_comparison(conversation_id)
+        if undecided is None or self._stale(undecided):
+            return None
+        comparison = self.store.comparison(undecided)
+        return {"comparison_id": undecided, "done": True, "candidates": [
+            {"message_id": c["message_id"], "text": c["content"], "model_version": None}
+            for c in comparison["candidates"]]}
+
+    def abandon(self, actor: Account, comparison_id: str) -> dict:
+        """Skips an undecided comparison: the conversation goes on without that turn."""
+        comparison_id = self._own(actor, "comparison", comparison_id)
+        with as_user_error(ValueError):
+            self.store.abandon_comparison(comparison_id)
+        return {"ok": True}
 
     # -- feedback --------------------------------------------------------------------------------
     def pick(self, actor: Account, comparison_id: str, choice: str) -> dict:
@@ -334,11 +392,20 @@ class TutorService:
 
     def _context(self, conversation_id: str, message: str) -> list[dict]:
         conversation = self.store.conversation(conversation_id)
-        if self.store.undecided_comparison(conversation_id):
-            raise UserError("pick the best answer of the open comparison before going on")
+        undecided = self.store.undecided_comparison(conversation_id)
+        if undecided and self._stale(undecided):  # its learner left long ago: nobody will pick
+            self.store.abandon_comparison(undecided)
+        elif undecided:
+            raise UserError("pick the best answer of the open comparison (or skip it) before going on")
         turns = [{"role": m["role"], "content": m["content"]} for m in self.store.history(conversation_id)]
         return [{"role": "system", "content": conversation["system_prompt"]}, *turns,
                 {"role": "user", "content": message}]
+
+    def _stale(self, comparison_id: str) -> bool:
+        created = datetime.fromisoformat(self.store.comparison(comparison_id)["created_at"])
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=timezone.utc)
+        return (datetime.now(timezone.utc) - created).total_seconds() > self.limits.comparison_timeout_s
 
     def _submit(self, messages: list[dict]):
         try:
@@ -349,8 +416,9 @@ class TutorService:
     def _turn(self, conversation_id: str):
         return _ConversationTurn(self, conversation_id)
 
-    def _generation(self, request) -> dict:
-        return {**request.sampling.as_dict(), "finish_reason": request.finish_reason}
+    def _generation(self, request, flag: str | None = None) -> dict:
+        # a reply that moderation stopped ends there, whatever the engine made of its cancel
+        return {**request.sampling.as_dict(), "finish_reason": "moderated" if flag else request.finish_reason}
 
 
 class _ConversationTurn:

@@ -141,6 +141,13 @@ def m004_accounts(db: Database) -> None:
     db.table("repeat_checks").create_index(["comparison_id"], unique=True)
 
 
+@MIGRATIONS()
+def m005_abandoned_comparisons(db: Database) -> None:
+    # A comparison nobody will pick (its learner left, or skipped it) is abandoned: its user turn
+    # leaves the main line, so the conversation goes on as if it had not been asked.
+    db.table("comparisons").add_column("abandoned_at", str)
+
+
 # A conversation that may train: not an evaluation, and its user has not declined consent.
 TRAINABLE = ("c.purpose != 'eval' and c.user not in "
              "(select user from consents where choice = 'declined')")
@@ -375,15 +382,17 @@ class Store:
     def undecided_comparison(self, conversation_id: str) -> str | None:
         self._require("conversations", "id", conversation_id)
         row = self._one("select id from comparisons where conversation_id = ? "
-                        "and decided_at is null limit 1", [conversation_id])
+                        "and decided_at is null and abandoned_at is null limit 1", [conversation_id])
         return None if row is None else row["id"]
 
     @_locked
     def add_comparison(
         self, conversation_id: str, user_message: str, context: list[dict[str, str]],
-        candidates: list[dict[str, Any]],
+        candidates: list[dict[str, Any]], *, comparison_id: str | None = None,
+        message_ids: list[str] | None = None,
     ) -> tuple[str, list[str]]:
-        """Store a user turn and k candidate replies, labelled A.. in the (shuffled) given order."""
+        """Store a user turn and k candidate replies, labelled A.. in the (shuffled) given order.
+        The ids may be chosen by the caller (a streamed comparison shows them before it is stored)."""
         self._require("conversations", "id", conversation_id)
         self._require_all_decided(conversation_id)
         _check_context(context)
@@ -392,7 +401,9 @@ class Store:
                f"a comparison needs {MIN_CANDIDATES} to {MAX_CANDIDATES} candidates")
         _check(all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in candidates),
                "each candidate needs a 'text' string")
-        comparison_id = uuid.uuid4().hex
+        _check(message_ids is None or (isinstance(message_ids, list) and len(message_ids) == len(candidates)),
+               "one message id per candidate")
+        comparison_id = comparison_id or uuid.uuid4().hex
         with self._db.atomic():
             position = self._next_position(conversation_id)
             user_message_id = self._add_message(conversation_id, "user", user_message, position,
@@ -402,17 +413,17 @@ class Store:
                 "user_message_id": user_message_id, "k": len(candidates),
                 "context": _dumps(context), "created_at": _now(), "decided_at": None,
             })
-            message_ids = []
-            for label, candidate in zip(LABELS, candidates):
+            stored = []
+            for label, candidate, message_id in zip(LABELS, candidates, message_ids or [None] * len(candidates)):
                 message_id = self._add_message(
                     conversation_id, "assistant", candidate["text"], position + 1, False,
                     model_version=candidate.get("model_version"),
                     generation=candidate.get("generation"), context=context,
-                    comparison_id=comparison_id, flag=candidate.get("flag"))
+                    comparison_id=comparison_id, message_id=message_id, flag=candidate.get("flag"))
                 self._insert("comparison_candidates", {
                     "comparison_id": comparison_id, "message_id": message_id, "label": label})
-                message_ids.append(message_id)
-        return comparison_id, message_ids
+                stored.append(message_id)
+        return comparison_id, stored
 
     @_locked
     def comparison(self, comparison_id: str) -> dict[str, Any] | None:
@@ -433,6 +444,7 @@ class Store:
         if comparison is None:
             raise LookupError(f"unknown comparison {comparison_id!r}")
         _check(comparison["decided_at"] is None, "comparison already decided")
+        _check(comparison["abandoned_at"] is None, "this comparison was skipped; ask again to compare")
         by_label = {c["label"]: c["message_id"] for c in comparison["candidates"]}
         stored_choice, ranked_labels = _parse_choice(choice, list(by_label))
         ranking = [by_label[label] for label in ranked_labels]
@@ -446,6 +458,16 @@ class Store:
                              [now, comparison_id])
             self._db.execute("update messages set active = 1 where id = ?", [winner])
         return {"ranking": ranking, "winner": winner}
+
+    @_locked
+    def abandon_comparison(self, comparison_id: str) -> None:
+        """Close an undecided comparison without a pick: its user turn leaves the main line."""
+        comparison = self._require("comparisons", "id", comparison_id)
+        _check(comparison["decided_at"] is None, "comparison already decided")
+        _check(comparison["abandoned_at"] is None, "comparison already skipped")
+        with self._db.atomic():
+            self._db.execute("update comparisons set abandoned_at = ? where id = ?", [_now(), comparison_id])
+            self._db.execute("update messages set active = 0 where id = ?", [comparison["user_message_id"]])
 
     # -- ratings and rewrites --
 

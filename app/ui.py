@@ -85,6 +85,7 @@ class Page:
     choice: gr.Radio
     order: gr.Textbox
     pick_btn: gr.Button
+    skip_btn: gr.Button
     message: gr.Textbox
     send_btn: gr.Button
     k: gr.Dropdown
@@ -130,7 +131,9 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                     boxes = [gr.Markdown(elem_classes="candidate", visible=False) for _ in LABELS]
                 choice = gr.Radio([], label="Your choice", elem_id="choice")
                 order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B)", visible=False)
-                pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick")
+                with gr.Row():
+                    pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick", scale=3)
+                    skip_btn = gr.Button("Skip", elem_id="skip", scale=1)
             with gr.Row():
                 message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
                                      elem_id="message", autofocus=True, max_lines=6)
@@ -162,7 +165,7 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 export_btn=export_btn, export_file=export_file, delete_conv_btn=delete_conv_btn, delete_all_btn=delete_all_btn,
                 delete_all_sure=delete_all_sure,
                 state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
-                pick_btn=pick_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
+                pick_btn=pick_btn, skip_btn=skip_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
                 new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn,
                 conversations=conversations)
 
@@ -208,6 +211,20 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         yield {page.chatbot: history, page.state: {**state, "ids": ids}, page.message: "",
                page.badge: _badge_html(service), page.better: gr.update(value=history[-1]["content"])}
 
+    def show_comparison(result: dict, chatbot: list, state: dict) -> dict:
+        """The panel with each candidate's text so far; the choice only once all are complete."""
+        candidates, done = result["candidates"], result.get("done", True)
+        boxes = {box: gr.update(visible=False, value="") for box in page.boxes[len(candidates):]}
+        boxes |= {box: gr.update(visible=True, value=f"**Answer {label}**\n\n{c['text'] or '…'}")
+                  for box, label, c in zip(page.boxes, LABELS, candidates)}
+        choices = [(f"{LABELS[i]} is best", LABELS[i]) for i in range(len(candidates))]
+        choices += [("They are equally good", "tie"), ("Both are bad", "both_bad")]
+        return {page.chatbot: chatbot, page.state: {**state, "comparison": result if done else None},
+                page.message: "", page.panel: gr.update(visible=True), **boxes,
+                page.choice: gr.update(choices=choices if done else [], value=None, interactive=done),
+                page.order: gr.update(visible=done and len(candidates) > 2, value=""),
+                page.pick_btn: gr.update(interactive=done), page.skip_btn: gr.update(interactive=done)}
+
     def compare(message: str, k: str, history: list, state: dict, request: gr.Request):
         try:
             service.check_message(message)
@@ -215,27 +232,29 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
             _fail(exc)
         state = ensure_conversation(state, request)
         waiting = history + [{"role": "user", "content": message.strip()}]
-        first, *others = page.boxes  # the first box holds the waiting note
-        yield {page.chatbot: waiting, page.state: state, page.message: "", page.panel: gr.update(visible=True),
-               first: gr.update(visible=True, value=f"*Writing {k} answers for you to compare…*"),
-               **{box: gr.update(visible=False) for box in others},
-               page.choice: gr.update(choices=[], value=None), page.order: gr.update(visible=False)}
-        try:
-            result = service.compare(me(request), state["conversation_id"], message, int(k))
+        note = {"comparison_id": None, "done": False, "candidates": [{"text": ""} for _ in range(int(k))]}
+        yield show_comparison(note, waiting, state)
+        try:  # both answers grow side by side; leaving the page stops all of them and stores nothing
+            for chunk in service.compare_stream(me(request), state["conversation_id"], message, int(k)):
+                if chunk["done"]:
+                    state = {**state, "ids": state["ids"] + [None]}
+                yield show_comparison(chunk, waiting, state)
         except UserError as exc:  # e.g. the tutor is busy: put the page back as it was, message included
             yield {page.chatbot: history, page.state: state, page.message: message,
                    page.panel: gr.update(visible=False)}
             _fail(exc)
-        candidates = result["candidates"]
-        state = {**state, "ids": state["ids"] + [None], "comparison": result}
-        boxes = {box: gr.update(visible=False, value="") for box in page.boxes[len(candidates):]}
-        boxes |= {box: gr.update(visible=True, value=f"**Answer {label}**\n\n{candidate['text']}")
-                  for box, label, candidate in zip(page.boxes, LABELS, candidates)}
-        choices = [(f"{LABELS[i]} is best", LABELS[i]) for i in range(len(candidates))]
-        choices += [("They are equally good", "tie"), ("Both are bad", "both_bad")]
-        yield {page.chatbot: waiting, page.state: state, page.message: "", page.panel: gr.update(visible=True),
-               **boxes, page.choice: gr.update(choices=choices, value=None),
-               page.order: gr.update(visible=len(candidates) > 2, value="")}
+
+    def skip(history: list, state: dict, request: gr.Request):
+        comparison = state["comparison"]
+        if not comparison:
+            raise gr.Error("there is no open comparison")
+        try:
+            service.abandon(me(request), comparison["comparison_id"])
+        except UserError as exc:
+            _fail(exc)
+        ids = state["ids"][:-1]  # the question leaves the conversation with its answers
+        return {page.chatbot: history[:-1], page.state: {**state, "ids": ids, "comparison": None},
+                page.panel: gr.update(visible=False)}
 
     def pick(choice: str | None, order: str, history: list, state: dict, request: gr.Request):
         comparison = state["comparison"]
@@ -327,8 +346,15 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         history = [{"role": m["role"], "content": m["content"]} for m in messages]
         ids = [m["message_id"] if m["role"] == "assistant" else None for m in messages]
         latest = next((m["content"] for m in reversed(history) if m["role"] == "assistant"), "")
-        return {**new_conversation(), page.chatbot: history, page.better: gr.update(value=latest),
-                page.state: {**_empty_state(), "conversation_id": conversation_id, "ids": ids}}
+        state = {**_empty_state(), "conversation_id": conversation_id, "ids": ids}
+        opened = {**new_conversation(), page.chatbot: history, page.better: gr.update(value=latest), page.state: state}
+        try:
+            waiting = service.open_comparison(me(request), conversation_id)
+        except UserError:  # a teacher reading a learner's conversation: only its owner may pick
+            waiting = None
+        if waiting:  # left undecided last time: pick now or skip it
+            opened |= show_comparison(waiting, history, state)
+        return opened
 
     def load_page(request: gr.Request):
         """The consent notice if it is unanswered, and the conversation `?conversation=<id>` names."""
@@ -376,7 +402,7 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
     # Each event's outputs are every component its handler's dicts may name.
     chat_outputs = [page.chatbot, page.state, page.message, page.badge, page.better]
     fresh_page = [page.chatbot, page.state, page.panel, page.reason, page.message, page.badge]
-    opened = fresh_page + [page.better]
+    opened = fresh_page + [page.better, *page.boxes, page.choice, page.order, page.pick_btn, page.skip_btn]
 
     def relist(event) -> None:
         """The dropdown follows every event that starts, fills, opens or ends a conversation."""
@@ -388,9 +414,12 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
     relist(page.send_btn.click(send, [page.message, page.chatbot, page.state], chat_outputs,
                                api_visibility="private"))
     page.conversations.input(open_conversation, [page.conversations], opened, api_visibility="private")
-    page.compare_btn.click(compare, [page.message, page.k, page.chatbot, page.state],
-                           [page.chatbot, page.state, page.message, page.panel, *page.boxes, page.choice,
-                            page.order], api_visibility="private")
+    comparison_outputs = [page.chatbot, page.state, page.message, page.panel, *page.boxes, page.choice,
+                          page.order, page.pick_btn, page.skip_btn]
+    page.compare_btn.click(compare, [page.message, page.k, page.chatbot, page.state], comparison_outputs,
+                           api_visibility="private", show_progress="hidden")
+    page.skip_btn.click(skip, [page.chatbot, page.state], [page.chatbot, page.state, page.panel],
+                        api_visibility="private")
     relist(page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
                                [page.chatbot, page.state, page.panel, page.better], api_visibility="private"))
     page.chatbot.like(like, [page.state], [page.state, page.reason], api_visibility="private")

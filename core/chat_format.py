@@ -68,15 +68,47 @@ def fit_context(tokenizer, messages: list[Message], max_prompt_tokens: int) -> t
 
     The system prompt and the newest user message are always kept, and no message is ever cut in
     the middle; if those two alone do not fit, PromptTooLong says so.
+
+    Linear in the history: each message is tokenized once to estimate where the kept turns must
+    start, and the template is then applied to a few candidate starts only (dropping a turn never
+    makes a prompt longer, so the first start that fits is found by stepping from the estimate).
     """
     has_system = int(bool(messages) and messages[0]["role"] == "system")
     system, turns = messages[:has_system], messages[has_system:]
-    while True:
-        context = system + turns
-        ids = generation_prompt_ids(tokenizer, context)
-        if len(ids) <= max_prompt_tokens:
-            return [{"role": m["role"], "content": m["content"]} for m in context], ids
-        user_starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
-        if len(user_starts) <= 1:
-            raise PromptTooLong(f"the message is too long for the model ({len(ids)} tokens, limit {max_prompt_tokens})")
-        turns = turns[user_starts[1]:]
+    encoded: dict[int, list[int]] = {}
+
+    def prompt(start: int) -> list[int]:
+        if start not in encoded:
+            encoded[start] = generation_prompt_ids(tokenizer, system + turns[start:])
+        return encoded[start]
+
+    def fits(start: int) -> bool:
+        return len(prompt(start)) <= max_prompt_tokens
+
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    if not fits(0) and len(starts) <= 1:
+        raise PromptTooLong(f"the message is too long for the model ({len(prompt(0))} tokens, limit {max_prompt_tokens})")
+    if not fits(0):
+        # Estimate what dropping up to each start saves: its messages' tokens plus the template's
+        # share per message (measured on the whole prompt), then correct the guess exactly.
+        sizes = [len(answer_ids(tokenizer, m["content"])) for m in turns]
+        per_message = max(0.0, (len(prompt(0)) - sum(sizes)) / max(1, len(messages)))
+        excess, saved, guess = len(prompt(0)) - max_prompt_tokens, 0.0, len(starts) - 1
+        dropped = 0
+        for n, start in enumerate(starts):
+            saved += sum(sizes[dropped:start]) + per_message * (start - dropped)
+            dropped = start
+            if saved >= excess:
+                guess = n
+                break
+        n = max(1, guess)
+        while n < len(starts) - 1 and not fits(starts[n]):
+            n += 1
+        while n > 1 and fits(starts[n - 1]):
+            n -= 1
+        if not fits(starts[n]):  # even the newest user message alone
+            raise PromptTooLong(f"the message is too long for the model ({len(prompt(starts[n]))} tokens, "
+                                f"limit {max_prompt_tokens})")
+        turns = turns[starts[n]:]
+        encoded = {0: encoded[starts[n]]}
+    return [{"role": m["role"], "content": m["content"]} for m in system + turns], prompt(0)

@@ -82,6 +82,7 @@ OPS = {
     "chat": (lambda s, a, o: list(s.chat(a, o["conversation"], "Hello?")), owner_only),
     "compare": (lambda s, a, o: s.compare(a, o["conversation"], "Hello?", 2), owner_only),
     "pick": (lambda s, a, o: s.pick(a, o["open"], "B"), owner_only),
+    "abandon": (lambda s, a, o: s.abandon(a, o["open"]), owner_only),
     "rate": (lambda s, a, o: s.rate(a, o["message"], "down", "unclear"), owner_only),
     "rewrite": (lambda s, a, o: s.rewrite(a, o["message"], "A better answer."), owner_only),
     "answer_recheck": (lambda s, a, o: s.answer_recheck(a, o["decided"], "B"), owner_only),
@@ -110,12 +111,15 @@ def test_access_matrix(school, op, actor_name, whose):
     before = store.row_counts()
     if expected:
         call(service, actor, objects)
-        if op not in ("history", "export_data"):
+        if op == "abandon":  # an update, not a new row
+            assert store.comparison(objects["open"])["abandoned_at"], "the comparison is still open"
+        elif op not in ("history", "export_data"):
             assert store.row_counts() != before, f"{op} by {actor_name} on {whose} wrote nothing"
     else:
         with pytest.raises(UserError, match="unknown|no conversation|no user|only a teacher"):
             call(service, actor, objects)
         assert store.row_counts() == before, f"a refused {op} by {actor_name} changed rows"
+        assert store.comparison(objects["open"])["abandoned_at"] is None
 
 
 def test_the_matrix_allows_and_refuses_as_documented():

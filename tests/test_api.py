@@ -25,6 +25,7 @@ from app.accounts import LOCAL
 from app.engine import SamplingConfig
 from app.service import Limits, UserError
 from core.chat_format import TUTOR_SYSTEM_PROMPT
+from core.moderation import ModerationConfig
 from tiny import tiny_model, tiny_tokenizer
 
 MAX_NEW_TOKENS = 24
@@ -42,8 +43,10 @@ class Served:
 
 
 @contextlib.contextmanager
-def served_app(serve_tutor, root: Path, model: Path | None, max_new_tokens: int, do_sample: bool = True):
-    with serve_tutor(root, model, sampling=SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample)) as (tutor, url):
+def served_app(serve_tutor, root: Path, model: Path | None, max_new_tokens: int, do_sample: bool = True,
+               **settings):
+    with serve_tutor(root, model, sampling=SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample),
+                     **settings) as (tutor, url):
         client = Client(url, verbose=False)
         try:
             yield Served(tutor, url, root / "c.db", client)
@@ -73,10 +76,14 @@ def endless_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def endless_app(serve_tutor, endless_model_dir, tmp_path):
-    """A fresh app per test (its engine stats start at zero) whose replies are exactly max_new_tokens long."""
+    """A fresh app per test (its engine stats start at zero) whose replies are exactly max_new_tokens long.
+    These tests are about streaming and cancelling; hundreds of random tokens trip the profanity list
+    now and then (a reply would then stop early, as it should), so moderation is off here and tested
+    in test_safety.py."""
     with contextlib.ExitStack() as stack:
         yield lambda max_new_tokens: stack.enter_context(
-            served_app(serve_tutor, tmp_path, endless_model_dir, max_new_tokens))
+            served_app(serve_tutor, tmp_path, endless_model_dir, max_new_tokens,
+                       moderation=ModerationConfig(enabled=False)))
 
 
 # -- the database, read by a second connection as the trainer would ------------------------------------
@@ -272,6 +279,55 @@ def test_a_tie_goes_on_from_candidate_a(served):
     assert pick["choice"] == "tie" and json.loads(pick["ranking"]) == []
 
 
+def test_compare_streams_every_candidate_side_by_side_and_stores_only_the_last_chunk(endless_app):
+    app = endless_app(60)
+    conversation = new_conversation(app.client)
+    before = row_counts(app.db)
+    chunks = [c for _, c in timed_chunks(app.client.submit(conversation, "Explain decimals.", 3, api_name="/compare"))]
+    *streamed, last = chunks
+    assert [c["done"] for c in chunks] == [False] * len(streamed) + [True]
+    assert len(streamed) >= 10, "the answers were not streamed"
+    # Every chunk carries all k candidates, under the ids they are stored with, each one's text growing.
+    assert all([c["message_id"] for c in chunk["candidates"]] == [c["message_id"] for c in last["candidates"]]
+               and chunk["comparison_id"] == last["comparison_id"] for chunk in chunks)
+    middle = streamed[len(streamed) // 2]["candidates"]
+    assert all(0 < len(m["text"]) < len(f["text"]) for m, f in zip(middle, last["candidates"])), \
+        "the candidates did not grow together"
+    assert added(before, row_counts(app.db)) == {"messages": 4, "comparisons": 1, "comparison_candidates": 3}
+    for candidate in last["candidates"]:
+        assert stored(app.db, candidate["message_id"])["content"] == candidate["text"]
+
+
+def test_a_skipped_comparison_leaves_the_conversation_as_if_it_was_not_asked(served):
+    client, db = served.client, served.db
+    conversation = new_conversation(client)
+    opening = chat(client, conversation, "What is a fraction?")
+    result = compare(client, conversation, "Is 3/3 a fraction?", 2)
+    assert client.predict(result["comparison_id"], api_name="/abandon") == {"ok": True}
+    with pytest.raises(AppError, match="skipped"):
+        client.predict(result["comparison_id"], "A", api_name="/pick")
+    with pytest.raises(AppError, match="already skipped"):
+        client.predict(result["comparison_id"], api_name="/abandon")
+    following = chat(client, conversation, "What is a half?")  # not locked
+    assert stored(db, following["message_id"])["context"] == [
+        SYSTEM, turn("user", "What is a fraction?"), turn("assistant", opening["text"]), turn("user", "What is a half?")]
+    assert query(db, "select count(*) as n from comparison_picks where comparison_id = ?",
+                 result["comparison_id"]) == [{"n": 0}]
+
+
+def test_an_undecided_comparison_is_abandoned_by_a_timeout(served, monkeypatch):
+    service = served.tutor.service
+    conversation = service.new_conversation(LOCAL, "", "chat")["conversation_id"]
+    left_open = service.compare(LOCAL, conversation, "Is 7 prime?", 2)["comparison_id"]
+    with pytest.raises(UserError, match="open comparison"):  # fresh: still waiting for its pick
+        list(service.chat(LOCAL, conversation, "Hello?"))
+    assert service.open_comparison(LOCAL, conversation)["comparison_id"] == left_open
+    monkeypatch.setattr(service.limits, "comparison_timeout_s", 0.0)
+    reply = list(service.chat(LOCAL, conversation, "Is 9 prime?"))[-1]
+    assert reply["done"] and service.store.comparison(left_open)["abandoned_at"]
+    assert [m["content"] for m in service.history(LOCAL, conversation)][0] == "Is 9 prime?"
+
+
 # -- 3. ratings and rewrites -------------------------------------------------------------------------
 def test_rating_with_a_reason_and_a_changed_vote_each_add_a_row(served):
     client, db = served.client, served.db
@@ -414,6 +470,76 @@ def test_a_lone_surrogate_sent_as_raw_json_gets_a_clear_error_and_writes_nothing
     assert row_counts(served.db) == before
 
 
+def raw_call(base: str, api_name: str, arguments: list) -> tuple[str, object]:
+    """One call as any HTTP client makes it (not through gradio_client); returns the last event and its data
+    (for an error, its message: None when the server hid an internal one).
+    The body is plain JSON, escapes included, so a lone surrogate arrives as such."""
+    import httpx
+
+    body = json.dumps({"data": arguments})
+    response = httpx.post(f"{base}/gradio_api/call{api_name}", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+    stream = httpx.get(f"{base}/gradio_api/call{api_name}/{response.json()['event_id']}", timeout=60).text
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.M)
+    event, data = events[-1]
+    data = json.loads(data)
+    return event, data.get("error") if event == "error" and isinstance(data, dict) else data
+
+
+# Every endpoint's arguments in order, each with a valid value (from the seeded ids) and whether it is free
+# text (where right-to-left text is a fine value, not a fault).
+ENDPOINT_ARGUMENTS = {
+    "/new_conversation": [("user", lambda s: "fuzz", True), ("purpose", lambda s: "chat", False)],
+    "/chat": [("conversation_id", lambda s: s["conversation"], False), ("message", lambda s: "Hello?", True)],
+    "/compare": [("conversation_id", lambda s: s["conversation"], False), ("message", lambda s: "Hello?", True),
+                 ("k", lambda s: 2, False)],
+    "/abandon": [("comparison_id", lambda s: s["open"], False)],
+    "/pick": [("comparison_id", lambda s: s["open"], False), ("choice", lambda s: "A", False)],
+    "/rate": [("message_id", lambda s: s["reply"], False), ("rating", lambda s: "up", False),
+              ("reason", lambda s: "", True)],
+    "/rewrite": [("message_id", lambda s: s["reply"], False), ("text", lambda s: "Better.", True)],
+    "/history": [("conversation_id", lambda s: s["conversation"], False)],
+    "/consent": [("choice", lambda s: "given", False)],
+    "/export_data": [("user", lambda s: "", True)],
+    "/delete_conversation": [("conversation_id", lambda s: s["conversation"], False)],
+    "/delete_data": [("user", lambda s: "", True), ("confirm", lambda s: "delete", False)],
+    "/exclude": [("kind", lambda s: "user", False), ("target", lambda s: "nobody", True),
+                 ("reason", lambda s: "", True)],
+    "/answer_recheck": [("comparison_id", lambda s: s["decided"], False), ("choice", lambda s: "A", False)],
+}
+FUZZ_VALUES = {"an int": 7, "a bool": True, "null": None, "a list": ["A"], "a dict": {"A": 1},
+               "a huge string": "A" * 1_000_000, "a NUL": "A\x00", "a lone surrogate": "A\ud800",
+               "right-to-left text": "\u202eA\u05d0\u05d1"}
+FUZZ_CASES = [(api, i, value) for api, arguments in ENDPOINT_ARGUMENTS.items() for i, (_, _, free) in enumerate(arguments)
+              for value in FUZZ_VALUES if not (free and value == "right-to-left text")]
+
+
+def integrity(db: Path) -> str:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute("pragma integrity_check").fetchone()[0]
+
+
+def test_every_argument_of_every_endpoint_refuses_malformed_raw_json_clearly(served, seeded):
+    """The fuzz corpus over raw HTTP: each bad value in each argument, the others valid."""
+    base = served.client.src.rstrip("/")
+    before = row_counts(served.db)
+    unclear = []
+    for api_name, index, value in FUZZ_CASES:
+        arguments = [valid(seeded) for _, valid, _ in ENDPOINT_ARGUMENTS[api_name]]
+        arguments[index] = FUZZ_VALUES[value]
+        event, data = raw_call(base, api_name, arguments)
+        name = ENDPOINT_ARGUMENTS[api_name][index][0]
+        if event != "error" or not isinstance(data, str) or "Traceback" in data or len(data) > 300:
+            unclear.append(f"{api_name} {name}={value}: {event} {str(data)[:80]}")
+        elif row_counts(served.db) != before:
+            unclear.append(f"{api_name} {name}={value}: wrote rows")
+            before = row_counts(served.db)
+    assert not unclear, "\n".join(unclear)
+    assert integrity(served.db) == "ok"
+    assert len(FUZZ_CASES) > 200
+
+
 def test_errors_of_the_store_and_the_engine_reach_the_user_as_user_errors(served):
     """The service turns what the store and the engine refuse into UserError, the error the API shows the
     user as it is (any other exception is a fault of the server)."""
@@ -495,6 +621,51 @@ def test_cancelling_a_stream_stops_generation_and_stores_nothing(endless_app, mo
         assert wait_until(lambda: engine.load_stats()["running"] == 0, timeout=10), engine.load_stats()
     finally:
         client.close()
+
+
+def test_leaving_a_streamed_compare_stops_all_its_generations_and_stores_nothing(endless_app, monkeypatch):
+    app = endless_app(1500)
+    engine = app.tutor.engine
+    groups = []
+    submit_group = engine.submit_group
+    monkeypatch.setattr(engine, "submit_group", lambda *a, **kw: groups.append(submit_group(*a, **kw)) or groups[-1])
+    client = Client(app.url, verbose=False)
+    try:
+        conversation = new_conversation(client)
+        before = row_counts(app.db)
+        job = client.submit(conversation, "Tell me all about fractions.", 3, api_name="/compare")
+        for received, chunk in enumerate(job, 1):
+            if received == 3:
+                break
+        assert chunk["done"] is False and engine.load_stats()["running"] == 3
+        job.cancel()
+
+        assert wait_until(lambda: engine.load_stats()["running"] == 0, timeout=10), engine.load_stats()
+        (group,) = groups
+        assert [r.finish_reason for r in group.requests] == ["cancelled"] * 3
+        generated = engine.stats.tokens_generated
+        time.sleep(0.5)
+        assert engine.stats.tokens_generated == generated, "tokens are still being generated"
+        assert row_counts(app.db) == before
+        retry = client.submit(conversation, "Just one example.", api_name="/chat")  # not locked
+        assert next(retry)["done"] is False
+        retry.cancel()
+    finally:
+        client.close()
+
+
+def test_a_full_queue_refuses_a_compare_without_running_any_of_it(endless_app, monkeypatch):
+    app = endless_app(40)
+    engine = app.tutor.engine
+    monkeypatch.setattr(engine.config, "max_queue", 2)
+    conversation = new_conversation(app.client)
+    before = row_counts(app.db)
+    generated = engine.stats.tokens_generated
+    with pytest.raises(AppError, match="busy"):
+        app.client.predict(conversation, "Three answers, please.", 3, api_name="/compare")
+    time.sleep(0.3)
+    assert engine.load_stats() == {**engine.load_stats(), "running": 0, "waiting": 0}
+    assert engine.stats.tokens_generated == generated and row_counts(app.db) == before
 
 
 # -- 8. the real model -------------------------------------------------------------------------------

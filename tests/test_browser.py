@@ -88,7 +88,7 @@ def squash(text: str) -> str:
 def served(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser-app")
     config = ServeConfig(host="127.0.0.1", port=free_port(), db=tmp / "c.db", models_dir=tmp / "models",
-                         model=tiny_model_dir, sampling=SamplingConfig(max_new_tokens=80))
+                         model=tiny_model_dir, sampling=SamplingConfig(max_new_tokens=80, seed=0))
     tutor = create_app(config, say=lambda *_: None)
     try:
         url = tutor.launch(block=False)
@@ -344,8 +344,10 @@ def test_compare_and_pick(page, served):
     def candidates(d):
         return fresh(lambda: [e.text for e in d.find_elements(By.CSS_SELECTOR, CANDIDATES) if e.is_displayed()])
 
-    shown = wait(page).until(lambda d: (b := candidates(d)) and len(b) == 2 and all(t.strip() for t in b) and b)
-    assert shown[0].startswith("Answer A") and shown[1].startswith("Answer B"), shown
+    # the choice is offered once both answers are complete
+    wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    shown = candidates(page)
+    assert len(shown) == 2 and shown[0].startswith("Answer A") and shown[1].startswith("Answer B"), shown
     assert texts(page, USER)[-1].strip() == question
     assert fresh(lambda: page.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value")) == ""
 
@@ -370,6 +372,66 @@ def test_compare_and_pick(page, served):
     expected = squash(shown[0].removeprefix("Answer A"))
     assert bubble == expected, "the chat does not continue with the chosen answer"
     wait_toast(page, "info", "goes on from the answer you chose")
+    no_error_toast(page)
+
+
+# Records every distinct pair of candidate texts the panel shows.
+RECORD_CANDIDATES = """
+window.__candidates = [];
+const record = () => {  // the panel is not in the page until it is first shown: watch the whole body
+  const texts = [...document.querySelectorAll("#compare-panel .candidate[data-testid='markdown']")]
+    .filter(e => e.offsetParent)
+    .map(e => e.innerText);
+  const seen = window.__candidates;
+  if (!seen.length || JSON.stringify(seen[seen.length - 1]) !== JSON.stringify(texts)) seen.push(texts);
+};
+window.__candidateObserver && window.__candidateObserver.disconnect();
+window.__candidateObserver = new MutationObserver(record);
+window.__candidateObserver.observe(document.body, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_compared_answers_stream_in_side_by_side(page, served, monkeypatch, tmp_path):
+    service = served["tutor"].service
+    finished = []
+    monkeypatch.setattr(service, "compare_stream", paced(service.compare_stream, 0.04, finished))
+    question = unique("Compare two ways to add fractions")
+    type_message(page, question)
+    page.execute_script(RECORD_CANDIDATES)
+    page.find_element(By.ID, "compare").click()
+    wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    page.save_screenshot(str(tmp_path / "compared.png"))
+    seen = [[squash(t.removeprefix("Answer A").removeprefix("Answer B")) for t in pair]
+            for pair in page.execute_script("return window.__candidates") if len(pair) == 2]
+    final = seen[-1]
+    both_partial = [pair for pair in seen
+                    if all(p and p != "…" and f.startswith(p) and p != f for p, f in zip(pair, final))]
+    assert both_partial, f"the two answers were never seen growing together: {seen[:5]} ... {final}"
+    assert len({tuple(p) for p in seen}) >= 5, "the answers arrived in a few jumps, not streamed"
+    click_label(page, "choice", "B is best")
+    page.find_element(By.ID, "pick").click()
+    wait(page).until(lambda d: not visible(d, "compare-panel"))
+    no_error_toast(page)
+
+
+def test_skipping_a_comparison_frees_the_conversation(page, served):
+    db = served["db"]
+    question = unique("Which is bigger, 2/3 or 3/4?")
+    type_message(page, question)
+    page.find_element(By.ID, "compare").click()
+    wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    page.find_element(By.ID, "skip").click()
+    wait(page).until(lambda d: not visible(d, "compare-panel"))
+    comparison = eventually(lambda: (r := query(
+        db, "select c.* from comparisons c join messages m on m.id = c.user_message_id where m.content = ?",
+        [question])) and r[0]["abandoned_at"] and r, "the comparison marked skipped")[0]
+    assert comparison["decided_at"] is None
+    assert question not in [squash(t) for t in texts(page, USER)]
+    follow_up = unique("What is 1/2 + 1/4?")
+    ask(page, follow_up)  # not refused for an open comparison
+    (reply,) = [m for m in conversation_of(db, follow_up) if m["role"] == "assistant" and m["comparison_id"] is None]
+    assert reply["active"] == 1 and json.loads(reply["context"])[-1]["content"] == follow_up
+    assert question not in reply["context"], "the skipped question is still in the conversation"
     no_error_toast(page)
 
 

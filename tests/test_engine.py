@@ -169,6 +169,57 @@ def test_queue_is_bounded(engine_factory):
         r.cancel()
 
 
+def test_a_group_is_queued_all_or_none(engine_factory):
+    p = policy()
+    p.model.generation_config.eos_token_id = -1
+    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=1000),
+                            max_batch_size=1, max_queue=3)
+    running = engine.submit(conversation("one"))
+    next(running.tokens(timeout=30))
+    waiting = engine.submit(conversation("two"))
+    with pytest.raises(EngineBusy, match="busy"):  # room for two more, not three
+        engine.submit_group(conversation("three answers"), 3)
+    assert engine.load_stats()["waiting"] == 1, "part of a refused group was queued"
+    group = engine.submit_group(conversation("two answers"), 2)
+    assert engine.load_stats()["waiting"] == 3
+    for r in [running, waiting]:
+        r.cancel()
+    group.cancel()
+
+
+def test_a_group_streams_each_reply_as_plain_generate_would(engine_factory):
+    p = policy()
+    engine = engine_factory(FixedSource({"v0000": p}))
+    group = engine.submit_group(conversation("Compare these"), 3)
+    tokens = {i: [] for i in range(3)}
+    arrivals = []
+    for new in group.token_chunks(timeout=30):
+        arrivals.append(sorted(new))
+        for i, more in new.items():
+            tokens[i].extend(more)
+    expected = reference_greedy(p, conversation("Compare these"), GREEDY.max_new_tokens)
+    assert all(tokens[i] == expected for i in range(3))  # greedy: the same reply k times, none mixed up
+    assert any(len(a) == 3 for a in arrivals), "the replies were not decoded side by side"
+    assert [r.finish_reason for r in group.requests] == [group.requests[0].finish_reason] * 3
+
+
+def test_cancelling_one_reply_of_a_group_leaves_the_others_running(engine_factory):
+    p = policy()
+    p.model.generation_config.eos_token_id = -1
+    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=40, do_sample=False))
+    group = engine.submit_group(conversation("Go on"), 2)
+    tokens, cancelled = {0: [], 1: []}, False
+    for new in group.token_chunks(timeout=30):
+        assert not (cancelled and 0 in new), "a cancelled reply's tokens were still yielded"
+        for i, more in new.items():
+            tokens[i].extend(more)
+        if tokens[0] and not cancelled:
+            group.cancel(0)
+            cancelled = True
+    assert group.requests[0].finish_reason == "cancelled" and len(tokens[0]) < 40
+    assert group.requests[1].finish_reason == "length" and len(tokens[1]) == 40
+
+
 def test_promoted_version_is_served_after_the_batch_drains(engine_factory):
     a, b = policy(seed=0, version="v0000"), policy(seed=5, version="v0001")
     source = FixedSource({"v0000": a, "v0001": b})
@@ -210,6 +261,58 @@ def test_context_is_cut_from_the_oldest_turn_never_mid_message():
     assert all(m in turns for m in context)  # whole messages only
     kept = turns[-(len(context) - 1):]
     assert context[1:] == kept  # a contiguous suffix: the oldest turns went first
+
+
+def history_of(turns: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = "the a fraction pizza slice half why because é 数学 😀 plus minus".split()
+    messages = [{"role": "system", "content": "tutor"}]
+    for _ in range(turns):
+        for role in ("user", "assistant"):
+            messages.append({"role": role, "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 50)))})
+    return messages + [{"role": "user", "content": "and now?"}]
+
+
+def test_fitting_keeps_the_most_turns_that_fit_and_is_linear_in_the_history(monkeypatch):
+    """The same context as dropping one turn at a time and re-encoding, from a few template applications."""
+    from core import chat_format
+
+    tok = tiny_tokenizer()
+    for seed in range(20):
+        messages = history_of(12, seed)
+        full = len(chat_format.generation_prompt_ids(tok, messages))
+        for budget in (full, full - 1, full // 2, full // 5):
+            context, ids = fit_context(tok, messages, budget)
+            assert len(ids) <= budget and ids == chat_format.generation_prompt_ids(tok, context)
+            dropped = len(messages) - len(context)
+            if dropped:  # one more turn kept would not fit
+                one_more = [messages[0], *messages[dropped - 1:]]
+                assert len(chat_format.generation_prompt_ids(tok, one_more)) > budget
+    applications = []
+    apply = chat_format.generation_prompt_ids
+    monkeypatch.setattr(chat_format, "generation_prompt_ids", lambda *a: applications.append(1) or apply(*a))
+    fit_context(tok, history_of(100), 1500)
+    assert len(applications) <= 4, f"{len(applications)} template applications for a 100-turn history"
+
+
+def test_a_long_history_is_fitted_on_the_submitting_thread_not_the_decode_thread(engine_factory):
+    threads = []
+
+    def recording(tokenizer, messages, budget):
+        threads.append(threading.current_thread().name)
+        return fit_context(tokenizer, messages, budget)
+
+    p = policy()
+    engine = GenerationEngine(FixedSource({"v0000": p}), recording, GREEDY, EngineConfig(max_context_tokens=600))
+    try:
+        request = engine.submit(history_of(100))
+        tokens = list(request.tokens(timeout=30))
+        assert tokens and threads == [threading.current_thread().name]
+        assert request.context[-1]["content"] == "and now?" and len(request.context) < 100
+    finally:
+        engine.close()
 
 
 def test_a_sampled_reply_is_drawn_again_from_its_seed(engine_factory):
