@@ -14,6 +14,7 @@ streams: an unsafe reply is replaced before any of its unsafe part is shown, and
 from __future__ import annotations
 
 import random
+import re
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ class Limits:
     max_rewrite_chars: int = 8000
     max_user_chars: int = 200
     max_candidates: int = 4
+    recheck_every: int = 5  # after every 5th pick the page asks again about an earlier one
     # An undecided comparison older than this is abandoned when its conversation goes on, so a
     # learner who left one open (a closed tab, a lost connection) never finds it locked.
     comparison_timeout_s: float = 15 * 60
@@ -250,10 +252,11 @@ class TutorService:
             self.store.add_rewrite(message_id, text)
         return {"ok": True}
 
-    def recheck(self, actor: Account) -> dict | None:
+    def recheck(self, actor: Account, skip: str | None = None) -> dict | None:
         """Now and then a learner is shown a comparison they decided before, in flipped order; how
-        often the second pick agrees with the first is one measure of how much their picks say."""
-        comparison = self.store.repeat_candidate(actor.name)
+        often the second pick agrees with the first is one measure of how much their picks say.
+        `skip`: the comparison just decided, which would be asked again from memory."""
+        comparison = self.store.repeat_candidate(actor.name, skip)
         if comparison is None:
             return None
         a, b = comparison["candidates"]
@@ -451,8 +454,13 @@ def as_user_error(*kinds: type[Exception]):
         raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
 
 
+# Control characters (NUL and the like) are never text a learner should see or could send back in a
+# rewrite; a model that samples their tokens still writes only printable text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _decode(request, tokens: list[int]) -> str:
-    return request.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return _CONTROL.sub("", request.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
 
 def _check_id(kind: str, item_id: Any) -> str:

@@ -752,14 +752,15 @@ class Store:
         return self._all("select kind, target, reason, by, created_at from exclusions order by id")
 
     @_locked
-    def repeat_candidate(self, user: str) -> dict[str, Any] | None:
-        """A two-answer comparison `user` decided with a winner and was not asked again about."""
+    def repeat_candidate(self, user: str, skip: str | None = None) -> dict[str, Any] | None:
+        """A two-answer comparison `user` decided with a winner and was not asked again about (not `skip`)."""
         row = self._one(
             """select x.id from comparisons x join conversations c on c.id = x.conversation_id
                join comparison_picks p on p.comparison_id = x.id
                where c.user = ? and c.purpose != 'eval' and x.k = 2 and p.choice in ('A', 'B')
+                 and x.id != ?
                  and not exists (select 1 from repeat_checks k where k.comparison_id = x.id)
-               order by random() limit 1""", [user])
+               order by random() limit 1""", [user, skip or ""])
         return None if row is None else self.comparison(row["id"])
 
     @_locked

@@ -95,6 +95,11 @@ class Page:
     better: gr.Textbox
     rewrite_btn: gr.Button
     conversations: gr.Dropdown  # the user's past conversations (and, for a teacher, her learners')
+    recheck_panel: gr.Column  # now and then: an earlier comparison asked again, order flipped
+    recheck_question: gr.Markdown
+    recheck_boxes: list[gr.Markdown]
+    recheck_buttons: list[gr.Button]  # A, B, not now
+    recheck_state: gr.State  # the comparison asked about
 
 
 def build_demo(service: TutorService, login_required: bool = False) -> gr.Blocks:
@@ -134,6 +139,15 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 with gr.Row():
                     pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick", scale=3)
                     skip_btn = gr.Button("Skip", elem_id="skip", scale=1)
+            with gr.Column(visible=False, elem_id="recheck-panel", elem_classes="compare-panel") as recheck_panel:
+                gr.Markdown("### A quick second look\nYou compared answers like these before. Which one is better?")
+                recheck_question = gr.Markdown()
+                with gr.Row():
+                    recheck_boxes = [gr.Markdown(elem_classes="candidate") for _ in "AB"]
+                with gr.Row():
+                    recheck_buttons = [gr.Button("A is better", elem_id="recheck-a"),
+                                       gr.Button("B is better", elem_id="recheck-b"),
+                                       gr.Button("Not now", elem_id="recheck-skip")]
             with gr.Row():
                 message = gr.Textbox(placeholder="Ask your tutor a question…", show_label=False, scale=6,
                                      elem_id="message", autofocus=True, max_lines=6)
@@ -167,7 +181,8 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 state=state, badge=badge, chatbot=chatbot, panel=panel, boxes=boxes, choice=choice, order=order,
                 pick_btn=pick_btn, skip_btn=skip_btn, message=message, send_btn=send_btn, k=k, compare_btn=compare_btn,
                 new_btn=new_btn, reason=reason, better=better, rewrite_btn=rewrite_btn,
-                conversations=conversations)
+                conversations=conversations, recheck_panel=recheck_panel, recheck_question=recheck_question,
+                recheck_boxes=recheck_boxes, recheck_buttons=recheck_buttons, recheck_state=gr.State(None))
 
 
 def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
@@ -256,6 +271,30 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         return {page.chatbot: history[:-1], page.state: {**state, "ids": ids, "comparison": None},
                 page.panel: gr.update(visible=False)}
 
+    def ask_again(actor, just_decided: str) -> dict:
+        """After every `recheck_every`-th pick: an earlier two-answer comparison, order flipped."""
+        picks = service.store.activity_since(actor.name, "")["pick"]
+        recheck = service.recheck(actor, skip=just_decided) if picks % service.limits.recheck_every == 0 else None
+        if recheck is None:
+            return {page.recheck_panel: gr.update(visible=False)}
+        question = next((m["content"] for m in reversed(recheck["context"]) if m["role"] == "user"), "")
+        return {page.recheck_panel: gr.update(visible=True),
+                page.recheck_question: f"**The question was:** {question}",
+                **{box: f"**Answer {c['label']}**\n\n{c['text']}" for box, c in zip(page.recheck_boxes,
+                                                                                 recheck["candidates"])},
+                page.recheck_state: recheck["comparison_id"]}
+
+    def answer_again(choice: str):
+        def handler(comparison_id: str | None, request: gr.Request):
+            if comparison_id and choice:
+                try:
+                    service.answer_recheck(me(request), comparison_id, choice)
+                except UserError as exc:
+                    _fail(exc)
+                gr.Info("Thank you: that helps us trust the feedback.")
+            return {page.recheck_panel: gr.update(visible=False), page.recheck_state: None}
+        return handler
+
     def pick(choice: str | None, order: str, history: list, state: dict, request: gr.Request):
         comparison = state["comparison"]
         if not comparison:
@@ -272,7 +311,7 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         state = {**state, "ids": state["ids"] + [winner], "comparison": None}
         gr.Info("Thanks! The conversation goes on from the answer you chose.")
         return {page.chatbot: history, page.state: state, page.panel: gr.update(visible=False),
-                page.better: gr.update(value=text)}
+                page.better: gr.update(value=text), **ask_again(me(request), comparison["comparison_id"])}
 
     def like(data: gr.LikeData, state: dict, request: gr.Request):
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
@@ -421,7 +460,12 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
     page.skip_btn.click(skip, [page.chatbot, page.state], [page.chatbot, page.state, page.panel],
                         api_visibility="private")
     relist(page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
-                               [page.chatbot, page.state, page.panel, page.better], api_visibility="private"))
+                               [page.chatbot, page.state, page.panel, page.better, page.recheck_panel,
+                                page.recheck_question, *page.recheck_boxes, page.recheck_state],
+                               api_visibility="private"))
+    for button, choice in zip(page.recheck_buttons, ("A", "B", "")):
+        button.click(answer_again(choice), [page.recheck_state], [page.recheck_panel, page.recheck_state],
+                     api_visibility="private")
     page.chatbot.like(like, [page.state], [page.state, page.reason], api_visibility="private")
     page.reason.change(give_reason, [page.reason, page.state], [page.reason], api_visibility="private")
     page.rewrite_btn.click(rewrite, [page.better, page.chatbot, page.state], [page.chatbot],

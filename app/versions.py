@@ -89,6 +89,7 @@ class ModelRegistry:
             f.write(version + "\n")
             f.flush()
             os.fsync(f.fileno())
+        failpoint("switching")
         os.replace(tmp, self.root / POINTER)
         _fsync_dir(self.root)  # the rename itself survives a power cut
 
@@ -101,14 +102,18 @@ class ModelRegistry:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_leftovers(self) -> list[str]:
-        """Deletes what a crash left: half-written (`.partial`) and half-removed (`.removing`) versions."""
+        """Deletes what a crash left: half-written (`.partial`) and half-removed (`.removing`) versions,
+        and a pointer that was written but never switched to."""
         if not self.root.is_dir():
             return []
-        left = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".")
-                and p.name.endswith((".partial", ".removing"))]
+        left = [p for p in self.root.iterdir() if p.name.startswith(".")
+                and (p.is_dir() and p.name.endswith((".partial", ".removing")) or p.name == f".{POINTER}.tmp")]
         for path in left:
-            shutil.rmtree(path, ignore_errors=True)
-        return [p.name for p in left]
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return sorted(p.name for p in left)
 
     def next_version(self) -> str:
         numbers = [int(v[1:]) for v in self.versions()]

@@ -29,7 +29,7 @@ from typing import Any
 from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
-from app.versions import ModelRegistry, load_pretrained, record_versions
+from app.versions import ModelError, ModelRegistry, load_pretrained, record_versions
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
@@ -158,6 +158,11 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     except Exception as exc:
         _record_failure(store, cycle_id, f"{type(exc).__name__}: {exc}"[:500], say)
         if isinstance(exc, OSError):  # a full disk or an I/O error: one line for the user, not a traceback
+            served = _served_or_none(registry)
+            if served is not None and served != current:  # it failed after the switch, the commit point
+                raise CycleError(f"cycle {cycle_id} promoted {served}, then a disk error stopped it ({exc}); "
+                                 f"{served} is served, the app records it in the DB when it next starts, and "
+                                 "all feedback is unchanged") from exc
             raise CycleError(f"cycle {cycle_id} stopped by a disk error ({exc}); nothing was promoted, the "
                              "served version and all feedback are unchanged") from exc
         raise
@@ -165,6 +170,13 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
                        reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=run.metrics)
     return outcome
+
+
+def _served_or_none(registry: ModelRegistry) -> str | None:
+    try:
+        return registry.current_version()
+    except (OSError, ModelError):
+        return None
 
 
 def _record_failure(store: Store, cycle_id: int, reason: str, say) -> None:
@@ -307,6 +319,7 @@ def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Ve
             extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
     failpoint("before_switch")
     registry.set_current(version)
+    failpoint("recording")
     # Recorded after the switch: a crash before it leaves the DB as it was (the app adds unknown versions on start).
     run.store.add_model_version(f"{version}/reward_model", "reward", str(registry.path(version) / "reward_model"),
                                 metrics=rm.metrics)
@@ -353,5 +366,9 @@ def rollback(registry: ModelRegistry, version: str) -> str:
     with retrain_lock(registry.root):  # never between a cycle's promotion and its prune
         if version not in registry.versions():
             raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
-        registry.set_current(version)
+        try:
+            registry.set_current(version)
+        except OSError as exc:  # the pointer is switched by one rename: it names the old version or the new
+            raise CycleError(f"rollback to {version} stopped by a disk error ({exc}); "
+                             f"{_served_or_none(registry)} is still served") from exc
     return f"{version} is current again; a running app switches to it before its next reply"

@@ -435,6 +435,36 @@ def test_skipping_a_comparison_frees_the_conversation(page, served):
     no_error_toast(page)
 
 
+def compare_and_pick(driver, question: str, label: str) -> None:
+    type_message(driver, question)
+    driver.find_element(By.ID, "compare").click()
+    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    click_label(driver, "choice", label)
+    driver.find_element(By.ID, "pick").click()
+    wait(driver).until(lambda d: not visible(d, "compare-panel"))
+
+
+def test_an_earlier_pick_is_asked_again_in_flipped_order(page, served, monkeypatch, tmp_path):
+    db, service = served["db"], served["tutor"].service
+    monkeypatch.setattr(service.limits, "recheck_every", 1)  # every pick, not every 5th
+    compare_and_pick(page, unique("Is 0.5 the same as 1/2?"), "A is best")
+    compare_and_pick(page, unique("Is 0.25 the same as 1/4?"), "B is best")
+    wait(page).until(lambda d: visible(d, "recheck-panel"))
+    page.save_screenshot(str(tmp_path / "recheck.png"))
+    shown = fresh(lambda: [e.text for e in page.find_elements(By.CSS_SELECTOR, "#recheck-panel .candidate") if e.is_displayed()])
+    asked = query(db, "select count(*) as n from repeat_checks")[0]["n"]
+    page.find_element(By.ID, "recheck-a").click()
+    wait(page).until(lambda d: not visible(d, "recheck-panel"))
+    (check,) = eventually(lambda: (r := query(db, "select * from repeat_checks order by id desc limit 1"))
+                          and len(query(db, "select id from repeat_checks")) == asked + 1 and r, "the repeat_checks row")
+    first = query(db, """select m.content from comparison_candidates cc join messages m on m.id = cc.message_id
+                         where cc.comparison_id = ? and cc.label = ?""", [check["comparison_id"], check["choice"]])
+    # "A" on the page was the earlier comparison's B: stored as the label it has in that comparison
+    assert squash(first[0]["content"]) == squash(shown[0].removeprefix("Answer A")), (check, shown)
+    assert check["choice"] == "B"
+    no_error_toast(page)
+
+
 def test_rewrite_the_latest_answer(page, served):
     db = served["db"]
     question = unique("How do I add fractions?")

@@ -193,25 +193,112 @@ def test_second_retrain_is_refused_while_one_runs(setup):
             run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
 
 
-@pytest.mark.parametrize("point", ["training", "saving", "before_switch"])
-def test_sigkill_during_a_cycle_leaves_served_version_and_feedback_intact(setup, point):
-    registry, store, tmp = setup
-    give_feedback(store, 80, prefers_examples)
-    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
-    config = tmp / "cycle.json"
-    config.write_text(json.dumps(_asdict(TINY_CYCLE)))
+# Every write of a cycle, in order: the training itself, the version's files, the version's rename, the
+# CURRENT pointer's rename, the DB records after the switch, and the prune of an old version.
+CYCLE_POINTS = ("training", "saving", "before_switch", "switching", "recording", "removing")
+CRASHES = [(point, "kill") for point in CYCLE_POINTS] + [
+    (point, kind) for point in ("saving", "switching", "recording", "removing") for kind in ("enospc", "eio")]
+
+
+def with_old_versions(registry: ModelRegistry) -> None:
+    """v0001 and v0002 (current), copies of the base, so that the cycle's promotion prunes v0001."""
+    import shutil
+
+    for version in ("v0001", "v0002"):
+        shutil.copytree(registry.path("v0000"), registry.path(version))
+        (registry.path(version) / "meta.json").write_text(json.dumps({**registry.meta("v0000"), "parent": "v0000"}))
+    registry.set_current("v0002")
+
+
+def run_cycle_in_a_process(tmp: Path, registry: ModelRegistry, config: CycleConfig, failpoint: str):
+    path = tmp / "cycle.json"
+    path.write_text(json.dumps(_asdict(config)))
     code = ("import json, sys; sys.path[:0] = [sys.argv[1]];"
             "from app.config import merge; from app.store import Store; from app.versions import ModelRegistry;"
             "from rlhf.cycle import CycleConfig, run_cycle;"
             "cfg = merge(CycleConfig(), json.load(open(sys.argv[2])));"
             "run_cycle(Store(sys.argv[3]), ModelRegistry(sys.argv[4]), cfg)")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(config), str(tmp / "c.db"), str(registry.root)],
-                          env={**os.environ, "TUTOR_FAILPOINT": point}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # killed at the failpoint, not finished
-    assert registry.current_version() == "v0000"
-    assert registry.versions() in (["v0000"], ["v0000", "v0001"])  # a whole version at most, never current
-    assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == before
-    assert registry.load("v0000").version == "v0000"
+    return subprocess.run([sys.executable, "-c", code, str(ROOT), str(path), str(tmp / "c.db"), str(registry.root)],
+                          env={**os.environ, "TUTOR_FAILPOINT": failpoint}, capture_output=True, text=True, timeout=600)
+
+
+def assert_recovers(registry: ModelRegistry, db: Path, feedback_before: dict) -> str:
+    """What a restart finds: a loadable CURRENT, only whole versions, an intact DB with every feedback row,
+    leftovers cleaned, the served version recorded, and an engine that answers."""
+    import sqlite3
+    from app.versions import record_versions
+
+    current = registry.current_version()
+    assert current in registry.versions()
+    for version in registry.versions():  # listed means whole
+        files = {p.name for p in registry.path(version).iterdir()}
+        assert {"meta.json", "model.safetensors", "tokenizer.json"} <= files, (version, files)
+    with sqlite3.connect(db) as con:
+        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    registry.clean_leftovers()
+    assert not [p.name for p in registry.root.iterdir() if p.name.startswith(".") and p.name != ".retrain.lock"]
+    with Store(db) as store:
+        assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == feedback_before
+        record_versions(store, registry)
+        assert current in {v["version"] for v in store.model_versions()}
+    engine = GenerationEngine(registry, fit_context, SamplingConfig(max_new_tokens=4), EngineConfig())
+    try:
+        assert engine.version == current
+        assert list(engine.submit([{"role": "user", "content": "Hello?"}]).tokens(timeout=60))
+    finally:
+        engine.close()
+    return current
+
+
+@pytest.mark.parametrize("point,kind", CRASHES)
+def test_a_crash_or_a_disk_error_at_any_write_of_a_cycle_loses_nothing(setup, point, kind):
+    registry, store, tmp = setup
+    with_old_versions(registry)
+    give_feedback(store, 80, prefers_examples)
+    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
+    config = dataclasses.replace(TINY_CYCLE, keep_versions=1)
+    if kind == "kill":
+        proc = run_cycle_in_a_process(tmp, registry, config, point)
+        assert proc.returncode == -9, proc.stderr[-2000:]  # killed at the failpoint, not finished
+    else:
+        os.environ["TUTOR_FAILPOINT"] = f"{point}={kind}"
+        try:
+            with pytest.raises(CycleError) as raised:
+                run_cycle(store, registry, config, say=lambda *_: None)
+        finally:
+            del os.environ["TUTOR_FAILPOINT"]
+        message = str(raised.value)
+        error = "No space left on device" if kind == "enospc" else "Input/output error"
+        assert "\n" not in message and error in message and "feedback" in message and "unchanged" in message, message
+        assert store.last_cycle()["status"] == "failed" and error in store.last_cycle()["reason"]
+        assert not [p.name for p in registry.root.iterdir() if p.name.endswith(".partial")]  # cleaned at once
+        switched = point in ("recording", "removing")
+        assert (f"promoted v0003" in message) == switched, message
+    current = assert_recovers(registry, tmp / "c.db", before)
+    # Before the pointer's rename the old version is served; after it, the new one, whole.
+    assert current == ("v0003" if point in ("recording", "removing") else "v0002"), current
+
+
+@pytest.mark.parametrize("kind", ["kill", "enospc"])
+def test_a_rollback_cut_short_leaves_one_whole_version_current(setup, kind):
+    registry, store, tmp = setup
+    with_old_versions(registry)
+    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
+    if kind == "kill":
+        code = ("import sys; sys.path[:0] = [sys.argv[1]]; from app.versions import ModelRegistry;"
+                "from rlhf.cycle import rollback; rollback(ModelRegistry(sys.argv[2]), 'v0001')")
+        proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(registry.root)], capture_output=True,
+                              env={**os.environ, "TUTOR_FAILPOINT": "switching"}, timeout=120)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+    else:
+        os.environ["TUTOR_FAILPOINT"] = "switching=enospc"
+        try:
+            with pytest.raises(CycleError, match="v0002 is still served"):
+                rollback(registry, "v0001")
+        finally:
+            del os.environ["TUTOR_FAILPOINT"]
+    assert assert_recovers(registry, tmp / "c.db", before) == "v0002"
+    assert "v0001 is current again" in rollback(registry, "v0001")
 
 
 def _asdict(config):
@@ -255,22 +342,6 @@ def test_a_cycle_without_heldout_pairs_is_rejected_with_the_reason(setup):
     outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
     assert outcome.status == "rejected" and "no held-out pairs" in outcome.message, outcome.message
     assert registry.current_version() == "v0000" and store.last_cycle()["status"] == "rejected"
-
-
-def test_a_full_disk_during_a_cycle_is_one_line_cleaned_up_and_recorded(setup, monkeypatch):
-    registry, store, _ = setup
-    give_feedback(store, 80, prefers_examples)
-    before = {t: store.row_counts()[t] for t in FEEDBACK_TABLES}
-    monkeypatch.setenv("TUTOR_FAILPOINT", "saving=enospc")
-    with pytest.raises(CycleError) as raised:
-        run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
-    message = str(raised.value)
-    assert "\n" not in message and "No space left on device" in message and "unchanged" in message
-    assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
-    assert not [p.name for p in registry.root.iterdir() if p.name.endswith(".partial")]
-    last = store.last_cycle()
-    assert last["status"] == "failed" and "No space left" in last["reason"]
-    assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == before
 
 
 def test_a_removal_cut_short_never_leaves_a_version_that_looks_whole(tmp_path):

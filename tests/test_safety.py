@@ -214,3 +214,13 @@ def test_deleting_all_of_a_learners_data(tutor):
     result = service.delete_user_data(ada)
     assert result["deleted_conversations"] == 2
     assert service.export_data(ada) == [] and service.conversations(ada) == []
+
+
+def test_a_reply_never_carries_control_characters():
+    """A model that samples a NUL or a bell still writes only text a learner can read and send back."""
+    from types import SimpleNamespace
+
+    from app.service import _decode
+
+    request = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda tokens, skip_special_tokens: " a\x00b\x07c\nd\te "))
+    assert _decode(request, [1, 2]) == "abc\nd\te"
