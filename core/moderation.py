@@ -132,6 +132,41 @@ class ModerationConfig:
     allowed_words: list[str] = field(default_factory=list)
 
 
+class _WordSet:
+    """better-profanity's word set with fast membership: the same matches, found by one compiled regex.
+
+    The library keeps a list of `VaryingString`s (each word with its spellings, "a" as "a@*4" and so
+    on) and tests `word in list` by comparing against every entry in Python: ~45 ms for a 240-character
+    window, as long as a decode step, on every streamed chunk. Here each entry becomes a pattern of
+    character classes, all in one alternation, and repeated words (the window slides by a few
+    characters) are answered from a cache. `tests/test_safety.py` checks it agrees with the library."""
+
+    def __init__(self, entries: list) -> None:
+        patterns = []
+        for entry in entries:
+            combos = entry._char_combos  # one tuple of spellings per character of the word
+            if not all(len(c) == 1 for spellings in combos for c in spellings):
+                raise ValueError("only single-character spellings are supported")
+            patterns.append("".join("[" + "".join(re.escape(c) for c in spellings) + "]" if len(spellings) > 1
+                                    else re.escape(spellings[0]) for spellings in combos))
+        self._pattern = re.compile("(?:" + "|".join(sorted(patterns)) + ")")
+        self._size = len(entries)
+        self._cache: dict[str, bool] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str):
+            return False
+        found = self._cache.get(word)
+        if found is None:
+            if len(self._cache) > 50_000:  # a long-running server sees many words; start afresh
+                self._cache.clear()
+            found = self._cache[word] = self._pattern.fullmatch(word) is not None
+        return found
+
+
 class Moderator:
     """Checks a text; cheap enough to run on every streamed chunk of a reply (on its tail)."""
 
@@ -139,6 +174,7 @@ class Moderator:
         self.config = config or ModerationConfig()
         self._words = Profanity()
         self._words.load_censor_words(whitelist_words=[*LESSON_WORDS, *self.config.allowed_words])
+        self._words.CENSOR_WORDSET = _WordSet(self._words.CENSOR_WORDSET)
         self._topics = [(category, re.compile(pattern, re.IGNORECASE))
                         for category, patterns in TOPICS.items() for pattern in patterns]
 

@@ -49,6 +49,30 @@ def test_words_a_lesson_needs_and_disguised_swearing():
         assert moderator.check(text).flagged, text
 
 
+def test_the_fast_word_set_finds_exactly_what_better_profanity_finds():
+    """Moderation swaps the library's slow list for a compiled pattern; on lessons, the dev requests,
+    every listed word in a random spelling and random noise, both must flag the same texts."""
+    import random
+
+    from better_profanity import Profanity
+
+    from core.moderation import LESSON_WORDS
+
+    library = Profanity()
+    library.load_censor_words(whitelist_words=list(LESSON_WORDS))
+    fast = Moderator()._words
+    rng = random.Random(0)
+    spelled = []
+    for entry in rng.sample(library.CENSOR_WORDSET, 120):
+        word = "".join(rng.choice(spellings) for spellings in entry._char_combos)
+        spelled.append(f"well {word}, said the {rng.choice(['cat', 'teacher', 'robot'])}")
+    noise = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz@$*1340 .,") for _ in range(40)) for _ in range(150)]
+    texts = lessons()[:120] + [row["text"] for row in DEV] + spelled + noise
+    disagree = [t for t in texts if fast.contains_profanity(t) != library.contains_profanity(t)]
+    assert not disagree, disagree[:5]
+    assert sum(library.contains_profanity(t) for t in spelled) >= 100  # the spellings really are caught
+
+
 def test_a_refusal_is_kind_names_no_rule_and_points_a_child_at_risk_to_an_adult():
     self_harm = refusal(Verdict(True, "self_harm", "topics"))
     assert "trusted adult" in self_harm
