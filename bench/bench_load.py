@@ -83,13 +83,19 @@ def outcome_of(exc: Exception) -> str:
     return "error"
 
 
-def learner(url: str, index: int, prompts, deadline: float, max_requests: int, tokenizer, log: Log) -> None:
+def learner(url: str, index: int, prompts, deadline: float, max_requests: int, think: float, tokenizer,
+            log: Log) -> None:
     from gradio_client import Client
 
     rng = random.Random(index)
     client = Client(url, verbose=False)
 
+    def pause() -> None:
+        if think:
+            time.sleep(min(max(0.0, deadline - time.time()), think * rng.uniform(0.5, 1.5)))
+
     def call(kind: str, *args, api_name: str):
+        pause()
         try:
             result = client.predict(*args, api_name=api_name)
             log.outcomes[(kind, "served")] += 1
@@ -101,6 +107,7 @@ def learner(url: str, index: int, prompts, deadline: float, max_requests: int, t
             return None
 
     def chat(conversation: str, message: str):
+        pause()
         start, last_at, last_tokens, chunk = time.time(), None, 0, None
         try:
             for chunk in client.submit(conversation, message, api_name="/chat"):
@@ -231,8 +238,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--max-requests", type=int, default=400, help="per learner")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--retrain-at", type=float, default=0.1, help="share of the run; negative: no retrain")
-    ap.add_argument("--promote-at", type=float, default=0.5, help="share of the run")
+    ap.add_argument("--think", type=float, default=8.0,
+                    help="seconds a learner reads and types between requests (0.5x to 1.5x at random); 0: none")
+    ap.add_argument("--promote-at", type=float, default=0.25, help="share of the run")
+    ap.add_argument("--retrain-at", type=float, default=0.3,
+                    help="share of the run (after the promotion, whose lock it would hold); negative: no retrain")
     ap.add_argument("--seeded", type=int, default=80, help="comparisons seeded for the retrain")
     ap.add_argument("--model", type=Path, default=None, help="a policy directory instead of the embedded model")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -240,6 +250,8 @@ def main() -> None:
 
     from gradio_client import Client
     from transformers import AutoTokenizer
+
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also into a file
 
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     db, models = work / "conversations.db", work / "models"
@@ -267,13 +279,14 @@ def main() -> None:
 
         registry = ModelRegistry(models)
         tokenizer = AutoTokenizer.from_pretrained(registry.path(registry.current_version()))
-        print(f"machine: {os.cpu_count()} CPUs; {args.learners} learners for {args.minutes:g} min; work dir {work}")
+        print(f"machine: {os.cpu_count()} CPUs; {args.learners} learners for {args.minutes:g} min, thinking "
+              f"{args.think:g} s between requests; work dir {work}")
 
         first_version = registry.current_version()
         log = Log()
         start = time.time()
         deadline = start + args.minutes * 60
-        threads = [threading.Thread(target=learner, args=(url, i, prompts, deadline, args.max_requests, tokenizer, log),
+        threads = [threading.Thread(target=learner, args=(url, i, prompts, deadline, args.max_requests, args.think, tokenizer, log),
                                     daemon=True) for i in range(args.learners)]
         for t in threads:
             t.start()
@@ -314,10 +327,11 @@ def main() -> None:
         for t in threads:
             t.join()
         status.close()
-        if retrain is not None and retrain_outcome == "not run":
-            retrain.wait()
-            retrain_outcome = (retrain.stdout.read().strip().splitlines() or ["(no output)"])[-1]
-            print(f"  retrain ended after the learners: {retrain_outcome}")
+        if retrain is not None and retrain_outcome == "not run":  # the run is over: stop it, say how far it got
+            retrain.terminate()
+            retrain.wait(timeout=60)
+            retrain_outcome = "still running at the end, stopped; its last line: " + \
+                (retrain.stdout.read().strip().splitlines() or ["(no output)"])[-1].strip()
 
         lost = lost_feedback(db, log.acknowledged)
         promoted_at = promoted[1] if promoted else float("inf")

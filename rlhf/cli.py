@@ -1,6 +1,7 @@
 """`launch.py --retrain / --export / --rollback`: the offline commands, each ending in one line."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def run_offline(args) -> int:
                 print(f"wrote {', '.join(str(p) for p in paths.values())}")
                 return 0
             config = retrain_config(args.config)
+            if config.niceness > 0:
+                os.nice(min(19, config.niceness))
             ensure_base(registry, args.model)
             for n in range(args.cycles):
                 outcome = run_cycle(store, registry, config)

@@ -49,6 +49,9 @@ class CycleConfig:
     keep_versions: int = 3  # besides the base, the current version and its parent
     skip_if_nothing_new: bool = True  # False re-runs on the same feedback (benchmarks, new settings)
     run_ppo: bool = True  # False: the cycle's policy is its SFT step alone (to measure what PPO adds)
+    # The retrain process's CPU priority (`nice`, 0..19): on the machine that serves, a cycle takes only
+    # the CPU time serving leaves (docs/performance.md, Load); alone on a machine it runs at full speed.
+    niceness: int = 10
     sft: SFTSettings = field(default_factory=SFTSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -366,3 +366,22 @@ def test_rollback_waits_for_no_cycle(setup):
         with pytest.raises(CycleError, match="another retrain is running"):
             rollback(registry, "v0000")
     assert "v0000 is current again" in rollback(registry, "v0000")
+
+
+def test_a_retrain_gives_way_to_serving(setup, monkeypatch):
+    """`launch.py --retrain` lowers its own CPU priority (the load benchmark: first tokens 15x sooner while
+    a cycle runs on the serving machine); `niceness = 0` leaves it as it is."""
+    import argparse
+
+    from rlhf.cli import run_offline
+
+    registry, store, tmp = setup
+    asked = []
+    monkeypatch.setattr(os, "nice", lambda n: asked.append(n) or n)
+    args = argparse.Namespace(db=tmp / "c.db", models_dir=registry.root, rollback=None, export=None, config=None,
+                              model=None, cycles=1)
+    assert run_offline(args) == 2  # too little feedback: refused in one line, after the priority was set
+    settings = tmp / "settings.toml"
+    settings.write_text("[retrain]\nniceness = 0\n")
+    assert run_offline(argparse.Namespace(**{**vars(args), "config": settings})) == 2
+    assert asked == [10]
