@@ -753,12 +753,13 @@ class Store:
 
     @_locked
     def repeat_candidate(self, user: str, skip: str | None = None) -> dict[str, Any] | None:
-        """A two-answer comparison `user` decided with a winner and was not asked again about (not `skip`)."""
+        """A two-answer comparison `user` decided with a winner and was not asked again about (not `skip`,
+        and none whose answer moderation replaced: that one is no training data to check)."""
         row = self._one(
-            """select x.id from comparisons x join conversations c on c.id = x.conversation_id
+            f"""select x.id from comparisons x join conversations c on c.id = x.conversation_id
                join comparison_picks p on p.comparison_id = x.id
                where c.user = ? and c.purpose != 'eval' and x.k = 2 and p.choice in ('A', 'B')
-                 and x.id != ?
+                 and x.id != ? and {NO_FLAGGED_CANDIDATE}
                  and not exists (select 1 from repeat_checks k where k.comparison_id = x.id)
                order by random() limit 1""", [user, skip or ""])
         return None if row is None else self.comparison(row["id"])

@@ -257,6 +257,20 @@ def answer_message(db: Path, user_text: str) -> dict:
     return rows[0]
 
 
+def start_comparison(driver, question: str) -> None:
+    """Asks for two answers and waits until both are complete (the choice is offered)."""
+    type_message(driver, question)
+    driver.find_element(By.ID, "compare").click()
+    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+
+
+def compare_and_pick(driver, question: str, label: str) -> None:
+    start_comparison(driver, question)
+    click_label(driver, "choice", label)
+    driver.find_element(By.ID, "pick").click()
+    wait(driver).until(lambda d: not visible(d, "compare-panel"))
+
+
 # -- tests --
 
 
@@ -417,9 +431,7 @@ def test_compared_answers_stream_in_side_by_side(page, served, monkeypatch, tmp_
 def test_skipping_a_comparison_frees_the_conversation(page, served):
     db = served["db"]
     question = unique("Which is bigger, 2/3 or 3/4?")
-    type_message(page, question)
-    page.find_element(By.ID, "compare").click()
-    wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    start_comparison(page, question)
     page.find_element(By.ID, "skip").click()
     wait(page).until(lambda d: not visible(d, "compare-panel"))
     comparison = eventually(lambda: (r := query(
@@ -433,15 +445,6 @@ def test_skipping_a_comparison_frees_the_conversation(page, served):
     assert reply["active"] == 1 and json.loads(reply["context"])[-1]["content"] == follow_up
     assert question not in reply["context"], "the skipped question is still in the conversation"
     no_error_toast(page)
-
-
-def compare_and_pick(driver, question: str, label: str) -> None:
-    type_message(driver, question)
-    driver.find_element(By.ID, "compare").click()
-    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
-    click_label(driver, "choice", label)
-    driver.find_element(By.ID, "pick").click()
-    wait(driver).until(lambda d: not visible(d, "compare-panel"))
 
 
 def test_an_earlier_pick_is_asked_again_in_flipped_order(page, served, monkeypatch, tmp_path):
@@ -460,8 +463,25 @@ def test_an_earlier_pick_is_asked_again_in_flipped_order(page, served, monkeypat
     first = query(db, """select m.content from comparison_candidates cc join messages m on m.id = cc.message_id
                          where cc.comparison_id = ? and cc.label = ?""", [check["comparison_id"], check["choice"]])
     # "A" on the page was the earlier comparison's B: stored as the label it has in that comparison
-    assert squash(first[0]["content"]) == squash(shown[0].removeprefix("Answer A")), (check, shown)
+    assert letters(first[0]["content"]) == letters(shown[0].removeprefix("Answer A")), (check, shown)
     assert check["choice"] == "B"
+    no_error_toast(page)
+
+
+def test_a_comparison_left_open_is_shown_again_when_its_conversation_is_opened(page, served):
+    db = served["db"]
+    question = unique("Is 1/2 bigger than 1/3?")
+    start_comparison(page, question)
+    (comparison,) = query(db, "select c.* from comparisons c join messages m on m.id = c.user_message_id "
+                              "where m.content = ?", [question])
+    page.get(f"{served['url']}?conversation={comparison['conversation_id']}")  # the learner comes back
+    wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4)
+    assert texts(page, USER)[-1].strip() == question
+    click_label(page, "choice", "B is best")
+    page.find_element(By.ID, "pick").click()
+    picks = eventually(lambda: query(db, "select * from comparison_picks where comparison_id = ?", [comparison["id"]]),
+                       "the pick of the reopened comparison")
+    assert picks[0]["choice"] == "B"
     no_error_toast(page)
 
 

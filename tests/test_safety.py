@@ -138,6 +138,7 @@ def test_an_unsafe_reply_is_replaced_stored_flagged_and_never_trained_on(tutor, 
     service.pick(ada, result["comparison_id"], "A")
     data = collect(service.store)
     assert not data.demonstrations and not data.preference_groups, data
+    assert service.recheck(ada) is None, "a comparison of replaced answers was asked again"
 
 
 # -- privacy ---------------------------------------------------------------------------------------
