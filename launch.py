@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="settings file, TOML or YAML, with [serve] tables (default: none)")
     p.add_argument("--retrain", action="store_true", help="run RLHF cycle(s) from the feedback in --db, then exit")
     p.add_argument("--cycles", type=int, default=1, help="with --retrain: cycles to run back to back (default: 1)")
+    p.add_argument("--watch", action="store_true",
+                   help="with --retrain: keep running, and start a cycle whenever enough new feedback has "
+                        "arrived ([retrain.watch] in --config)")
     p.add_argument("--export", type=Path, metavar="DIR", help="write the feedback as TRL-format JSONL into DIR, then exit")
     p.add_argument("--rollback", metavar="VERSION", help="make an older policy version current again, then exit")
     accounts = p.add_argument_group("accounts (then exit; the password is read from a prompt, or from stdin "

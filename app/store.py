@@ -508,6 +508,19 @@ class Store:
             ("rewrites", per_message.format("rewrites", only_chat)),
         )}
 
+    @_locked
+    def feedback_since(self, since: str | None) -> int:
+        """Feedback items (ratings, picks, rewrites) given in chat conversations from `since` (ISO UTC) on."""
+        since = since or ""
+        chat = "join conversations c on c.id = {} where c.purpose != 'eval' and {}.created_at >= ?"
+        queries = (
+            "select count(*) from ratings r join messages m on m.id = r.message_id " + chat.format("m.conversation_id", "r"),
+            "select count(*) from rewrites w join messages m on m.id = w.message_id " + chat.format("m.conversation_id", "w"),
+            "select count(*) from comparison_picks p join comparisons x on x.id = p.comparison_id "
+            + chat.format("x.conversation_id", "p"),
+        )
+        return sum(int(self._db.execute(q, [since]).fetchone()[0]) for q in queries)
+
     # -- training data (read only; eval conversations, conversations of users who declined
     #    consent, and flagged messages with all their feedback are left out) --
 

@@ -45,6 +45,11 @@ def run_offline(args) -> int:
             if config.niceness > 0:
                 os.nice(min(19, config.niceness))
             ensure_base(registry, args.model)
+            if getattr(args, "watch", False):
+                from rlhf.watch import watch
+
+                watch(store, registry, config)
+                return 0
             for n in range(args.cycles):
                 outcome = run_cycle(store, registry, config)
                 print(f"cycle {n + 1}/{args.cycles}: {outcome.message}")

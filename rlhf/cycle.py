@@ -40,6 +40,15 @@ from rlhf.sft import SFTSettings, run_sft
 
 
 @dataclass
+class WatchConfig:
+    """When `--retrain --watch` starts a cycle by itself (rlhf/watch.py)."""
+
+    min_new_feedback: int = 50  # ratings, picks and rewrites since the last cycle started
+    min_interval_s: float = 3600.0  # between two attempts, so a busy class does not retrain all day
+    poll_s: float = 60.0
+
+
+@dataclass
 class CycleConfig:
     min_pairs: int = 20
     min_prompts: int = 8
@@ -57,6 +66,7 @@ class CycleConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     annotators: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
 
 class CycleError(RuntimeError):

@@ -385,3 +385,35 @@ def test_a_retrain_gives_way_to_serving(setup, monkeypatch):
     settings.write_text("[retrain]\nniceness = 0\n")
     assert run_offline(argparse.Namespace(**{**vars(args), "config": settings})) == 2
     assert asked == [10]
+
+
+def test_watch_mode_starts_exactly_one_cycle_when_the_threshold_is_crossed(setup, monkeypatch):
+    from rlhf import watch as watching
+    from rlhf.cycle import WatchConfig
+
+    registry, store, _ = setup
+    config = dataclasses.replace(TINY_CYCLE, watch=WatchConfig(min_new_feedback=80, min_interval_s=0, poll_s=0))
+    give_feedback(store, 79, prefers_examples)
+    quiet = lambda *_: None  # noqa: E731
+    assert watching.watch(store, registry, config, say=quiet, polls=2) == 0 and store.last_cycle() is None
+    give_feedback(store, 1, prefers_examples, seed=1)
+    assert watching.watch(store, registry, config, say=quiet, polls=3) == 1
+    assert store.last_cycle()["status"] in ("promoted", "rejected")  # a real cycle ran once, then none
+    assert len(store.model_versions()) >= 1
+
+    # New feedback again, but the last attempt is recent: nothing until min_interval_s has passed.
+    config = dataclasses.replace(config, watch=WatchConfig(min_new_feedback=10, min_interval_s=3600, poll_s=0))
+    runs = []
+
+    def stand_in_cycle(*args, **kwargs):
+        from rlhf.cycle import CycleOutcome
+
+        runs.append(store.start_cycle())
+        return CycleOutcome("rejected", "a stand-in cycle")
+
+    monkeypatch.setattr(watching, "run_cycle", stand_in_cycle)
+    give_feedback(store, 10, prefers_examples, seed=2)
+    now = time.time()
+    assert watching.watch(store, registry, config, say=quiet, polls=2, clock=lambda: now + 60) == 0
+    assert watching.watch(store, registry, config, say=quiet, polls=2, clock=lambda: now + 3700) == 1
+    assert len(runs) == 1
