@@ -121,7 +121,7 @@ def create_app(config: ServeConfig, say=print) -> TutorApp:
     service = TutorService(store, engine, config.limits, rng=random.Random(config.sampling.seed),
                            accounts=Accounts(store), quotas=Quotas(store, config.quotas),
                            moderator=Moderator(config.moderation))
-    demo = build_demo(service, login_required=login_required)
+    demo = build_demo(service, login_required=login_required, registry=registry)
     # The engine bounds its own queue; Gradio's queue only needs to hold what the engine may accept.
     demo.queue(default_concurrency_limit=config.engine.max_batch_size + config.engine.max_queue,
                max_size=2 * (config.engine.max_batch_size + config.engine.max_queue))

@@ -641,6 +641,25 @@ class Store:
              cycle_id])
 
     @_locked
+    def cycles(self) -> list[dict[str, Any]]:
+        """Every training cycle, newest first, metrics decoded."""
+        return self._all("select * from training_cycles order by id desc")
+
+    @_locked
+    def feedback_by_day(self) -> list[dict[str, Any]]:
+        """{"day", "kind", "n"} for ratings, picks and rewrites in chat conversations, oldest day first."""
+        chat = "join conversations c on c.id = {} where c.purpose != 'eval'"
+        sql = " union all ".join([
+            "select substr(r.created_at, 1, 10) as day, 'ratings' as kind from ratings r join messages m "
+            "on m.id = r.message_id " + chat.format("m.conversation_id"),
+            "select substr(p.created_at, 1, 10) as day, 'picks' as kind from comparison_picks p join comparisons x "
+            "on x.id = p.comparison_id " + chat.format("x.conversation_id"),
+            "select substr(w.created_at, 1, 10) as day, 'rewrites' as kind from rewrites w join messages m "
+            "on m.id = w.message_id " + chat.format("m.conversation_id"),
+        ])
+        return self._all(f"select day, kind, count(*) as n from ({sql}) group by day, kind order by day, kind")
+
+    @_locked
     def last_cycle(self, statuses: tuple[str, ...] | None = None) -> dict[str, Any] | None:
         """The newest training cycle, optionally only among those that ended with one of `statuses`."""
         where = f"where status in ({', '.join('?' * len(statuses))})" if statuses else ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from app.api import register_api, session_actor
+from app.dashboard import build_tab
 from app.service import REASONS_DOWN, REASONS_UP, TutorService, UserError
 from app.store import LABELS
 
@@ -102,12 +103,20 @@ class Page:
     recheck_state: gr.State  # the comparison asked about
 
 
-def build_demo(service: TutorService, login_required: bool = False) -> gr.Blocks:
+def build_demo(service: TutorService, login_required: bool = False, registry=None) -> gr.Blocks:
+    """The page; with the model registry, also the teachers' tab (app/dashboard.py)."""
+    actor = session_actor(service, login_required)
     with gr.Blocks(title="Tutor", analytics_enabled=False) as demo:
         # First, so the contract's endpoint names are not taken by UI events.
         register_api(service, login_required=login_required)
-        page = _layout(_badge_html(service), login_required)
-        _connect(demo, service, page, session_actor(service, login_required))
+        with gr.Tabs():
+            with gr.Tab("Tutor", elem_id="tutor-tab"):
+                page = _layout(_badge_html(service), login_required)
+            if registry is not None:
+                tab, show = build_tab(service, registry, actor)
+        _connect(demo, service, page, actor)
+        if registry is not None:
+            demo.load(show, None, [tab], api_visibility="private", show_progress="hidden")
     return demo
 
 

@@ -12,11 +12,14 @@ listing (`.vNNNN.removing`), so a removal cut short never leaves a half-deleted 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,6 +30,10 @@ from core.precision import serving_device
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v\d{4,}$")
+
+
+class RegistryBusy(RuntimeError):
+    """Another process holds the registry's lock (a cycle, a rollback)."""
 
 
 class ModelError(RuntimeError):
@@ -93,6 +100,26 @@ class ModelRegistry:
         os.replace(tmp, self.root / POINTER)
         _fsync_dir(self.root)  # the rename itself survives a power cut
 
+    def rollback(self, version: str) -> str:
+        """Makes an older version current again, under the lock a cycle holds: never between a
+        cycle's promotion and its prune."""
+        with registry_lock(self.root):
+            if version not in self.versions():
+                raise ModelError(f"no version {version} in {self.root}; have {', '.join(self.versions())}")
+            try:
+                self.set_current(version)
+            except OSError as exc:  # the pointer is switched by one rename: it names the old version or the new
+                raise ModelError(f"rollback to {version} stopped by a disk error ({exc}); "
+                                 f"{self.current_or_none()} is still served") from exc
+        return f"{version} is current again; a running app switches to it before its next reply"
+
+    def current_or_none(self) -> str | None:
+        """The current version, or None where the pointer cannot be read (in an error message)."""
+        try:
+            return self.current_version()
+        except (OSError, ModelError):
+            return None
+
     def remove(self, version: str) -> None:
         """Unlists the version (one atomic rename, made durable), then deletes its files."""
         doomed = self.root / f".{version}.removing"
@@ -148,6 +175,31 @@ class ModelRegistry:
         os.replace(tmp, final)
         _fsync_dir(self.root)
         return final
+
+
+@contextmanager
+def registry_lock(models_dir: Path):
+    """One process at a time changes which versions exist and which is current (a cycle, a rollback);
+    an advisory lock on `.retrain.lock`, released by the kernel if its holder dies."""
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(models_dir / ".retrain.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown pid"
+        handle.close()
+        raise RegistryBusy(f"another retrain is running ({holder}); wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _fsync_dir(path: Path) -> None:

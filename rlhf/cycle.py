@@ -14,7 +14,6 @@ version and every feedback row as they were. One cycle at a time: a lock file gu
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
-from app.versions import ModelError, ModelRegistry, load_pretrained, record_versions
+from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
@@ -82,23 +81,12 @@ class CycleOutcome:
 
 @contextmanager
 def retrain_lock(models_dir: Path):
-    models_dir.mkdir(parents=True, exist_ok=True)
-    path = models_dir / ".retrain.lock"
-    handle = open(path, "a+")
+    """The registry's lock (app/versions.py), with a busy registry reported as a CycleError."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise CycleError(f"another retrain is running ({handle.read().strip() or 'unknown pid'}); wait for it to finish") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        with registry_lock(models_dir):
+            yield
+    except RegistryBusy as exc:
+        raise CycleError(str(exc)) from None
 
 
 def feedback_digest(data) -> str:
@@ -171,7 +159,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     except Exception as exc:
         _record_failure(store, cycle_id, f"{type(exc).__name__}: {exc}"[:500], say)
         if isinstance(exc, OSError):  # a full disk or an I/O error: one line for the user, not a traceback
-            served = _served_or_none(registry)
+            served = registry.current_or_none()
             if served is not None and served != current:  # it failed after the switch, the commit point
                 raise CycleError(f"cycle {cycle_id} promoted {served}, then a disk error stopped it ({exc}); "
                                  f"{served} is served, the app records it in the DB when it next starts, and "
@@ -183,13 +171,6 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
                        reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=run.metrics)
     return outcome
-
-
-def _served_or_none(registry: ModelRegistry) -> str | None:
-    try:
-        return registry.current_version()
-    except (OSError, ModelError):
-        return None
 
 
 def _record_failure(store: Store, cycle_id: int, reason: str, say) -> None:
@@ -376,12 +357,8 @@ def _line(stats: dict) -> str:
 
 
 def rollback(registry: ModelRegistry, version: str) -> str:
-    with retrain_lock(registry.root):  # never between a cycle's promotion and its prune
-        if version not in registry.versions():
-            raise CycleError(f"no version {version} in {registry.root}; have {', '.join(registry.versions())}")
-        try:
-            registry.set_current(version)
-        except OSError as exc:  # the pointer is switched by one rename: it names the old version or the new
-            raise CycleError(f"rollback to {version} stopped by a disk error ({exc}); "
-                             f"{_served_or_none(registry)} is still served") from exc
-    return f"{version} is current again; a running app switches to it before its next reply"
+    """`ModelRegistry.rollback`, its refusals as a CycleError (one line for `launch.py --rollback`)."""
+    try:
+        return registry.rollback(version)
+    except (ModelError, RegistryBusy) as exc:
+        raise CycleError(str(exc)) from None

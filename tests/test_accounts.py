@@ -311,3 +311,10 @@ def test_the_minute_window_slides(tmp_path):
         now[0] = 61.0
         quotas.spend("ada", "chat")
 
+
+
+def test_only_teachers_admins_and_the_local_user_may_see_and_steer_the_loop():
+    from app.dashboard import may_steer
+
+    assert [may_steer(a) for a in (Account("tess", "teacher"), Account("root", "admin"), LOCAL)] == [True] * 3
+    assert not may_steer(Account("ada", "learner", "tess"))

@@ -711,3 +711,73 @@ def test_a_teacher_lists_and_opens_her_learners_conversation(school_page, school
     page.find_element(By.ID, "send").click()
     wait_toast(page, "error", "no conversation with id")
     assert len(texts(page, USER)) == 1
+
+
+# -- the teachers' tab ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def looped(serve_tutor, tmp_path_factory):
+    """A school whose tutor went through one real (tiny) cycle: v0001 promoted from 80 comparisons."""
+    import random as _random
+
+    from app.accounts import Accounts
+    from app.embedded import ensure_base
+    from app.quotas import QuotaConfig
+    from app.store import Store
+    from app.versions import ModelRegistry
+    from rlhf.cycle import run_cycle
+    from test_cycle import TINY_CYCLE, give_feedback, prefers_examples
+    from tiny import learnable_policy
+
+    root = tmp_path_factory.mktemp("browser-loop")
+    registry = ModelRegistry(root / "models")
+    ensure_base(registry, learnable_policy(root / "tiny"), say=lambda *_: None)
+    ids = _random.Random(0)  # seeded ids: the same held-out split, so the same verdict, every run
+    with pytest.MonkeyPatch.context() as patch, Store(root / "c.db") as store:
+        patch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
+        give_feedback(store, 80, prefers_examples)
+        outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
+        accounts = Accounts(store)
+        accounts.add("tess", "teacher", PASSWORD)
+        accounts.add("ada", "learner", PASSWORD, teacher="tess")
+        for name in ("tess", "ada"):
+            store.set_consent(name, "declined")
+    assert outcome.status == "promoted", outcome.message
+    with serve_tutor(root, None, sampling=SamplingConfig(max_new_tokens=8), quotas=QuotaConfig(enabled=False)) as (
+            tutor, url):
+        yield {"url": url, "registry": registry, "version": outcome.version}
+
+
+def teacher_tab(driver):
+    return [e for e in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if e.text.strip() == "Teacher"]
+
+
+def test_a_teacher_sees_the_loop_and_rolls_back_and_a_learner_does_not_see_it(looped, browser, tmp_path):
+    browser.get(looped["url"])
+    browser.delete_all_cookies()
+    log_in(browser, looped["url"], "tess")
+    wait(browser).until(lambda d: teacher_tab(d))
+    teacher_tab(browser)[0].click()
+    table = wait(browser).until(lambda d: (t := d.find_elements(By.CSS_SELECTOR, "#cycles-table"))
+                                and "promoted" in t[0].text and t[0])
+    assert looped["version"] in table.text
+    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ppo-plot canvas, #ppo-plot svg"))
+    answers = browser.find_element(By.CSS_SELECTOR, "#answers-table").text
+    assert "Question" in answers, "the two versions' answers are not shown side by side"
+    versions = browser.find_element(By.CSS_SELECTOR, "#versions-table").text
+    assert "v0000" in versions and "served" in versions
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / "dashboard.png"))
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+
+    box = browser.find_element(By.CSS_SELECTOR, "#rollback-version input")
+    box.click()
+    wait(browser).until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, f"#{box.get_attribute('aria-controls')} li")
+                                   if o.text.strip() == "v0000"])[0].click()
+    browser.find_element(By.ID, "rollback").click()
+    wait_toast(browser, "info", "v0000 is current again")
+    assert looped["registry"].current_version() == "v0000"
+
+    browser.delete_all_cookies()
+    log_in(browser, looped["url"], "ada")
+    time.sleep(1)  # the tab would show on load
+    assert not [t for t in teacher_tab(browser) if t.is_displayed()], "a learner sees the teachers' tab"
