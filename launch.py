@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         config = serve_config(args)
         from app.server import create_app
 
-        tutor = create_app(config)
+        tutor = create_app(config, settings_file=args.config)
     except (ModelError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

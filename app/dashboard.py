@@ -85,8 +85,16 @@ def samples_rows(registry: ModelRegistry, cycle_id: int | None) -> list[list]:
             for s in json.loads(path.read_text()).get("samples", [])]
 
 
-def build_tab(service: TutorService, registry: ModelRegistry, actor) -> gr.Tab:
-    """Inside a gr.Blocks: the tab, its components and its events. `actor(request)` -> Account."""
+def log_tail(path, lines: int = 20) -> str:
+    """The end of a retrain's output, progress bars (carriage returns) folded to their last state."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    shown = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+    return "\n".join(shown[-lines:])
+
+
+def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_command: list[str] | None = None):
+    """Inside a gr.Blocks: the tab, its components and its events. `actor(request)` -> Account;
+    `retrain_command`: what "Retrain now" runs (the server's own `launch.py --retrain`), in its own process."""
     with gr.Tab("Teacher", visible=False, elem_id="teacher-tab") as tab:
         summary = gr.Markdown(elem_id="dashboard-summary")
         feedback = gr.BarPlot(x="day", y="n", color="kind", title="Feedback per day", elem_id="feedback-plot")
@@ -103,7 +111,13 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor) -> gr.Tab:
         with gr.Row():
             target = gr.Dropdown([], label="Roll back to", elem_id="rollback-version", scale=2)
             rollback_btn = gr.Button("Roll back", variant="stop", elem_id="rollback", scale=1)
-        refresh = gr.Button("Refresh", elem_id="dashboard-refresh", size="sm")
+        with gr.Row():
+            retrain_btn = gr.Button("Retrain now", elem_id="retrain-now", visible=retrain_command is not None)
+            refresh = gr.Button("Refresh", elem_id="dashboard-refresh")
+        progress = gr.Textbox(label="Retrain progress", lines=10, max_lines=20, interactive=False, visible=False,
+                              elem_id="retrain-progress")
+        timer = gr.Timer(2.0, active=False)
+    running: dict = {}  # the retrain this server started from the page: its process and its log
 
     def steward(request: gr.Request) -> Account:
         try:
@@ -151,7 +165,35 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor) -> gr.Tab:
         gr.Info(message)
         return load(request)
 
+    def retrain_now(request: gr.Request):
+        import subprocess
+
+        steward(request)
+        process = running.get("process")
+        if process is not None and process.poll() is None:
+            raise gr.Error("the retrain started from this page is still running", print_exception=False)
+        log = registry.root / "cycles" / "retrain-now.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            running["process"] = subprocess.Popen(retrain_command, stdout=out, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL)
+        running["log"] = log
+        return {progress: gr.update(visible=True, value="starting a retrain..."), timer: gr.Timer(active=True)}
+
+    def follow(request: gr.Request):
+        steward(request)
+        process = running.get("process")
+        if process is None:
+            return {timer: gr.Timer(active=False)}
+        text = log_tail(running["log"])
+        if process.poll() is None:
+            return {progress: text}
+        done = f"{text}\n\n(the retrain ended, exit code {process.returncode})"
+        return {**load(request), progress: done, timer: gr.Timer(active=False)}
+
     outputs = [summary, feedback, cycles, chosen, curves, answers, versions, target]
+    retrain_btn.click(retrain_now, None, [progress, timer], api_visibility="private")
+    timer.tick(follow, None, [*outputs, progress, timer], api_visibility="private", show_progress="hidden")
     tab.select(load, None, outputs, api_visibility="private")
     refresh.click(load, None, outputs, api_visibility="private")
     chosen.input(pick_cycle, [chosen], [curves, answers], api_visibility="private")

@@ -12,7 +12,9 @@ import ipaddress
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import
@@ -104,8 +106,9 @@ class TutorApp:
         self.store.close()
 
 
-def create_app(config: ServeConfig, say=print) -> TutorApp:
-    """Opens (and migrates) the DB, makes sure a policy is current, and starts the engine."""
+def create_app(config: ServeConfig, say=print, settings_file: Path | None = None) -> TutorApp:
+    """Opens (and migrates) the DB, makes sure a policy is current, and starts the engine.
+    `settings_file`: the file the settings came from, which a retrain started from the page reads too."""
     store = Store(config.db)
     try:
         login_required = store.has_accounts()
@@ -121,7 +124,11 @@ def create_app(config: ServeConfig, say=print) -> TutorApp:
     service = TutorService(store, engine, config.limits, rng=random.Random(config.sampling.seed),
                            accounts=Accounts(store), quotas=Quotas(store, config.quotas),
                            moderator=Moderator(config.moderation))
-    demo = build_demo(service, login_required=login_required, registry=registry)
+    retrain = [sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"), "--retrain",
+               "--db", str(config.db), "--models-dir", str(config.models_dir),
+               *(["--model", str(config.model)] if config.model else []),
+               *(["--config", str(settings_file)] if settings_file else [])]
+    demo = build_demo(service, login_required=login_required, registry=registry, retrain_command=retrain)
     # The engine bounds its own queue; Gradio's queue only needs to hold what the engine may accept.
     demo.queue(default_concurrency_limit=config.engine.max_batch_size + config.engine.max_queue,
                max_size=2 * (config.engine.max_batch_size + config.engine.max_queue))

@@ -103,8 +103,10 @@ class Page:
     recheck_state: gr.State  # the comparison asked about
 
 
-def build_demo(service: TutorService, login_required: bool = False, registry=None) -> gr.Blocks:
-    """The page; with the model registry, also the teachers' tab (app/dashboard.py)."""
+def build_demo(service: TutorService, login_required: bool = False, registry=None,
+               retrain_command: list[str] | None = None) -> gr.Blocks:
+    """The page; with the model registry, also the teachers' tab (app/dashboard.py), whose "Retrain now"
+    runs `retrain_command` when given."""
     actor = session_actor(service, login_required)
     with gr.Blocks(title="Tutor", analytics_enabled=False) as demo:
         # First, so the contract's endpoint names are not taken by UI events.
@@ -113,7 +115,7 @@ def build_demo(service: TutorService, login_required: bool = False, registry=Non
             with gr.Tab("Tutor", elem_id="tutor-tab"):
                 page = _layout(_badge_html(service), login_required)
             if registry is not None:
-                tab, show = build_tab(service, registry, actor)
+                tab, show = build_tab(service, registry, actor, retrain_command)
         _connect(demo, service, page, actor)
         if registry is not None:
             demo.load(show, None, [tab], api_visibility="private", show_progress="hidden")

@@ -777,6 +777,14 @@ def test_a_teacher_sees_the_loop_and_rolls_back_and_a_learner_does_not_see_it(lo
     wait_toast(browser, "info", "v0000 is current again")
     assert looped["registry"].current_version() == "v0000"
 
+    # Retrain now: its own process, its output followed on the page until it ends (here quickly: the
+    # feedback is what cycle 1 learned from already).
+    browser.find_element(By.ID, "retrain-now").click()
+    ended = WebDriverWait(browser, 120, poll_frequency=0.5).until(
+        lambda d: (box := d.find_elements(By.CSS_SELECTOR, "#retrain-progress textarea"))
+        and "the retrain ended" in (text := box[0].get_attribute("value")) and text)
+    assert "exit code 0" in ended and "nothing new to learn" in ended, ended
+
     browser.delete_all_cookies()
     log_in(browser, looped["url"], "ada")
     time.sleep(1)  # the tab would show on load
