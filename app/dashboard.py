@@ -1,7 +1,8 @@
 """The teacher's view of the loop, a tab of the page: what feedback came in, what each cycle did with it
-and why it ended as it did, PPO's curves, the versions and their lineage, who was left out; and a
-rollback. The two versions' answers side by side are the gate's, on held-out prompts. Everything is
-read from the store and the models directory, which the cycles write.
+and why it ended as it did, PPO's curves, each learner's feedback and weight, the versions and their
+lineage, who was left out; a rollback and a retrain. The two versions' answers side by side are the
+gate's, on held-out prompts. Everything is read from the store and the models directory, which the
+cycles write.
 
 The tab is shown to teachers, admins and the one local user of a server without accounts; every
 handler checks the session's role again, so hiding the tab is a courtesy, not the protection.
@@ -16,11 +17,14 @@ import pandas as pd
 from app.accounts import Account
 from app.service import TutorService, UserError
 from app.versions import ModelError, ModelRegistry, RegistryBusy
+from core.privacy import pseudonym
 
 STEWARDS = ("teacher", "admin", "local")
 PPO_CURVES = ("score", "kl", "entropy", "answer_length", "clipfrac")
 CYCLE_COLUMNS = ["cycle", "started (UTC)", "status", "version", "reward model held-out accuracy",
                  "gate: reward gain [95% CI]", "left out", "reason"]
+LEARNER_COLUMNS = ["learner", "conversations", "chat turns", "comparisons picked", "ratings", "rewrites",
+                   "asked again", "last cycle: agreement", "last cycle: weight", "left out"]
 VERSION_COLUMNS = ["version", "parent", "cycle", "reward model", "feedback rows", "left out", "served"]
 
 
@@ -44,6 +48,30 @@ def cycles_rows(service: TutorService) -> list[list]:
                      cycle["policy_version"] or "", "" if accuracy is None else f"{accuracy:.0%}",
                      "" if gain is None else f"{gain:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]",
                      len(metrics.get("left_out") or []), (cycle["reason"] or "")[:200]])
+    return rows
+
+
+def learners_rows(service: TutorService, registry: ModelRegistry, actor: Account) -> list[list]:
+    """A teacher's learners (an admin's: every learner; the local user: itself) with what each gave, and
+    how the last cycle weighed them (its annotators.json names users by pseudonym)."""
+    store = service.store
+    if actor.role == "teacher":
+        learners = store.learners_of(actor.name)
+    elif actor.role == "admin":
+        learners = [a["name"] for a in store.accounts() if a["role"] == "learner"]
+    else:
+        learners = [actor.name]
+    last = store.last_cycle()
+    path = registry.root / "cycles" / f"{last['id']:04d}" / "annotators.json" if last else None
+    weighed = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    out = {e["target"]: e["reason"] for e in weighed.get("left_out", []) if e.get("kind") == "user"}
+    rows = []
+    for learner in learners:
+        done = store.activity_since(learner, "")
+        entry = weighed.get("users", {}).get(pseudonym(learner), {})
+        rows.append([learner or "(local)", done["conversation"], done["chat"], done["pick"], done["rate"],
+                     done["rewrite"], done["recheck"], "" if entry.get("agreement") is None else entry["agreement"],
+                     entry.get("weight", ""), out.get(pseudonym(learner), "")])
     return rows
 
 
@@ -106,6 +134,8 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
         answers = gr.Dataframe(headers=["held-out prompt", "current version (reward)", "new version (reward)"],
                                interactive=False, wrap=True, elem_id="answers-table",
                                label="The two versions' answers to the same prompts (from the gate)")
+        gr.Markdown("#### Learners")
+        learners = gr.Dataframe(headers=LEARNER_COLUMNS, interactive=False, wrap=True, elem_id="learners-table")
         gr.Markdown("#### Versions")
         versions = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, wrap=True, elem_id="versions-table")
         with gr.Row():
@@ -136,7 +166,7 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
         return {tab: gr.update(visible=allowed)}
 
     def load(request: gr.Request):
-        steward(request)
+        account = steward(request)
         rows = cycles_rows(service)
         last = service.store.last_cycle()
         text = f"**Served: {service.engine.version}.** " + (
@@ -148,6 +178,7 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
                 curves: ppo_frame(registry, ids[0] if ids else None),
                 answers: samples_rows(registry, ids[0] if ids else None),
                 versions: versions_rows(service, registry),
+                learners: learners_rows(service, registry, account),
                 target: gr.update(choices=registry.versions(), value=None)}
 
     def pick_cycle(cycle_id, request: gr.Request):
@@ -191,7 +222,7 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
         done = f"{text}\n\n(the retrain ended, exit code {process.returncode})"
         return {**load(request), progress: done, timer: gr.Timer(active=False)}
 
-    outputs = [summary, feedback, cycles, chosen, curves, answers, versions, target]
+    outputs = [summary, feedback, cycles, chosen, curves, answers, learners, versions, target]
     retrain_btn.click(retrain_now, None, [progress, timer], api_visibility="private")
     timer.tick(follow, None, [*outputs, progress, timer], api_visibility="private", show_progress="hidden")
     tab.select(load, None, outputs, api_visibility="private")

@@ -12,6 +12,8 @@ told would be a worse tutor. Redaction is applied where text leaves the conversa
 """
 from __future__ import annotations
 
+import hashlib
+
 import re
 import warnings
 from functools import lru_cache
@@ -104,3 +106,8 @@ def personal_details(text: str) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sorted({t for filth in _scrubber().iter_filth(text) for t in _types(filth)})
+
+
+def pseudonym(user: str) -> str:
+    """A stable stand-in for an account name in files that leave the database (cycle reports)."""
+    return "user:" + hashlib.sha256(f"tutor-user\n{user}".encode()).hexdigest()[:10] if user else "local"

@@ -34,6 +34,7 @@ from typing import Any, Iterable
 
 import torch
 
+from core.privacy import pseudonym
 from rlhf.data import Demonstration, PreferenceGroup, TrainingData
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -53,11 +54,6 @@ class AnnotatorConfig:
             raise ValueError(f"max_user_share must be in (0, 1], not {self.max_user_share}")
         if not 0 <= self.min_agreement < 1:
             raise ValueError(f"min_agreement must be in [0, 1), not {self.min_agreement}")
-
-
-def pseudonym(user: str) -> str:
-    """A stable stand-in for an account name in files that leave the database."""
-    return "user:" + hashlib.sha256(f"tutor-user\n{user}".encode()).hexdigest()[:10] if user else "local"
 
 
 # -- agreement -----------------------------------------------------------------------------------

@@ -318,3 +318,14 @@ def test_only_teachers_admins_and_the_local_user_may_see_and_steer_the_loop():
 
     assert [may_steer(a) for a in (Account("tess", "teacher"), Account("root", "admin"), LOCAL)] == [True] * 3
     assert not may_steer(Account("ada", "learner", "tess"))
+
+
+def test_a_teacher_sees_only_her_learners_on_the_dashboard(school):
+    from app.dashboard import learners_rows
+
+    tutor, _ = school
+    service = tutor.service
+    rows = learners_rows(service, tutor.registry, account(tutor, "tess"))
+    assert [r[0] for r in rows] == ["ada"]
+    assert sorted(r[0] for r in learners_rows(service, tutor.registry, account(tutor, "admin"))) == ["ada", "ben"]
+    assert [r[0] for r in learners_rows(service, tutor.registry, account(tutor, "ben"))] == ["ben"]

@@ -763,6 +763,8 @@ def test_a_teacher_sees_the_loop_and_rolls_back_and_a_learner_does_not_see_it(lo
     wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ppo-plot canvas, #ppo-plot svg"))
     answers = browser.find_element(By.CSS_SELECTOR, "#answers-table").text
     assert "Question" in answers, "the two versions' answers are not shown side by side"
+    learners = browser.find_element(By.CSS_SELECTOR, "#learners-table").text
+    assert "ada" in learners, learners
     versions = browser.find_element(By.CSS_SELECTOR, "#versions-table").text
     assert "v0000" in versions and "served" in versions
     SHOTS.mkdir(parents=True, exist_ok=True)
