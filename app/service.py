@@ -103,22 +103,18 @@ class TutorService:
                 with as_user_error(PromptTooLong, EngineFault):
                     for chunk in request.token_chunks(self.engine.config.token_timeout_s):
                         tokens.extend(chunk)
-                        text = _decode(request, tokens)
-                        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                            continue
-                        shown = self.moderator.check(text[-STREAM_WINDOW:])
-                        if shown.flagged:  # stop before this chunk is shown
-                            flag = f"unsafe_reply:{shown.category}"
+                        text, flag = self._shown(request, tokens)
+                        if flag:  # stop before this chunk is shown
                             break
+                        if text is None:
+                            continue
                         yield {"message_id": message_id, "text": text,
                                "model_version": request.model_version, "done": False}
             finally:
                 request.cancel()  # no-op when finished; stops the row when the client went away
             if request.finish_reason == "cancelled" and flag is None:
                 return
-            text = OUTPUT_REPLACEMENT if flag else _decode(request, tokens)
-            if flag is None and self.moderator.check(text).flagged:
-                text, flag = OUTPUT_REPLACEMENT, "unsafe_reply"
+            text, flag = self._final(request, tokens, flag)
             self.store.add_turn(conversation_id, message, text, message_id=message_id,
                                 model_version=request.model_version, generation=self._generation(request, flag),
                                 context=request.context, reply_flag=flag)
@@ -148,10 +144,7 @@ class TutorService:
         if verdict.flagged:
             raise UserError(refusal(verdict))
         with self._turn(conversation_id):
-            try:
-                group = self.engine.submit_group(messages, k)
-            except EngineBusy as exc:
-                raise UserError(str(exc)) from None
+            group = self._submit(messages, k)
             comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
             shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
             self.rng.shuffle(shown)
@@ -167,14 +160,11 @@ class TutorService:
                     for new in group.token_chunks(self.engine.config.token_timeout_s):
                         for i, more in new.items():
                             tokens[i].extend(more)
-                            text = _decode(group.requests[i], tokens[i])
-                            if text.endswith("\ufffd"):  # half of a multi-byte character
-                                continue
-                            seen = self.moderator.check(text[-STREAM_WINDOW:])
-                            if seen.flagged:  # this candidate stops; its unsafe part is never shown
-                                flags[i], texts[i] = f"unsafe_reply:{seen.category}", OUTPUT_REPLACEMENT
+                            text, flags[i] = self._shown(group.requests[i], tokens[i])
+                            if flags[i]:  # this candidate stops; its unsafe part is never shown
+                                texts[i] = OUTPUT_REPLACEMENT
                                 group.cancel(i)
-                            else:
+                            elif text is not None:
                                 texts[i] = text
                         yield chunk(done=False)
             finally:
@@ -182,10 +172,7 @@ class TutorService:
             if any(r.finish_reason == "cancelled" and flag is None for r, flag in zip(group.requests, flags)):
                 return
             for i, request in enumerate(group.requests):
-                if flags[i] is None:
-                    texts[i] = _decode(request, tokens[i])
-                    if self.moderator.check(texts[i]).flagged:
-                        texts[i], flags[i] = OUTPUT_REPLACEMENT, "unsafe_reply"
+                texts[i], flags[i] = self._final(request, tokens[i], flags[i])
             candidates = [{"text": texts[i], "model_version": group.requests[i].model_version,
                            "generation": self._generation(group.requests[i], flags[i]),
                            "context": group.requests[i].context, "flag": flags[i]} for i in shown]
@@ -198,9 +185,9 @@ class TutorService:
         (only the owner may pick, so only the owner is shown it)."""
         conversation_id = self._own(actor, "conversation", conversation_id)
         undecided = self.store.undecided_comparison(conversation_id)
-        if undecided is None or self._stale(undecided):
+        comparison = undecided and self.store.comparison(undecided)
+        if not comparison or self._stale(comparison):
             return None
-        comparison = self.store.comparison(undecided)
         return {"comparison_id": undecided, "done": True, "candidates": [
             {"message_id": c["message_id"], "text": c["content"], "model_version": None}
             for c in comparison["candidates"]]}
@@ -262,6 +249,11 @@ class TutorService:
         a, b = comparison["candidates"]
         return {"comparison_id": comparison["id"], "context": comparison["context"],
                 "candidates": [{"label": "A", "text": b["content"]}, {"label": "B", "text": a["content"]}]}
+
+    def recheck_after_pick(self, actor: Account, just_decided: str) -> dict | None:
+        """After every `recheck_every`-th pick of `actor`: an earlier comparison to ask again about."""
+        picks = self.store.activity_since(actor.name, "")["pick"]
+        return self.recheck(actor, skip=just_decided) if picks % self.limits.recheck_every == 0 else None
 
     def answer_recheck(self, actor: Account, comparison_id: str, choice: str) -> dict:
         comparison_id = self._own(actor, "comparison", comparison_id)
@@ -396,7 +388,8 @@ class TutorService:
     def _context(self, conversation_id: str, message: str) -> list[dict]:
         conversation = self.store.conversation(conversation_id)
         undecided = self.store.undecided_comparison(conversation_id)
-        if undecided and self._stale(undecided):  # its learner left long ago: nobody will pick
+        # a comparison whose learner left long ago: nobody will pick, so it is skipped
+        if undecided and self._stale(self.store.comparison(undecided)):
             self.store.abandon_comparison(undecided)
         elif undecided:
             raise UserError("pick the best answer of the open comparison (or skip it) before going on")
@@ -404,17 +397,37 @@ class TutorService:
         return [{"role": "system", "content": conversation["system_prompt"]}, *turns,
                 {"role": "user", "content": message}]
 
-    def _stale(self, comparison_id: str) -> bool:
-        created = datetime.fromisoformat(self.store.comparison(comparison_id)["created_at"])
+    def _stale(self, comparison: dict) -> bool:
+        created = datetime.fromisoformat(comparison["created_at"])
         if created.tzinfo is None:
             created = created.replace(tzinfo=timezone.utc)
         return (datetime.now(timezone.utc) - created).total_seconds() > self.limits.comparison_timeout_s
 
-    def _submit(self, messages: list[dict]):
+    def _submit(self, messages: list[dict], n: int | None = None):
+        """One reply, or a group of `n` (a comparison's); a full queue is the user's clear "busy"."""
         try:
-            return self.engine.submit(messages)
+            return self.engine.submit(messages) if n is None else self.engine.submit_group(messages, n)
         except EngineBusy as exc:
             raise UserError(str(exc)) from None
+
+    def _shown(self, request, tokens: list[int]) -> tuple[str | None, str | None]:
+        """A streamed reply so far as it may be shown, as (text, flag): (None, None) in the middle of a
+        multi-byte character; (None, flag) once moderation stops it, before its unsafe part is shown."""
+        text = _decode(request, tokens)
+        if text.endswith("\ufffd"):
+            return None, None
+        verdict = self.moderator.check(text[-STREAM_WINDOW:])
+        return (None, f"unsafe_reply:{verdict.category}") if verdict.flagged else (text, None)
+
+    def _final(self, request, tokens: list[int], flag: str | None) -> tuple[str, str | None]:
+        """A finished reply as stored and shown: the replacement if moderation stopped it while it
+        streamed or finds the whole of it unsafe."""
+        if flag is None:
+            text = _decode(request, tokens)
+            if not self.moderator.check(text).flagged:
+                return text, None
+            flag = "unsafe_reply"
+        return OUTPUT_REPLACEMENT, flag
 
     def _turn(self, conversation_id: str):
         return _ConversationTurn(self, conversation_id)

@@ -151,6 +151,16 @@ def m005_abandoned_comparisons(db: Database) -> None:
 # A conversation that may train: not an evaluation, and its user has not declined consent.
 TRAINABLE = ("c.purpose != 'eval' and c.user not in "
              "(select user from consents where choice = 'declined')")
+# Every feedback item given in a chat (not an eval) conversation, as (created_at, kind).
+CHAT_FEEDBACK = """
+    select r.created_at, 'ratings' as kind from ratings r join messages m on m.id = r.message_id
+      join conversations c on c.id = m.conversation_id where c.purpose != 'eval'
+    union all
+    select p.created_at, 'picks' as kind from comparison_picks p join comparisons x on x.id = p.comparison_id
+      join conversations c on c.id = x.conversation_id where c.purpose != 'eval'
+    union all
+    select w.created_at, 'rewrites' as kind from rewrites w join messages m on m.id = w.message_id
+      join conversations c on c.id = m.conversation_id where c.purpose != 'eval'"""
 NO_FLAGGED_CANDIDATE = ("not exists (select 1 from comparison_candidates f join messages fm "
                         "on fm.id = f.message_id where f.comparison_id = x.id and fm.flag is not null)")
 
@@ -511,15 +521,8 @@ class Store:
     @_locked
     def feedback_since(self, since: str | None) -> int:
         """Feedback items (ratings, picks, rewrites) given in chat conversations from `since` (ISO UTC) on."""
-        since = since or ""
-        chat = "join conversations c on c.id = {} where c.purpose != 'eval' and {}.created_at >= ?"
-        queries = (
-            "select count(*) from ratings r join messages m on m.id = r.message_id " + chat.format("m.conversation_id", "r"),
-            "select count(*) from rewrites w join messages m on m.id = w.message_id " + chat.format("m.conversation_id", "w"),
-            "select count(*) from comparison_picks p join comparisons x on x.id = p.comparison_id "
-            + chat.format("x.conversation_id", "p"),
-        )
-        return sum(int(self._db.execute(q, [since]).fetchone()[0]) for q in queries)
+        return int(self._one(f"select count(*) as n from ({CHAT_FEEDBACK}) where created_at >= ?",
+                             [since or ""])["n"])
 
     # -- training data (read only; eval conversations, conversations of users who declined
     #    consent, and flagged messages with all their feedback are left out) --
@@ -648,16 +651,8 @@ class Store:
     @_locked
     def feedback_by_day(self) -> list[dict[str, Any]]:
         """{"day", "kind", "n"} for ratings, picks and rewrites in chat conversations, oldest day first."""
-        chat = "join conversations c on c.id = {} where c.purpose != 'eval'"
-        sql = " union all ".join([
-            "select substr(r.created_at, 1, 10) as day, 'ratings' as kind from ratings r join messages m "
-            "on m.id = r.message_id " + chat.format("m.conversation_id"),
-            "select substr(p.created_at, 1, 10) as day, 'picks' as kind from comparison_picks p join comparisons x "
-            "on x.id = p.comparison_id " + chat.format("x.conversation_id"),
-            "select substr(w.created_at, 1, 10) as day, 'rewrites' as kind from rewrites w join messages m "
-            "on m.id = w.message_id " + chat.format("m.conversation_id"),
-        ])
-        return self._all(f"select day, kind, count(*) as n from ({sql}) group by day, kind order by day, kind")
+        return self._all(f"""select substr(created_at, 1, 10) as day, kind, count(*) as n from ({CHAT_FEEDBACK})
+                             group by day, kind order by day, kind""")
 
     @_locked
     def last_cycle(self, statuses: tuple[str, ...] | None = None) -> dict[str, Any] | None:

@@ -283,9 +283,8 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
                 page.panel: gr.update(visible=False)}
 
     def ask_again(actor, just_decided: str) -> dict:
-        """After every `recheck_every`-th pick: an earlier two-answer comparison, order flipped."""
-        picks = service.store.activity_since(actor.name, "")["pick"]
-        recheck = service.recheck(actor, skip=just_decided) if picks % service.limits.recheck_every == 0 else None
+        """Now and then after a pick: an earlier two-answer comparison, order flipped."""
+        recheck = service.recheck_after_pick(actor, just_decided)
         if recheck is None:
             return {page.recheck_panel: gr.update(visible=False)}
         question = next((m["content"] for m in reversed(recheck["context"]) if m["role"] == "user"), "")

@@ -85,30 +85,33 @@ def fit_context(tokenizer, messages: list[Message], max_prompt_tokens: int) -> t
     def fits(start: int) -> bool:
         return len(prompt(start)) <= max_prompt_tokens
 
-    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
-    if not fits(0) and len(starts) <= 1:
-        raise PromptTooLong(f"the message is too long for the model ({len(prompt(0))} tokens, limit {max_prompt_tokens})")
+    keep = 0  # index in `turns` of the oldest message kept
     if not fits(0):
-        # Estimate what dropping up to each start saves: its messages' tokens plus the template's
-        # share per message (measured on the whole prompt), then correct the guess exactly.
+        starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if len(starts) <= 1:
+            raise _too_long(len(prompt(0)), max_prompt_tokens)
+        # Estimate what dropping up to each user turn saves: its messages' tokens plus the template's
+        # share per message (measured on the whole prompt), then correct the guess exactly. Dropping
+        # starts at the second user turn.
         sizes = [len(answer_ids(tokenizer, m["content"])) for m in turns]
         per_message = max(0.0, (len(prompt(0)) - sum(sizes)) / max(1, len(messages)))
-        excess, saved, guess = len(prompt(0)) - max_prompt_tokens, 0.0, len(starts) - 1
-        dropped = 0
-        for n, start in enumerate(starts):
+        excess, saved, dropped, n = len(prompt(0)) - max_prompt_tokens, 0.0, 0, len(starts) - 1
+        for i, start in enumerate(starts):
             saved += sum(sizes[dropped:start]) + per_message * (start - dropped)
             dropped = start
             if saved >= excess:
-                guess = n
+                n = i
                 break
-        n = max(1, guess)
+        n = max(1, n)
         while n < len(starts) - 1 and not fits(starts[n]):
             n += 1
         while n > 1 and fits(starts[n - 1]):
             n -= 1
-        if not fits(starts[n]):  # even the newest user message alone
-            raise PromptTooLong(f"the message is too long for the model ({len(prompt(starts[n]))} tokens, "
-                                f"limit {max_prompt_tokens})")
-        turns = turns[starts[n]:]
-        encoded = {0: encoded[starts[n]]}
-    return [{"role": m["role"], "content": m["content"]} for m in system + turns], prompt(0)
+        keep = starts[n]
+        if not fits(keep):  # even the newest user message alone
+            raise _too_long(len(prompt(keep)), max_prompt_tokens)
+    return [{"role": m["role"], "content": m["content"]} for m in system + turns[keep:]], prompt(keep)
+
+
+def _too_long(tokens: int, limit: int) -> PromptTooLong:
+    return PromptTooLong(f"the message is too long for the model ({tokens} tokens, limit {limit})")

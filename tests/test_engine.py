@@ -44,6 +44,13 @@ def reference_greedy(p, messages, n):
     return reply[:reply.index(p.tokenizer.eos_token_id)] if p.tokenizer.eos_token_id in reply else reply
 
 
+def endless(engine_factory, sampling: SamplingConfig, **config):
+    """An engine whose policy never ends a reply by itself: every reply runs to its length limit."""
+    p = policy()
+    p.model.generation_config.eos_token_id = -1
+    return engine_factory(FixedSource({"v0000": p}), sampling=sampling, **config)
+
+
 @pytest.fixture
 def engine_factory():
     engines = []
@@ -139,9 +146,7 @@ def test_running_rows_are_not_repeated_when_requests_join(engine_factory):
 
 
 def test_cancel_stops_generation_and_frees_the_row(engine_factory):
-    p = policy()
-    p.model.generation_config.eos_token_id = -1  # never stops by itself
-    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=1000, do_sample=False))
+    engine = endless(engine_factory, SamplingConfig(max_new_tokens=1000, do_sample=False))
     request = engine.submit(conversation("Go on forever"))
     stream = request.tokens(timeout=30)
     next(stream)
@@ -156,10 +161,7 @@ def test_cancel_stops_generation_and_frees_the_row(engine_factory):
 
 
 def test_queue_is_bounded(engine_factory):
-    p = policy()
-    p.model.generation_config.eos_token_id = -1
-    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=1000),
-                            max_batch_size=1, max_queue=2)
+    engine = endless(engine_factory, SamplingConfig(max_new_tokens=1000), max_batch_size=1, max_queue=2)
     running = engine.submit(conversation("one"))
     next(running.tokens(timeout=30))
     waiting = [engine.submit(conversation("two")), engine.submit(conversation("three"))]
@@ -170,10 +172,7 @@ def test_queue_is_bounded(engine_factory):
 
 
 def test_a_group_is_queued_all_or_none(engine_factory):
-    p = policy()
-    p.model.generation_config.eos_token_id = -1
-    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=1000),
-                            max_batch_size=1, max_queue=3)
+    engine = endless(engine_factory, SamplingConfig(max_new_tokens=1000), max_batch_size=1, max_queue=3)
     running = engine.submit(conversation("one"))
     next(running.tokens(timeout=30))
     waiting = engine.submit(conversation("two"))
@@ -204,9 +203,7 @@ def test_a_group_streams_each_reply_as_plain_generate_would(engine_factory):
 
 
 def test_cancelling_one_reply_of_a_group_leaves_the_others_running(engine_factory):
-    p = policy()
-    p.model.generation_config.eos_token_id = -1
-    engine = engine_factory(FixedSource({"v0000": p}), sampling=SamplingConfig(max_new_tokens=40, do_sample=False))
+    engine = endless(engine_factory, SamplingConfig(max_new_tokens=40, do_sample=False))
     group = engine.submit_group(conversation("Go on"), 2)
     tokens, cancelled = {0: [], 1: []}, False
     for new in group.token_chunks(timeout=30):
