@@ -411,10 +411,12 @@ class TutorService:
             raise UserError(str(exc)) from None
 
     def _shown(self, request, tokens: list[int]) -> tuple[str | None, str | None]:
-        """A streamed reply so far as it may be shown, as (text, flag): (None, None) in the middle of a
-        multi-byte character; (None, flag) once moderation stops it, before its unsafe part is shown."""
-        text = _decode(request, tokens)
-        if text.endswith("\ufffd"):
+        """A streamed reply so far as it may be shown, as (text, flag): a character whose bytes are still
+        arriving is held back (the rest is shown, so a reply that ends mid-character at every step
+        still streams); (None, None) while nothing can be shown yet; (None, flag) once moderation
+        stops it, before its unsafe part is shown."""
+        text = _decode(request, tokens).rstrip("\ufffd")
+        if not text:
             return None, None
         verdict = self.moderator.check(text[-STREAM_WINDOW:])
         return (None, f"unsafe_reply:{verdict.category}") if verdict.flagged else (text, None)
