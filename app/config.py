@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.canary import ArenaConfig
 from app.engine import EngineConfig, SamplingConfig
 from app.quotas import QuotaConfig
 from app.service import Limits
@@ -24,6 +25,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    arena: ArenaConfig = field(default_factory=ArenaConfig)  # blind pairs of versions besides a canary's
     # Origins besides the server's own that may call it from a browser (e.g. a school portal).
     allowed_origins: list[str] = field(default_factory=list)
 

@@ -205,6 +205,21 @@ class RequestGroup:
                 yield new
 
 
+def submit_across(engines: list["GenerationEngine"], messages: list[dict]) -> RequestGroup:
+    """One reply to `messages` from each engine (an arena pair: two versions), read as one group; all or
+    none: when an engine refuses, the replies already queued are cancelled."""
+    events: queue.Queue = queue.Queue()
+    requests: list[Request] = []
+    try:
+        for index, engine in enumerate(engines):
+            requests += engine._enqueue(messages, [_Tagged(events, index)], None, None)
+    except BaseException:
+        for request in requests:
+            request.cancel()
+        raise
+    return RequestGroup(requests, events)
+
+
 @dataclass
 class EngineStats:
     forward_batch_sizes: collections.Counter = field(default_factory=collections.Counter)

@@ -24,6 +24,7 @@ from starlette.middleware import Middleware  # noqa: E402
 from starlette.responses import PlainTextResponse  # noqa: E402
 
 from app.accounts import Accounts  # noqa: E402
+from app.canary import Arena  # noqa: E402
 from app.config import ServeConfig  # noqa: E402
 from app.embedded import ensure_base  # noqa: E402
 from app.engine import GenerationEngine  # noqa: E402
@@ -31,7 +32,7 @@ from app.quotas import Quotas  # noqa: E402
 from app.service import TutorService  # noqa: E402
 from app.store import Store  # noqa: E402
 from app.ui import CSS, THEME, build_demo  # noqa: E402
-from app.versions import ModelRegistry, record_versions  # noqa: E402
+from app.versions import ModelRegistry, PinnedSource, record_versions  # noqa: E402
 from core.chat_format import fit_context  # noqa: E402
 from core.moderation import Moderator  # noqa: E402
 
@@ -102,6 +103,8 @@ class TutorApp:
 
     def close(self) -> None:
         self.demo.close()
+        if self.service.arena is not None:
+            self.service.arena.close()
         self.engine.close()
         self.store.close()
 
@@ -121,9 +124,12 @@ def create_app(config: ServeConfig, say=print, settings_file: Path | None = None
         store.close()
         raise
     # A set sampling seed also fixes the order in which compared answers are shown.
+    arena = Arena(store, registry, engine, config=config.arena, rng=random.Random(config.sampling.seed),
+                  make_engine=lambda version: GenerationEngine(PinnedSource(registry, version), fit_context,
+                                                               config.sampling, config.engine))
     service = TutorService(store, engine, config.limits, rng=random.Random(config.sampling.seed),
                            accounts=Accounts(store), quotas=Quotas(store, config.quotas),
-                           moderator=Moderator(config.moderation))
+                           moderator=Moderator(config.moderation), arena=arena)
     retrain = [sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"), "--retrain",
                "--db", str(config.db), "--models-dir", str(config.models_dir),
                *(["--model", str(config.model)] if config.model else []),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from app.accounts import LOCAL, Account, Accounts
-from app.engine import EngineBusy, EngineFault, GenerationEngine
+from app.engine import EngineBusy, EngineFault, GenerationEngine, submit_across
 from app.quotas import QuotaExceeded, Quotas
 from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
@@ -59,8 +59,9 @@ class TutorService:
     def __init__(self, store: Store, engine: GenerationEngine, limits: Limits | None = None,
                  system_prompt: str = TUTOR_SYSTEM_PROMPT, rng: random.Random | None = None, *,
                  accounts: Accounts | None = None, quotas: Quotas | None = None,
-                 moderator: Moderator | None = None) -> None:
+                 moderator: Moderator | None = None, arena=None) -> None:
         self.store, self.engine = store, engine
+        self.arena = arena  # app/canary.py's Arena: canary conversations and arena pairs; None: neither
         self.limits = limits or Limits()
         self.system_prompt = system_prompt
         self.rng = rng or random.Random()
@@ -94,7 +95,8 @@ class TutorService:
             yield self._refuse(conversation_id, message, verdict)
             return
         with self._turn(conversation_id):
-            request = self._submit(messages)
+            engine = self.arena.engine_for(self.store.conversation(conversation_id)) if self.arena else self.engine
+            request = self._submit(messages, engine=engine)
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
             flag = None
@@ -131,7 +133,8 @@ class TutorService:
         """k answers to the same turn, sampled in one batch and streamed side by side, in the random
         order they are shown and stored in. Chunks are {"comparison_id", "candidates": [{"message_id",
         "text" so far, "model_version"}], "done"}; the comparison is stored only when all k are
-        complete, so a client that goes away stops all k and leaves nothing behind."""
+        complete, so a client that goes away stops all k and leaves nothing behind. An arena pair (two
+        versions' answers, app/canary.py) is blind: its model_version stays None until the pick."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
@@ -144,7 +147,8 @@ class TutorService:
         if verdict.flagged:
             raise UserError(refusal(verdict))
         with self._turn(conversation_id):
-            group = self._submit(messages, k)
+            opponent = self.arena.opponent() if self.arena and k == 2 else None
+            group = self._submit(messages, k) if opponent is None else self._submit(messages, engines=[self.engine, opponent])
             comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
             shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
             self.rng.shuffle(shown)
@@ -153,7 +157,8 @@ class TutorService:
 
             def chunk(done: bool) -> dict:
                 return {"comparison_id": comparison_id, "done": done, "candidates": [
-                    {"message_id": ids[j], "text": texts[i], "model_version": group.requests[i].model_version}
+                    {"message_id": ids[j], "text": texts[i],
+                     "model_version": None if opponent else group.requests[i].model_version}
                     for j, i in enumerate(shown)]}
             try:
                 with as_user_error(PromptTooLong, EngineFault):
@@ -177,7 +182,7 @@ class TutorService:
                            "generation": self._generation(group.requests[i], flags[i]),
                            "context": group.requests[i].context, "flag": flags[i]} for i in shown]
             self.store.add_comparison(conversation_id, message, group.requests[shown[0]].context, candidates,
-                                      comparison_id=comparison_id, message_ids=ids)
+                                      comparison_id=comparison_id, message_ids=ids, arena=opponent is not None)
         yield chunk(done=True)
 
     def open_comparison(self, actor: Account, conversation_id: str) -> dict | None:
@@ -207,7 +212,13 @@ class TutorService:
         self._spend(actor, "pick")
         with as_user_error(LookupError, ValueError):
             decision = self.store.decide_comparison(comparison_id, choice)
-        return {"ok": True, "winner": decision["winner"]}
+        comparison = self.store.comparison(comparison_id)
+        if not comparison.get("arena"):
+            return {"ok": True, "winner": decision["winner"]}
+        # an arena vote: the versions are shown now that the pick is in, and may decide a canary
+        ended = self.arena.review() if self.arena else None
+        return {"ok": True, "winner": decision["winner"], "canary": ended,
+                "versions": {c["label"]: c["model_version"] for c in comparison["candidates"]}}
 
     def rate(self, actor: Account, message_id: str, rating: str, reason: str = "") -> dict:
         message_id = self._own(actor, "message", message_id)
@@ -267,9 +278,11 @@ class TutorService:
 
     # -- reading, consent, export and delete -----------------------------------------------------
     def status(self, actor: Account | None = None) -> dict:
+        if self.arena:
+            self.arena.review()  # a canary's time budget ends even when nobody votes
         return {"model_version": self.engine.version, "feedback": self.store.feedback_counts(),
                 "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats(),
-                "engine": self.engine.health()}
+                "engine": self.engine.health(), "canary": self.arena.summary() if self.arena else None}
 
     def history(self, actor: Account, conversation_id: str) -> list[dict]:
         conversation_id = self._readable(actor, "conversation", conversation_id)
@@ -403,10 +416,15 @@ class TutorService:
             created = created.replace(tzinfo=timezone.utc)
         return (datetime.now(timezone.utc) - created).total_seconds() > self.limits.comparison_timeout_s
 
-    def _submit(self, messages: list[dict], n: int | None = None):
-        """One reply, or a group of `n` (a comparison's); a full queue is the user's clear "busy"."""
+    def _submit(self, messages: list[dict], n: int | None = None, engine: GenerationEngine | None = None,
+                engines: list[GenerationEngine] | None = None):
+        """One reply (from `engine`, by default the current version's), a group of `n` (a comparison's),
+        or one reply from each of `engines` (an arena pair); a full queue is the user's clear "busy"."""
+        engine = engine or self.engine
         try:
-            return self.engine.submit(messages) if n is None else self.engine.submit_group(messages, n)
+            if engines:
+                return submit_across(engines, messages)
+            return engine.submit(messages) if n is None else engine.submit_group(messages, n)
         except EngineBusy as exc:
             raise UserError(str(exc)) from None
 

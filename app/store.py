@@ -11,6 +11,9 @@ Data model:
   prompt from a history that may have been rewritten since.
 - model_versions and training_cycles record what the trainer produced and what became of it: the
   training history, which `forget_training_history()` clears without touching the feedback.
+- An arena comparison (`arena = 1`) pairs answers of two policy versions, blind; its picks are the
+  votes that rate versions. A canary is a version that passed the offline gate and serves a share of
+  learners until arena votes promote or withdraw it; `canaries` records each one and how it ended.
 
 No other module writes SQL. Ids that the UI passes around are uuid hex strings; feedback rows use
 integer ids. Timestamps are ISO-8601 UTC strings; JSON columns are TEXT, decoded on read.
@@ -38,15 +41,17 @@ log = logging.getLogger(__name__)
 TABLES = (
     "conversations", "messages", "ratings", "comparisons", "comparison_candidates",
     "comparison_picks", "rewrites", "model_versions", "training_cycles",
-    "accounts", "consents", "exclusions", "repeat_checks", "deletions",
+    "accounts", "consents", "exclusions", "repeat_checks", "deletions", "canaries",
 )
-TRAINING_HISTORY_TABLES = ("model_versions", "training_cycles")
-JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage", "feedback")
+TRAINING_HISTORY_TABLES = ("model_versions", "training_cycles", "canaries")
+JSON_COLUMNS = ("generation", "context", "ranking", "metrics", "lineage", "feedback", "settings", "verdict")
 PURPOSES = ("chat", "eval")
 ROLES = ("user", "assistant")
 RATINGS = ("up", "down")
 MODEL_KINDS = ("policy", "reward")
-CYCLE_END_STATUSES = ("promoted", "rejected", "failed", "interrupted")
+# "canary": the cycle's version passed the gate and serves a share of learners until votes decide
+CYCLE_END_STATUSES = ("promoted", "canary", "rejected", "failed", "interrupted")
+CANARY_END_STATUSES = ("promoted", "withdrawn")
 LABELS = "ABCD"  # display order of comparison candidates
 MIN_CANDIDATES, MAX_CANDIDATES = 2, len(LABELS)
 MAX_REASON_CHARS = 500
@@ -148,18 +153,26 @@ def m005_abandoned_comparisons(db: Database) -> None:
     db.table("comparisons").add_column("abandoned_at", str)
 
 
+@MIGRATIONS()
+def m006_arena(db: Database) -> None:
+    db.table("comparisons").add_column("arena", int)
+    _create(db, "canaries", {"id": int, "version": str, "baseline": str, "settings": str, "started_at": str,
+                             "ended_at": str, "status": str, "reason": str, "verdict": str},
+            pk="id", nullable=("ended_at", "reason", "verdict"))
+
+
 # A conversation that may train: not an evaluation, and its user has not declined consent.
 TRAINABLE = ("c.purpose != 'eval' and c.user not in "
              "(select user from consents where choice = 'declined')")
-# Every feedback item given in a chat (not an eval) conversation, as (created_at, kind).
+# Every feedback item given in a chat (not an eval) conversation, as (created_at, kind, user).
 CHAT_FEEDBACK = """
-    select r.created_at, 'ratings' as kind from ratings r join messages m on m.id = r.message_id
+    select r.created_at, 'ratings' as kind, c.user from ratings r join messages m on m.id = r.message_id
       join conversations c on c.id = m.conversation_id where c.purpose != 'eval'
     union all
-    select p.created_at, 'picks' as kind from comparison_picks p join comparisons x on x.id = p.comparison_id
+    select p.created_at, 'picks' as kind, c.user from comparison_picks p join comparisons x on x.id = p.comparison_id
       join conversations c on c.id = x.conversation_id where c.purpose != 'eval'
     union all
-    select w.created_at, 'rewrites' as kind from rewrites w join messages m on m.id = w.message_id
+    select w.created_at, 'rewrites' as kind, c.user from rewrites w join messages m on m.id = w.message_id
       join conversations c on c.id = m.conversation_id where c.purpose != 'eval'"""
 NO_FLAGGED_CANDIDATE = ("not exists (select 1 from comparison_candidates f join messages fm "
                         "on fm.id = f.message_id where f.comparison_id = x.id and fm.flag is not null)")
@@ -399,10 +412,11 @@ class Store:
     def add_comparison(
         self, conversation_id: str, user_message: str, context: list[dict[str, str]],
         candidates: list[dict[str, Any]], *, comparison_id: str | None = None,
-        message_ids: list[str] | None = None,
+        message_ids: list[str] | None = None, arena: bool = False,
     ) -> tuple[str, list[str]]:
         """Store a user turn and k candidate replies, labelled A.. in the (shuffled) given order.
-        The ids may be chosen by the caller (a streamed comparison shows them before it is stored)."""
+        The ids may be chosen by the caller (a streamed comparison shows them before it is stored).
+        `arena`: the candidates come from two different versions, and the pick is a vote between them."""
         self._require("conversations", "id", conversation_id)
         self._require_all_decided(conversation_id)
         _check_context(context)
@@ -421,7 +435,7 @@ class Store:
             self._insert("comparisons", {
                 "id": comparison_id, "conversation_id": conversation_id,
                 "user_message_id": user_message_id, "k": len(candidates),
-                "context": _dumps(context), "created_at": _now(), "decided_at": None,
+                "context": _dumps(context), "created_at": _now(), "decided_at": None, "arena": int(arena),
             })
             stored = []
             for label, candidate, message_id in zip(LABELS, candidates, message_ids or [None] * len(candidates)):
@@ -440,7 +454,7 @@ class Store:
         row = self._one("select * from comparisons where id = ?", [comparison_id])
         if row is not None:
             row["candidates"] = self._all(
-                """select c.label, c.message_id, m.content from comparison_candidates c
+                """select c.label, c.message_id, m.content, m.model_version from comparison_candidates c
                    join messages m on m.id = c.message_id
                    where c.comparison_id = ? order by c.label""", [comparison_id])
             row["pick"] = self._one("select choice, ranking, created_at from comparison_picks "
@@ -610,6 +624,16 @@ class Store:
         })
 
     @_locked
+    def update_lineage(self, version: str, changes: dict[str, Any]) -> None:
+        """Adds or replaces keys of a version's lineage (a canary's start and end); unknown versions are
+        skipped: one promoted just before a crash is recorded when the app next starts."""
+        row = self._one("select lineage from model_versions where version = ?", [version])
+        if row is not None:
+            lineage = row["lineage"] if isinstance(row["lineage"], dict) else {}
+            self._db.execute("update model_versions set lineage = ? where version = ?",
+                             [_dumps({**lineage, **changes}), version])
+
+    @_locked
     def model_versions(self, kind: str | None = None) -> list[dict[str, Any]]:
         _check(kind is None or kind in MODEL_KINDS, f"kind must be one of {MODEL_KINDS}")
         return self._all("select * from model_versions where ? is null or kind = ? "
@@ -653,6 +677,64 @@ class Store:
         """{"day", "kind", "n"} for ratings, picks and rewrites in chat conversations, oldest day first."""
         return self._all(f"""select substr(created_at, 1, 10) as day, kind, count(*) as n from ({CHAT_FEEDBACK})
                              group by day, kind order by day, kind""")
+
+    @_locked
+    def feedback_by_day_and_user(self, users: list[str]) -> list[dict[str, Any]]:
+        """{"day", "user", "n"}: feedback items of each of `users` per day, oldest day first."""
+        if not users:
+            return []
+        return self._all(f"""select substr(created_at, 1, 10) as day, user, count(*) as n from ({CHAT_FEEDBACK})
+                             where user in ({', '.join('?' * len(users))}) group by day, user order by day, user""",
+                         list(users))
+
+    # -- arena and canaries --
+
+    @_locked
+    def arena_votes(self, since: str | None = None) -> list[dict[str, Any]]:
+        """Decided two-answer arena comparisons: {"comparison_id", "created_at", "choice", "candidates":
+        [{"label", "model_version", "content"}]}; both_bad counts as a tie (as in Chatbot Arena)."""
+        rows = self._all("""select x.id as comparison_id, p.created_at, p.choice from comparisons x
+                            join comparison_picks p on p.comparison_id = x.id
+                            where x.arena = 1 and x.k = 2 and (? is null or p.created_at >= ?)
+                            order by p.created_at""", [since, since])
+        for row in rows:
+            row["candidates"] = self._all(
+                """select c.label, m.model_version, m.content from comparison_candidates c
+                   join messages m on m.id = c.message_id where c.comparison_id = ? order by c.label""",
+                [row["comparison_id"]])
+        return rows
+
+    @_locked
+    def start_canary(self, version: str, baseline: str, settings: dict[str, Any]) -> int:
+        """A new canary; one that still runs is withdrawn in the same transaction (superseded)."""
+        _check(isinstance(version, str) and version and isinstance(baseline, str) and baseline,
+               "a canary needs a version and a baseline")
+        _check(version != baseline, "a canary must differ from the version it is compared with")
+        now = _now()
+        with self._db.atomic():
+            self._db.execute("""update canaries set status = 'withdrawn', ended_at = ?,
+                                reason = 'superseded by a newer canary' where status = 'running'""", [now])
+            return int(self._insert("canaries", {
+                "version": version, "baseline": baseline, "settings": _dumps(settings), "started_at": now,
+                "ended_at": None, "status": "running", "reason": None, "verdict": None}))
+
+    @_locked
+    def running_canary(self) -> dict[str, Any] | None:
+        return self._one("select * from canaries where status = 'running' order by id desc limit 1")
+
+    @_locked
+    def end_canary(self, canary_id: int, status: str, reason: str, verdict: dict[str, Any] | None = None) -> bool:
+        """Ends a running canary; False if it had already ended (another process decided first)."""
+        _check(status in CANARY_END_STATUSES, f"status must be one of {CANARY_END_STATUSES}")
+        cursor = self._db.execute("""update canaries set status = ?, ended_at = ?, reason = ?, verdict = ?
+                                     where id = ? and status = 'running'""",
+                                  [status, _now(), reason, _dumps(verdict), canary_id])
+        return cursor.rowcount == 1
+
+    @_locked
+    def canaries(self) -> list[dict[str, Any]]:
+        """Every canary, newest first."""
+        return self._all("select * from canaries order by id desc")
 
     @_locked
     def last_cycle(self, statuses: tuple[str, ...] | None = None) -> dict[str, Any] | None:

@@ -177,6 +177,20 @@ class ModelRegistry:
         return final
 
 
+class PinnedSource:
+    """One version of a registry as an engine's PolicySource: an engine that serves it never follows
+    CURRENT (a canary's engine, or an earlier version's in the arena)."""
+
+    def __init__(self, registry: ModelRegistry, version: str) -> None:
+        self.registry, self.version = registry, version
+
+    def current_version(self) -> str:
+        return self.version
+
+    def load(self, version: str) -> LoadedPolicy:
+        return self.registry.load(version)
+
+
 @contextmanager
 def registry_lock(models_dir: Path):
     """One process at a time changes which versions exist and which is current (a cycle, a rollback);

@@ -163,3 +163,79 @@ def _style_difference(vote: Vote) -> list[float]:
         x, y = float(vote.style_a.get(name, 0)), float(vote.style_b.get(name, 0))
         out.append((x - y) / (x + y) if x + y else 0.0)
     return out
+
+
+def win_rate(votes: Sequence[Vote], version: str, baseline: str, style_control: bool = True,
+             bootstrap_samples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """P(`version`'s answer is preferred to `baseline`'s at equal style), with its 95% bootstrap interval:
+    sigmoid of their theta difference. Only the votes between these two versions count."""
+    pair = [v for v in votes if {v.a, v.b} == {version, baseline}]
+    if not pair:
+        return 0.5, 0.0, 1.0
+    problem = _Problem(pair, baseline, style_control)
+    theta, _ = problem.solve(torch.ones(1, len(pair), dtype=torch.float64), 1e-6)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(torch.ones(len(pair), dtype=torch.float64), len(pair) * bootstrap_samples,
+                              replacement=True, generator=generator).view(bootstrap_samples, len(pair))
+    counts = torch.nn.functional.one_hot(draws, len(pair)).sum(dim=1).double()
+    sampled, _ = problem.solve(counts, 1e-6)
+    i = problem.index[version]
+    p = torch.sigmoid(sampled[:, i]).sort().values
+    low, high = p[int(0.025 * (len(p) - 1))], p[int(math.ceil(0.975 * (len(p) - 1)))]
+    return float(torch.sigmoid(theta[0, i])), float(low), float(high)
+
+
+@dataclass
+class CanaryConfig:
+    """A version that passed the offline gate serves a share of learners before everyone (app/canary.py)."""
+
+    enabled: bool = False  # off: a version that passes the gate is promoted at once
+    conversation_share: float = 0.2  # of conversations started while it runs, answered by the canary
+    arena_share: float = 0.5  # of two-answer comparisons, which pair the canary with the current version
+    min_votes: int = 20  # no verdict before this many arena votes between the two
+    max_votes: int = 200  # undecided after this many: withdrawn, the current version stays
+    max_hours: float = 72.0  # the same, in time
+    # Promoted when the interval's low end is at or above 0.5 - margin (not worse, within the margin);
+    # withdrawn when its high end is below 0.5 (worse).
+    margin: float = 0.1
+    style_control: bool = True  # judge at equal length and format: raw votes reward longer answers
+
+    def __post_init__(self) -> None:
+        for name in ("conversation_share", "arena_share", "margin"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"canary {name} must be between 0 and 1")
+        if not 1 <= self.min_votes <= self.max_votes:
+            raise ValueError("canary min_votes must be at least 1 and at most max_votes")
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    decision: str  # "promote" | "withdraw" | "continue"
+    reason: str
+    votes: int
+    win_rate: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict:
+        return {"decision": self.decision, "reason": self.reason, "votes": self.votes,
+                "win_rate": round(self.win_rate, 4), "low": round(self.low, 4), "high": round(self.high, 4)}
+
+
+def judge_canary(votes: Sequence[Vote], canary: str, baseline: str, config: CanaryConfig,
+                 age_hours: float) -> CanaryVerdict:
+    """Not worse than the baseline: promote; worse: withdraw; undecided when the vote or time budget
+    is spent: withdraw (the current version stays, the safe side). Looking after every vote makes a
+    95% interval somewhat optimistic; min_votes keeps the first looks from deciding on a few votes."""
+    pair = [v for v in votes if {v.a, v.b} == {canary, baseline}]
+    p, low, high = win_rate(pair, canary, baseline, config.style_control) if pair else (0.5, 0.0, 1.0)
+    figures = f"win rate {p:.0%} [{low:.0%}, {high:.0%}] over {len(pair)} votes"
+    if len(pair) >= config.min_votes:
+        if high < 0.5:
+            return CanaryVerdict("withdraw", f"worse than {baseline}: {figures}", len(pair), p, low, high)
+        if low >= 0.5 - config.margin:
+            return CanaryVerdict("promote", f"not worse than {baseline}: {figures}", len(pair), p, low, high)
+    if len(pair) >= config.max_votes or age_hours >= config.max_hours:
+        return CanaryVerdict("withdraw", f"undecided within its budget ({figures}); {baseline} stays",
+                             len(pair), p, low, high)
+    return CanaryVerdict("continue", figures, len(pair), p, low, high)

@@ -6,7 +6,10 @@
     3. reward    model on all preference pairs so far; stop here unless clearly above chance on held-out pairs
     4. PPO       the reference policy against the reward model, per-token KL penalty to the reference
     5. evaluate  new vs current on held-out prompts, and the gate
-    6. promote   write the version whole, then switch models/CURRENT atomically; prune old versions
+    6. promote   write the version whole, then switch models/CURRENT atomically; prune old versions.
+                 With [retrain.canary] enabled, the version becomes a canary instead: it serves a share of
+                 learners and arena pairs, and the server promotes or withdraws it on their votes
+                 (app/canary.py); the offline gate stays the first gate.
 
 Nothing is written to the served state before step 6, so Ctrl-C or a crash anywhere leaves the served
 version and every feedback row as they were. One cycle at a time: a lock file guards the models dir.
@@ -30,6 +33,7 @@ from core.chat_format import TUTOR_SYSTEM_PROMPT
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
+from rlhf.arena import CanaryConfig
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo
@@ -66,6 +70,7 @@ class CycleConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     annotators: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
 class CycleError(RuntimeError):
@@ -74,7 +79,7 @@ class CycleError(RuntimeError):
 
 @dataclass
 class CycleOutcome:
-    status: str  # promoted | rejected | nothing_new
+    status: str  # promoted | canary | rejected | nothing_new
     message: str
     version: str | None = None
 
@@ -134,7 +139,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
         raise CycleError(f"need at least {config.min_heldout_prompts} held-out prompts, have "
                          f"{len(heldout.ppo_prompts)}; more conversations are needed")
     digest = feedback_digest(data)
-    last = store.last_cycle(statuses=("promoted", "rejected"))
+    last = store.last_cycle(statuses=("promoted", "canary", "rejected"))
     if config.skip_if_nothing_new and last and (last.get("metrics") or {}).get("feedback_digest") == digest:
         return CycleOutcome("nothing_new", f"nothing new to learn from since cycle {last['id']}")
 
@@ -213,6 +218,9 @@ def _train_and_gate(run: CycleRun) -> CycleOutcome:
     if not verdict.promote:
         return CycleOutcome("rejected", verdict.summary())
     version = _promote(run, new_policy, policy.tokenizer, rm, verdict)  # 6.
+    if run.config.canary.enabled:
+        return CycleOutcome("canary", f"{version} passed the gate and is a canary against {run.current} "
+                                      f"until arena votes decide ({verdict.summary()})", version)
     return CycleOutcome("promoted", f"promoted {version} ({verdict.summary()})", version)
 
 
@@ -311,14 +319,20 @@ def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Ve
             "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
             "config": asdict(run.config), "metrics": run.metrics, "lineage": lineage},
             extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
+    canary = run.config.canary.enabled
     failpoint("before_switch")
-    registry.set_current(version)
+    if not canary:
+        registry.set_current(version)
     failpoint("recording")
     # Recorded after the switch: a crash before it leaves the DB as it was (the app adds unknown versions on start).
     run.store.add_model_version(f"{version}/reward_model", "reward", str(registry.path(version) / "reward_model"),
                                 metrics=rm.metrics)
     run.store.add_model_version(version, "policy", str(registry.path(version)), parent=current,
                                 metrics=verdict.metrics, lineage=lineage)
+    if canary:  # the server's arena decides; nothing served changes until then
+        run.store.start_canary(version, current, asdict(run.config.canary))
+        run.say(f"   {version} is a canary: {run.config.canary.conversation_share:.0%} of new conversations, "
+                f"{run.config.canary.arena_share:.0%} of two-answer comparisons against {current}")
     prune(registry, run.config.keep_versions, run.say)
     return version
 
