@@ -679,13 +679,11 @@ class Store:
                              group by day, kind order by day, kind""")
 
     @_locked
-    def feedback_by_day_and_user(self, users: list[str]) -> list[dict[str, Any]]:
-        """{"day", "user", "n"}: feedback items of each of `users` per day, oldest day first."""
-        if not users:
-            return []
+    def feedback_by_day_and_user(self, users: list[str] | None = None) -> list[dict[str, Any]]:
+        """{"day", "user", "n"}: feedback items of each of `users` (None: everyone's) per day, oldest first."""
+        where = "" if users is None else f"where user in ({', '.join('?' * len(users))})"
         return self._all(f"""select substr(created_at, 1, 10) as day, user, count(*) as n from ({CHAT_FEEDBACK})
-                             where user in ({', '.join('?' * len(users))}) group by day, user order by day, user""",
-                         list(users))
+                             {where} group by day, user order by day, user""", list(users or []))
 
     # -- arena and canaries --
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
+from app.loop_view import write_cycle_report
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
@@ -134,7 +135,10 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     try:
         check_enough(train, config.min_pairs, config.min_prompts)
     except NotEnoughData as exc:
-        raise CycleError(str(exc)) from None
+        left = [e for e in annotators["left_out"] if e["kind"] == "user"]
+        why = (f" ({len(left)} users' feedback left out: {'; '.join(e['reason'] for e in left)})"[:600]
+               if left else "")
+        raise CycleError(f"{exc}{why}") from None
     if len(heldout.ppo_prompts) < config.min_heldout_prompts:
         raise CycleError(f"need at least {config.min_heldout_prompts} held-out prompts, have "
                          f"{len(heldout.ppo_prompts)}; more conversations are needed")
@@ -175,6 +179,10 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     run.metrics.update(feedback_digest=digest, seconds=round(time.perf_counter() - started, 1))
     store.finish_cycle(cycle_id, outcome.status, reason=outcome.message, policy_version=outcome.version,
                        reward_version=outcome.version and f"{outcome.version}/reward_model", metrics=run.metrics)
+    try:  # the figures a teacher sees, as one file; the cycle's outcome stands without it
+        say(f"   report: {write_cycle_report(store, registry, cycle_id)}")
+    except (OSError, ValueError, LookupError) as exc:
+        say(f"   (no HTML report: {exc})")
     return outcome
 
 

@@ -321,11 +321,14 @@ def test_only_teachers_admins_and_the_local_user_may_see_and_steer_the_loop():
 
 
 def test_a_teacher_sees_only_her_learners_on_the_dashboard(school):
-    from app.dashboard import learners_rows
+    from app.loop_view import learners_of, learners_rows
 
     tutor, _ = school
-    service = tutor.service
-    rows = learners_rows(service, tutor.registry, account(tutor, "tess"))
-    assert [r[0] for r in rows] == ["ada"]
-    assert sorted(r[0] for r in learners_rows(service, tutor.registry, account(tutor, "admin"))) == ["ada", "ben"]
-    assert [r[0] for r in learners_rows(service, tutor.registry, account(tutor, "ben"))] == ["ben"]
+    store = tutor.service.store
+
+    def rows(name):
+        who = account(tutor, name)
+        return [r[0] for r in learners_rows(store, tutor.registry, learners_of(store, who.role, who.name))]
+    assert rows("tess") == ["ada"]
+    assert sorted(rows("admin")) == ["ada", "ben"]
+    assert rows("ben") == ["ben"]

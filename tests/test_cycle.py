@@ -25,6 +25,9 @@ from rlhf.evaluate import GateConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig, load_reward_model
 from rlhf.sft import SFTSettings
+from app.loop_view import learner_feedback_frame
+from core.privacy import pseudonym
+from rlhf.arena import CanaryConfig
 from tiny import learnable_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +115,10 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         assert meta["parent"] == "v0000" and meta["lineage"]["feedback_rows"]["picks"]
         assert meta["config"]["ppo"]["total_episodes"] == 160 and (registry.path("v0001") / "reward_model").is_dir()
         assert (registry.root / "cycles" / "0001" / "report.md").read_text().count("**Prompt:**") >= 2
+        page = (registry.root / "cycles" / "0001" / "report.html").read_text()  # the dashboard's figures, as a file
+        assert page.count("data:image/png;base64,") == 3 and "Training cycle 1" in page and "v0001" in page
+        assert "<td>learner</td>" not in page  # learners by pseudonym only, in its tables and in its charts:
+        assert set(learner_feedback_frame(store, None, pseudonym)["learner"]) == {pseudonym("learner")}
         assert {t: store.row_counts()[t] for t in FEEDBACK_TABLES} == feedback_before  # feedback untouched
         deadline = time.time() + 10
         while engine.version != "v0001" and time.time() < deadline:  # the running server switches by itself
@@ -125,6 +132,19 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         assert rollback(registry, "v0000") and registry.current_version() == "v0000"
     finally:
         engine.close()
+
+
+def test_with_a_canary_a_version_that_passes_the_gate_waits_for_votes(setup):
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    config = dataclasses.replace(TINY_CYCLE, canary=CanaryConfig(enabled=True, conversation_share=0.3))
+    outcome = run_cycle(store, registry, config, say=lambda *_: None)
+    assert outcome.status == "canary" and outcome.version == "v0001", outcome.message
+    assert registry.current_version() == "v0000" and "v0001" in registry.versions()  # written, not served
+    canary = store.running_canary()
+    assert (canary["version"], canary["baseline"], canary["settings"]["conversation_share"]) == ("v0001", "v0000", 0.3)
+    assert store.last_cycle()["status"] == "canary"
+    assert run_cycle(store, registry, config, say=lambda *_: None).status == "nothing_new"
 
 
 @pytest.mark.parametrize("form", ["implicit", "bag_of_tokens"])
