@@ -725,6 +725,7 @@ def looped(serve_tutor, tmp_path_factory):
     from app.store import Store
     from app.versions import ModelRegistry
     from rlhf.cycle import run_cycle
+    from test_canary import vote
     from test_cycle import TINY_CYCLE, give_feedback, prefers_examples
     from tiny import learnable_policy
 
@@ -735,6 +736,9 @@ def looped(serve_tutor, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch, Store(root / "c.db") as store:
         patch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
         give_feedback(store, 80, prefers_examples)
+        arena_rng = _random.Random(0)
+        for i in range(16):  # blind arena votes between v0001 (to come) and v0000: the leaderboard rates them
+            vote(store, i % 4 != 0, arena_rng, canary="v0001", baseline="v0000")
         outcome = run_cycle(store, registry, TINY_CYCLE, say=lambda *_: None)
         accounts = Accounts(store)
         accounts.add("tess", "teacher", PASSWORD)
@@ -767,6 +771,16 @@ def test_a_teacher_sees_the_loop_and_rolls_back_and_a_learner_does_not_see_it(lo
     assert "ada" in learners, learners
     versions = browser.find_element(By.CSS_SELECTOR, "#versions-table").text
     assert "v0000" in versions and "served" in versions
+    board = browser.find_element(By.CSS_SELECTOR, "#leaderboard").text
+    assert "v0001" in board and "v0000" in board and "16" in board, board
+    assert board.index("v0001") < board.index("v0000"), "the version with 75% of the votes is not rated first"
+    assert "No canary is running" in browser.find_element(By.CSS_SELECTOR, "#canary-summary").text
+    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#learner-plot canvas, #learner-plot svg"))
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    browser.find_element(By.ID, "cycle-report").click()  # the cycle's figures as one HTML file
+    downloaded = WebDriverWait(browser, 30, poll_frequency=0.3).until(
+        lambda d: (path := tmp_path / "cycle-0001.html").exists() and path.read_text())
+    assert "Training cycle 1" in downloaded and "data:image/png;base64," in downloaded
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "dashboard.png"))
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
