@@ -122,9 +122,8 @@ class Arena:
             if engine is not None or version in self._loading:
                 return engine
             self._loading.add(version)
-            stale = [v for v in self._engines if v != version]
-            for old in stale:  # one version besides the current is wanted at a time
-                self._engines.pop(old).close()
+            for old in [v for v in self._engines if v != version]:  # one version besides the current at a time
+                self._retire(self._engines.pop(old))
         threading.Thread(target=self._load, args=(version,), name=f"load-{version}", daemon=True).start()
         return None
 
@@ -138,6 +137,16 @@ class Arena:
             self._loading.discard(version)
             if engine is not None:
                 self._engines[version] = engine
+
+    @staticmethod
+    def _retire(engine: GenerationEngine, grace_s: float = 120.0) -> None:
+        """Closes an engine once the replies it is writing are done (or after `grace_s`), in the background."""
+        def close_when_idle():
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(engine.load_stats()[k] for k in ("running", "waiting")):
+                time.sleep(0.2)
+            engine.close()
+        threading.Thread(target=close_when_idle, name="retire-engine", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -191,7 +200,7 @@ class Arena:
         with self._lock:  # its engine is not wanted any more (promoted: the main engine switches to it)
             engine = self._engines.pop(canary["version"], None)
         if engine is not None:
-            engine.close()
+            self._retire(engine)
         return {"version": canary["version"], "status": status, "reason": reason, "verdict": verdict}
 
     # -- what the dashboard and /status show ----------------------------------------------------

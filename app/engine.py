@@ -379,6 +379,10 @@ class GenerationEngine:
         with self._wake:
             self._wake.notify()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # whoever still waits is told, instead of waiting for a timeout
+            with self._wake:
+                left, self._waiting = [*self._batch.requests, *self._waiting], collections.deque()
+            self._fail(left, "the tutor stopped; please try again")
 
     def load_stats(self) -> dict:
         """How busy the engine is: rows decoding, requests waiting, and the version served."""

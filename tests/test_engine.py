@@ -5,7 +5,9 @@ import time
 import pytest
 import torch
 
-from app.engine import EngineBusy, EngineConfig, GenerationEngine, SamplingConfig
+from dataclasses import replace
+
+from app.engine import EngineBusy, EngineConfig, EngineFault, GenerationEngine, SamplingConfig
 from core.chat_format import fit_context
 from app.versions import ModelRegistry, load_pretrained
 from tiny import tiny_model, tiny_tokenizer
@@ -455,3 +457,14 @@ def test_a_stuck_engine_answers_its_client_within_the_deadline(engine_factory):
     assert time.monotonic() - started < 2
     assert request.cancelled.is_set()
     stuck.set()
+
+
+def test_closing_an_engine_tells_the_replies_it_was_writing_instead_of_leaving_them_waiting(engine_factory):
+    engine = endless(engine_factory, replace(GREEDY, max_new_tokens=900))
+    running = engine.submit([{"role": "user", "content": "Go on forever"}])
+    next(running.tokens(timeout=30))  # decoding
+    started = time.monotonic()
+    engine.close()
+    with pytest.raises(EngineFault, match="stopped"):
+        list(running.tokens(timeout=30))
+    assert time.monotonic() - started < 15
