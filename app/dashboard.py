@@ -59,6 +59,11 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
                                 label="Canaries")
         gr.Markdown("#### Learners")
         learners = gr.Dataframe(headers=view.LEARNER_COLUMNS, interactive=False, wrap=True, elem_id="learners-table")
+        with gr.Row():
+            left_out = gr.Dropdown([], label="Leave a learner out of training", elem_id="exclude-learner", scale=2)
+            exclude_reason = gr.Textbox(label="Why (kept with the exclusion)", max_lines=1, scale=3,
+                                        elem_id="exclude-reason")
+            exclude_btn = gr.Button("Leave out", elem_id="exclude", scale=1)
         gr.Markdown("#### Versions")
         versions = gr.Dataframe(headers=view.VERSION_COLUMNS, interactive=False, wrap=True, elem_id="versions-table")
         with gr.Row():
@@ -118,6 +123,7 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
                 canaries: view.canaries_rows(store),
                 versions: view.versions_rows(store, registry, service.engine.version),
                 learners: view.learners_rows(store, registry, names),
+                left_out: gr.update(choices=[n for n in names if n], value=None),
                 target: gr.update(choices=registry.versions(), value=None)}
 
     def pick_cycle(cycle_id, request: gr.Request):
@@ -133,6 +139,17 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
         except (ModelError, RegistryBusy) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         gr.Info(message)
+        return load(request)
+
+    def exclude(learner: str | None, reason: str, request: gr.Request):
+        account = steward(request)
+        if not learner:
+            raise gr.Error("choose a learner to leave out", print_exception=False)
+        try:  # the service checks again that this learner is the teacher's
+            service.exclude(account, "user", learner, reason or "")
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        gr.Info(f"{learner}'s feedback is left out of every later cycle")
         return load(request)
 
     def retrain_now(request: gr.Request):
@@ -162,11 +179,12 @@ def build_tab(service: TutorService, registry: ModelRegistry, actor, retrain_com
         return {**load(request), progress: done, timer: gr.Timer(active=False)}
 
     outputs = [summary, feedback, by_learner, cycles, chosen, curves, answers, report, canary, leaderboard,
-               canaries, learners, versions, target]
+               canaries, learners, left_out, versions, target]
     retrain_btn.click(retrain_now, None, [progress, timer], api_visibility="private")
     timer.tick(follow, None, [*outputs, progress, timer], api_visibility="private", show_progress="hidden")
     tab.select(load, None, outputs, api_visibility="private")
     refresh.click(load, None, outputs, api_visibility="private")
     chosen.input(pick_cycle, [chosen], [curves, answers, report], api_visibility="private")
     rollback_btn.click(roll_back, [target], outputs, api_visibility="private")
+    exclude_btn.click(exclude, [left_out, exclude_reason], outputs, api_visibility="private")
     return tab, show

@@ -18,7 +18,8 @@ from app.versions import ModelRegistry
 PASSWORD = "pw-dashboard-1234"
 # Every event of the tab, by the element that fires it and the data it sends.
 DASHBOARD_EVENTS = {("dashboard-refresh", "click"): [], ("rollback", "click"): ["v0000"],
-                    ("retrain-now", "click"): [], ("ppo-cycle", "input"): [None], ("teacher-tab", "select"): []}
+                    ("retrain-now", "click"): [], ("ppo-cycle", "input"): [None], ("teacher-tab", "select"): [],
+                    ("exclude", "click"): ["ada", "spam"]}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,11 @@ def test_a_learner_cannot_fire_any_teacher_event_by_raw_http(school):
         assert "only a teacher or an admin" in json.dumps(message), (key, message)
         assert "ada" not in json.dumps(message.get("output", {}).get("data", [])), key  # nothing of the tab's data
     assert registry.current_version() == "v0001" and not log.exists()  # no rollback, no retrain started
+    assert tutor.service.store.training_exclusions() == []  # and nobody left out
     refreshed = fire(tess, *events[("dashboard-refresh", "click")], [], session=teachers_page)
     assert refreshed["success"] is True and "ada" in json.dumps(refreshed["output"]["data"])  # the probe works
     rolled = fire(tess, *events[("rollback", "click")], ["v0000"], session=teachers_page)
     assert rolled["success"] is True and registry.current_version() == "v0000"
+    excluded = fire(tess, *events[("exclude", "click")], ["ada", "copied answers"], session=teachers_page)
+    assert excluded["success"] is True
+    assert [(e["kind"], e["target"]) for e in tutor.service.store.training_exclusions()] == [("user", "ada")]
