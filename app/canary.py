@@ -5,7 +5,7 @@ A cycle whose version passes the offline gate with [retrain.canary] enabled reco
 `canaries`) instead of switching CURRENT. While it runs, a share of the conversations started after it
 answer from it, and a share of two-answer comparisons pair it with the current version, blind and in
 random order (the service reveals the versions after the pick). After each vote, `review` asks
-rlhf/arena.py's `judge_canary`: not worse -> CURRENT switches to it (under the registry's lock, as a
+core/arena.py's `judge_canary`: not worse -> CURRENT switches to it (under the registry's lock, as a
 rollback does), worse or undecided within its budget -> withdrawn. Without a canary, `ArenaConfig.share`
 of two-answer comparisons pair the current version with its parent, so the leaderboard keeps rating them.
 
@@ -28,7 +28,7 @@ from app.engine import GenerationEngine
 from app.failpoints import failpoint
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, registry_lock
-from rlhf.arena import CanaryConfig, Vote, judge_canary, ratings, style_of
+from core.arena import CanaryConfig, Vote, judge_canary, ratings, style_of
 
 log = logging.getLogger(__name__)
 WINNER_OF_CHOICE = {"A": "a", "B": "b", "tie": "tie", "both_bad": "tie"}

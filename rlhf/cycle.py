@@ -34,7 +34,7 @@ from app.loop_view import write_cycle_report
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
-from rlhf.arena import CanaryConfig
+from core.arena import CanaryConfig
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, save_history, train_ppo

@@ -12,7 +12,7 @@ PACKAGES = ("core", "app", "rlhf", "bench")
 ALLOWED = {  # package -> the project modules it may import, beside its own
     "core": set(),
     "app": {"core"},
-    "rlhf": {"core", "app.store", "app.versions", "app.failpoints", "app.config", "app.embedded"},
+    "rlhf": {"core", "app.store", "app.versions", "app.failpoints", "app.config", "app.embedded", "app.loop_view"},
     "bench": {"core", "app.store", "app.versions", "app.config", "app.embedded", "rlhf"},
 }
 

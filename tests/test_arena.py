@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rlhf.arena import ELO_SCALE, Vote, fit, ratings, style_of
+from core.arena import ELO_SCALE, Vote, fit, ratings, style_of
 
 
 def test_the_fit_recovers_a_hand_computed_example():

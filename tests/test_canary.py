@@ -19,7 +19,7 @@ from app.embedded import ensure_base
 from app.store import Store
 from app.versions import ModelRegistry, record_versions
 from core.chat_format import TUTOR_SYSTEM_PROMPT
-from rlhf.arena import CanaryConfig
+from core.arena import CanaryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FEEDBACK_TABLES = ("conversations", "messages", "ratings", "comparisons", "comparison_candidates",

@@ -27,7 +27,7 @@ from rlhf.reward import RewardConfig, load_reward_model
 from rlhf.sft import SFTSettings
 from app.loop_view import learner_feedback_frame
 from core.privacy import pseudonym
-from rlhf.arena import CanaryConfig
+from core.arena import CanaryConfig
 from tiny import learnable_policy
 
 ROOT = Path(__file__).resolve().parents[1]

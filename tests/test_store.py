@@ -58,6 +58,7 @@ def every_kind_of_row(store: Store) -> None:
     store.finish_cycle(store.start_cycle(), "promoted", policy_version="policy-1",
                        reward_version="reward-1")
     store.start_cycle()
+    store.start_canary("policy-1", "policy-0", {"min_votes": 20})
 
 
 def rows_of(path: Path) -> dict[str, list[tuple]]:
@@ -97,7 +98,7 @@ def test_backup_holds_every_row_even_those_still_in_the_wal(tmp_path: Path) -> N
     assert not list(tmp_path.glob("*partial*"))  # the temporary name was renamed away
 
 
-HISTORY = ("model_versions", "training_cycles")
+HISTORY = ("model_versions", "training_cycles", "canaries")
 
 
 def test_forget_training_history_keeps_conversations_and_feedback(tmp_path: Path) -> None:
@@ -125,7 +126,7 @@ def test_forget_training_history_is_one_transaction(tmp_path: Path) -> None:
         # Each table refuses to be emptied once the other one is: whichever goes first goes, the
         # second delete fails, and the first must be undone with it.
         with closing(sqlite3.connect(path)) as db:
-            for table, other in (HISTORY, HISTORY[::-1]):
+            for table, other in (HISTORY[:2], HISTORY[1::-1]):
                 db.execute(f"""create trigger keep_{table} before delete on [{table}]
                                when not exists (select 1 from [{other}])
                                begin select raise(abort, 'the other table is already empty'); end""")
