@@ -28,7 +28,7 @@ from app.engine import GenerationEngine
 from app.failpoints import failpoint
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, registry_lock
-from core.arena import CanaryConfig, Vote, judge_canary, ratings, style_of
+from core.arena import CanaryConfig, CanaryVerdict, Vote, judge_canary, ratings, style_of
 
 log = logging.getLogger(__name__)
 WINNER_OF_CHOICE = {"A": "a", "B": "b", "tie": "tie", "both_bad": "tie"}
@@ -80,12 +80,13 @@ class Arena:
         self._loading: set[str] = set()
         self._lock = threading.Lock()
         self._last_review = 0.0
+        self._judged: tuple | None = None  # (what the votes were, their verdict): see _judge
 
     # -- who answers -------------------------------------------------------------------------------
     def engine_for(self, conversation: dict) -> GenerationEngine:
         """The canary's engine for a conversation in its share (started after it, by a hash of the two
         ids, so a conversation keeps its version); the current version's otherwise."""
-        self._review_now_and_then()
+        self.review_if_due()
         canary = self.store.running_canary()
         if canary is None or conversation["created_at"] < canary["started_at"]:
             return self.engine
@@ -97,7 +98,7 @@ class Arena:
     def opponent(self) -> GenerationEngine | None:
         """The engine of the version a two-answer comparison pairs with the current one, or None for a
         comparison of the current version's own answers."""
-        self._review_now_and_then()
+        self.review_if_due()
         canary = self.store.running_canary()
         if canary is not None:
             share, version = canary_settings(canary).arena_share, canary["version"]
@@ -155,7 +156,7 @@ class Arena:
             engine.close()
 
     # -- the canary's end --------------------------------------------------------------------------
-    def _review_now_and_then(self) -> None:
+    def review_if_due(self) -> None:
         if self.clock() - self._last_review >= self.config.review_every_s:
             self.review()
 
@@ -171,10 +172,7 @@ class Arena:
             return self._end(canary, "promoted", "was already current", None)
         if current != canary["baseline"]:
             return self._end(canary, "withdrawn", f"the served version changed to {current} while it ran", None)
-        votes = votes_from_rows(self.store.arena_votes(since=canary["started_at"]))
-        started = datetime.fromisoformat(canary["started_at"])
-        age_hours = (datetime.fromtimestamp(self.clock(), timezone.utc) - started).total_seconds() / 3600
-        verdict = judge_canary(votes, canary["version"], canary["baseline"], canary_settings(canary), age_hours)
+        verdict = self._judge(canary)
         if verdict.decision == "continue":
             return None
         if verdict.decision == "withdraw":
@@ -189,6 +187,19 @@ class Arena:
             log.error("could not promote canary %s: %s", canary["version"], exc)
             return None
         return self._end(canary, "promoted", verdict.reason, verdict.as_dict())
+
+    def _judge(self, canary: dict) -> CanaryVerdict:
+        """judge_canary on the canary's votes so far; the bootstrap fit is redone only when a vote came,
+        went (a deletion) or the time budget ran out since the last call."""
+        rows = self.store.arena_votes(since=canary["started_at"])
+        settings = canary_settings(canary)
+        started = datetime.fromisoformat(canary["started_at"])
+        age_hours = (datetime.fromtimestamp(self.clock(), timezone.utc) - started).total_seconds() / 3600
+        key = (canary["id"], len(rows), rows[-1]["comparison_id"] if rows else None, age_hours >= settings.max_hours)
+        if self._judged is None or self._judged[0] != key:
+            verdict = judge_canary(votes_from_rows(rows), canary["version"], canary["baseline"], settings, age_hours)
+            self._judged = (key, verdict)
+        return self._judged[1]
 
     def _end(self, canary: dict, status: str, reason: str, verdict: dict | None) -> dict | None:
         if not self.store.end_canary(canary["id"], status, reason, verdict):
@@ -209,11 +220,9 @@ class Arena:
         canary = self.store.running_canary()
         if canary is None:
             return None
-        settings = canary_settings(canary)
-        votes = votes_from_rows(self.store.arena_votes(since=canary["started_at"]))
-        verdict = judge_canary(votes, canary["version"], canary["baseline"], settings, 0.0)
+        verdict = self._judge(canary)
         return {"version": canary["version"], "baseline": canary["baseline"], "started_at": canary["started_at"],
-                "settings": asdict(settings), "votes": verdict.votes, "win_rate": round(verdict.win_rate, 4),
+                "settings": asdict(canary_settings(canary)), "votes": verdict.votes, "win_rate": round(verdict.win_rate, 4),
                 "interval": [round(verdict.low, 4), round(verdict.high, 4)]}
 
     def leaderboard(self, style_control: bool) -> list[dict]:

@@ -212,13 +212,11 @@ class TutorService:
         self._spend(actor, "pick")
         with as_user_error(LookupError, ValueError):
             decision = self.store.decide_comparison(comparison_id, choice)
-        comparison = self.store.comparison(comparison_id)
-        if not comparison.get("arena"):
+        if not decision["versions"]:
             return {"ok": True, "winner": decision["winner"]}
         # an arena vote: the versions are shown now that the pick is in, and may decide a canary
         ended = self.arena.review() if self.arena else None
-        return {"ok": True, "winner": decision["winner"], "canary": ended,
-                "versions": {c["label"]: c["model_version"] for c in comparison["candidates"]}}
+        return {"ok": True, "winner": decision["winner"], "canary": ended, "versions": decision["versions"]}
 
     def rate(self, actor: Account, message_id: str, rating: str, reason: str = "") -> dict:
         message_id = self._own(actor, "message", message_id)
@@ -279,7 +277,7 @@ class TutorService:
     # -- reading, consent, export and delete -----------------------------------------------------
     def status(self, actor: Account | None = None) -> dict:
         if self.arena:
-            self.arena.review()  # a canary's time budget ends even when nobody votes
+            self.arena.review_if_due()  # a canary's time budget ends even when nobody votes
         return {"model_version": self.engine.version, "feedback": self.store.feedback_counts(),
                 "last_cycle": self.store.last_cycle(), "load": self.engine.load_stats(),
                 "engine": self.engine.health(), "canary": self.arena.summary() if self.arena else None}

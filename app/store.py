@@ -463,7 +463,8 @@ class Store:
 
     @_locked
     def decide_comparison(self, comparison_id: str, choice: str) -> dict[str, Any]:
-        """Record the pick and put the winner on the main line (candidate A after tie/both_bad)."""
+        """Record the pick and put the winner on the main line (candidate A after tie/both_bad). For an
+        arena comparison, `versions` says which version wrote each label (empty otherwise)."""
         comparison = self.comparison(comparison_id)
         if comparison is None:
             raise LookupError(f"unknown comparison {comparison_id!r}")
@@ -481,7 +482,8 @@ class Store:
             self._db.execute("update comparisons set decided_at = ? where id = ?",
                              [now, comparison_id])
             self._db.execute("update messages set active = 1 where id = ?", [winner])
-        return {"ranking": ranking, "winner": winner}
+        versions = {c["label"]: c["model_version"] for c in comparison["candidates"]} if comparison["arena"] else {}
+        return {"ranking": ranking, "winner": winner, "versions": versions}
 
     @_locked
     def abandon_comparison(self, comparison_id: str) -> None:

@@ -213,7 +213,7 @@ def test_comparison_of_two_pick_b(store: Store) -> None:
     assert not store.message(a)["active"] and not store.message(b)["active"]
 
     result = store.decide_comparison(comparison_id, "B")
-    assert result == {"ranking": [b, a], "winner": b}
+    assert result == {"ranking": [b, a], "winner": b, "versions": {}}
     assert store.message(b)["active"] and not store.message(a)["active"]
     assert store.history(conversation_id)[-1]["message_id"] == b
     assert store.comparison(comparison_id)["decided_at"] is not None
@@ -227,7 +227,7 @@ def test_comparison_of_three_full_order(store: Store) -> None:
     comparison_id, (a, b, c) = store.add_comparison(conversation_id, "And 3 + 3?", CONTEXT,
                                                     candidates(3))
     assert store.decide_comparison(comparison_id, " c, A ,b") == {"ranking": [c, a, b],
-                                                                  "winner": c}
+                                                                  "winner": c, "versions": {}}
     assert store.comparison(comparison_id)["pick"]["choice"] == "C,A,B"
     assert store.message(c)["active"] and not store.message(a)["active"]
 
@@ -236,7 +236,7 @@ def test_comparison_of_three_single_best(store: Store) -> None:
     conversation_id, _ = chat(store)
     comparison_id, (_, b, _) = store.add_comparison(conversation_id, "And 3 + 3?", CONTEXT,
                                                     candidates(3))
-    assert store.decide_comparison(comparison_id, "B") == {"ranking": [b], "winner": b}
+    assert store.decide_comparison(comparison_id, "B") == {"ranking": [b], "winner": b, "versions": {}}
 
 
 @pytest.mark.parametrize("choice", ["tie", "both_bad"])
@@ -244,7 +244,7 @@ def test_comparison_without_preference_continues_from_a(store: Store, choice: st
     conversation_id, _ = chat(store)
     comparison_id, (a, _) = store.add_comparison(conversation_id, "And 3 + 3?", CONTEXT,
                                                  candidates(2))
-    assert store.decide_comparison(comparison_id, choice) == {"ranking": [], "winner": a}
+    assert store.decide_comparison(comparison_id, choice) == {"ranking": [], "winner": a, "versions": {}}
     assert store.history(conversation_id)[-1]["message_id"] == a
 
 
