@@ -30,9 +30,10 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from core.causal_lm import left_pad, left_pad_to, next_position_ids, position_ids
-from core.chat_format import end_of_turn_ids
-from core.precision import inference_dtype
+from core.causal_lm import left_pad_to, next_position_ids
+from core.chat_format import TUTOR_SYSTEM_PROMPT, end_of_turn_ids
+from core.precision import check_inference_precision, inference_dtype
+from core.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, prefill, system_prefix_ids
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,15 @@ class EngineConfig:
     # The longest a reply may go without a token (queue wait and prefill included) before its
     # client is told so; a healthy engine under full load stays far below it.
     token_timeout_s: float = 120.0
-    # Weights' dtype while serving. "auto": as loaded (bf16 on a GPU, fp32 on a CPU). "bf16" pays on a
-    # CPU with bf16 instructions (AVX512-BF16, AMX); bench/bench_serving.py measures it.
+    # Weights' dtype while serving. "auto": the machine's precision plan (core/precision.py): bf16 on a
+    # GPU or a CPU with bf16 instructions (AVX512-BF16, AMX), fp32 elsewhere; bench/bench_serving.py.
     precision: str = "auto"
+    # The system prompt's keys and values computed once per version and shared by every prompt that
+    # starts with it (core/prefix_cache.py): a new conversation's prefill runs only its own tokens.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
-        inference_dtype(self.precision)  # a bad setting fails when read, not on the decode thread
+        check_inference_precision(self.precision)  # a bad setting fails when read, not on the decode thread
 
 
 class Policy(Protocol):
@@ -228,6 +232,7 @@ class EngineStats:
     faults: int = 0  # requests' batches failed by an exception in prefill or a step
     restarts: int = 0  # of the decode thread
     last_fault: str | None = None
+    prefix_hits: int = 0  # prompts prefilled from the cached system turn
 
 
 class _Batch:
@@ -305,8 +310,10 @@ class GenerationEngine:
     """Owns the served policy and one decode thread. `submit` is safe to call from any thread."""
 
     def __init__(self, source: PolicySource, prepare: PreparePrompt, sampling: SamplingConfig,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, system_prompt: str = TUTOR_SYSTEM_PROMPT) -> None:
         self.source, self.prepare, self.sampling = source, prepare, sampling
+        self.system_prompt = system_prompt  # whose turn's KV cache is kept (EngineConfig.prefix_cache)
+        self._prefixes: dict[str, PrefixCache | None] = {}  # version -> its cached system turn
         self.config = config or EngineConfig()
         self.stats = EngineStats()
         self._warpers = make_warpers(sampling)
@@ -475,15 +482,17 @@ class GenerationEngine:
             log.exception("could not load promoted policy %s; still serving %s", version, self.policy.version)
             return
         self._on_probation = (self.policy, self._eos)
+        self._prefixes = {v: c for v, c in self._prefixes.items() if v in (version, self.policy.version)}
         self.policy, self._eos = policy, eos
         self.stats.swaps += 1
         log.info("now serving policy %s", version)
 
     def _load_policy(self, version: str) -> Policy:
         policy = self.source.load(version)
-        dtype = inference_dtype(self.config.precision)
-        if dtype is not None:
-            policy.model.to(dtype)  # the engine's own copy, loaded for it alone
+        policy.model.to(inference_dtype(self.config.precision))  # the engine's own copy, loaded for it alone
+        if self.config.prefix_cache:  # once per version: every new conversation starts with these tokens
+            ids = system_prefix_ids(policy.tokenizer, self.system_prompt)
+            self._prefixes[version] = PrefixCache(policy.model, ids) if len(ids) >= MIN_PREFIX_TOKENS else None
         return policy
 
     def _admit(self) -> None:
@@ -514,14 +523,21 @@ class GenerationEngine:
                 self._fault("prefill", exc, ready)
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Runs the new prompts as one left-padded batch and joins them to the running batch."""
+        """Runs the new prompts as left-padded batches (those that start with the system turn from its
+        cached keys and values, the others whole) and joins them to the running batch."""
+        prefix = self._prefixes.get(self.policy.version)
+        hit = [prefix is not None and prefix.covers(r.token_ids) for r in requests]
+        for group, group_prefix in (([r for r, h in zip(requests, hit) if h], prefix),
+                                    ([r for r, h in zip(requests, hit) if not h], None)):
+            if group:
+                self._prefill_group(group, group_prefix)
+
+    def _prefill_group(self, requests: list[Request], prefix: PrefixCache | None) -> None:
         model = self.policy.model
-        input_ids, attention_mask = left_pad([r.token_ids for r in requests], self.policy.tokenizer.pad_token_id or 0)
-        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    cache=cache, use_cache=True, logits_to_keep=1)
+        out, attention_mask, cache = prefill(model, [r.token_ids for r in requests],
+                                             self.policy.tokenizer.pad_token_id or 0, prefix)
         self.stats.forward_batch_sizes[len(requests)] += 1
+        self.stats.prefix_hits += len(requests) if prefix is not None else 0
         seen = torch.zeros(len(requests), out.logits.shape[-1], dtype=torch.bool, device=model.device)
         for row, r in enumerate(requests):
             seen[row, r.token_ids] = True

@@ -28,8 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.failpoints import failpoint
 from core.chat_format import TUTOR_SYSTEM_PROMPT
+from core import precision as machine_precision
+from core.precision import inference_dtype, wants_bf16
 from app.loop_view import write_cycle_report
 from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
@@ -102,6 +106,24 @@ def feedback_digest(data) -> str:
     return hashlib.sha256(json.dumps(data.lineage(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def precision_choices(config: CycleConfig) -> dict:
+    """What each stage runs in on this machine, with the plan's reason (settings other than "auto" win)."""
+    plan = machine_precision.precision_plan()
+    ppo = config.ppo
+    rollouts = (f"merged {'bf16' if inference_dtype(ppo.rollout_precision) == torch.bfloat16 else 'fp32'} copy"
+                if ppo.merged_rollouts else "the trained model (LoRA unmerged)")
+    choices = {"sft_bf16": wants_bf16(config.sft.bf16), "reward_bf16": config.reward.use_bf16(),
+               "ppo_bf16": ppo.use_bf16(), "rollouts": rollouts, "rollout_prefix_cache": ppo.prefix_cache,
+               "gate_sampling": "bf16" if inference_dtype(config.gate.precision) == torch.bfloat16 else "fp32",
+               "gate_prefix_cache": config.gate.prefix_cache, "plan": plan.reason}
+    on = [name for name, key in (("SFT", "sft_bf16"), ("reward model", "reward_bf16"), ("PPO", "ppo_bf16"))
+          if choices[key]]
+    choices["summary"] = (f"precision: bf16 autocast for {', '.join(on) or 'nothing'}; rollouts from the {rollouts}"
+                          f"{' with the system turn cached' if ppo.prefix_cache else ''}; gate samples in "
+                          f"{choices['gate_sampling']} (on {plan.device}: {plan.reason})")
+    return choices
+
+
 def run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say=print) -> CycleOutcome:
     with retrain_lock(registry.root):
         left = registry.clean_leftovers()
@@ -156,6 +178,8 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
                    workdir=registry.root / "cycles" / f"{cycle_id:04d}", say=say,
                    metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts(),
                             "left_out": annotators["left_out"]})
+    run.metrics["precision"] = precision_choices(config)
+    say(f"   {run.metrics['precision']['summary']}")
     for entry in annotators["left_out"]:
         say(f"   left out {entry['kind']} {entry['target']} ({entry['items']} items): {entry['reason']}")
     try:

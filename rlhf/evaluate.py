@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.causal_lm import left_pad, sequence_logprob
+from core.causal_lm import sequence_logprob
 from core.chat_format import TUTOR_SYSTEM_PROMPT, end_of_turn_ids, generation_prompt_ids
-from core.precision import for_sampling, inference_dtype
+from core.precision import check_inference_precision, for_sampling
+from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.stats import bootstrap, wilson
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
@@ -47,12 +48,14 @@ class GateConfig:
     temperature: float = 0.7
     seed: int = 0
     samples_in_report: int = 6
-    # Weights' dtype for sampling the answers (and the regression set's): "auto" keeps each model's own;
-    # "bf16" pays on a CPU with bf16 instructions. KL is computed in the models' own dtype.
+    # Weights' dtype for sampling the answers (and the regression set's): "auto" as this machine's
+    # precision plan says (bf16 on a GPU or a CPU with bf16 instructions), "bf16" or "fp32". KL is
+    # computed in the models' own dtype.
     precision: str = "auto"
+    prefix_cache: bool = True  # the system turn's KV computed once per sampler (core/prefix_cache.py)
 
     def __post_init__(self) -> None:
-        inference_dtype(self.precision)  # a bad setting fails when read, not after PPO
+        check_inference_precision(self.precision)  # a bad setting fails when read, not after PPO
 
 
 @dataclass
@@ -68,23 +71,24 @@ class Verdict:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 16, seed: int = 0) -> tuple[list[str], list[list[int]], list[list[int]]]:
+             batch_size: int = 16, seed: int = 0,
+             prefix_cache: bool = True) -> tuple[list[str], list[list[int]], list[list[int]]]:
     """Left-padded batched generation. Returns texts, prompt token ids and answer token ids; an answer that
     ended keeps its EOS token: ending there is one of the policy's choices, and its log-probability
-    belongs in the KL (a policy taught to stop early spends much of its KL on that one token)."""
+    belongs in the KL (a policy taught to stop early spends much of its KL on that one token).
+    prefix_cache: the prompts' shared system turn is run once, not once per answer (core/prefix_cache.py)."""
     torch.manual_seed(seed)
     eos = end_of_turn_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    encoded = [generation_prompt_ids(tokenizer, p) for p in prompts]
+    prefix = shared_prefix_cache(model, encoded) if prefix_cache else None
     texts, prompt_ids, answer_ids = [], [], []
     for start in range(0, len(prompts), batch_size):
-        chunk = [generation_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-        input_ids, attention_mask = left_pad(chunk, pad_id)
+        chunk = encoded[start:start + batch_size]
         sample = temperature > 0
-        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=sample, top_k=0,
-                             temperature=temperature if sample else None, top_p=None,
-                             eos_token_id=eos, pad_token_id=pad_id)
-        for prompt, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+        out = generate_answers(model, chunk, pad_id, prefix, max_new_tokens=max_new_tokens, do_sample=sample,
+                               top_k=0, temperature=temperature if sample else None, top_p=None, eos_token_id=eos)
+        for prompt, row in zip(chunk, out.tolist()):
             end = next((i for i, token in enumerate(row) if token in eos), None)
             answer = row if end is None else row[:end + 1]
             prompt_ids.append(prompt)
@@ -140,9 +144,10 @@ def is_correct(answer: str, accepted: list[str]) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(a.lower())}(?![\w])", text) for a in accepted)
 
 
-def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict], max_new_tokens: int) -> tuple[float, list[str]]:
+def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict], max_new_tokens: int,
+                        prefix_cache: bool = True) -> tuple[float, list[str]]:
     prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": it["question"]}] for it in items]
-    answers, _, _ = generate(model, tokenizer, prompts, max_new_tokens)  # greedy: repeatable
+    answers, _, _ = generate(model, tokenizer, prompts, max_new_tokens, prefix_cache=prefix_cache)  # greedy: repeatable
     return sum(is_correct(a, it["answers"]) for a, it in zip(answers, items)) / len(items), answers
 
 
@@ -195,8 +200,10 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
         models.new, models.base, answers.new_prompt_ids, answers.new_answer_ids, temperature, new_logprobs)
     # 4. the regression set
     items = load_regression_set()
-    acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens)
-    acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens)
+    acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens,
+                                     config.prefix_cache)
+    acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens,
+                                     config.prefix_cache)
     del sampler_cur, sampler_new
     p = (acc_cur + acc_new) / 2
     noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
@@ -234,9 +241,9 @@ def head_to_head(sampler_cur, sampler_new, tokenizer, prompts: list[list[dict]],
     """Each prompt k times to each policy, from the same seed; answer lengths without their EOS."""
     asked = [p for p in prompts for _ in range(k)]
     cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
-                                    seed=config.seed)
+                                    seed=config.seed, prefix_cache=config.prefix_cache)
     new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
-                                                 config.temperature, seed=config.seed)
+                                                 config.temperature, seed=config.seed, prefix_cache=config.prefix_cache)
     eos = set(end_of_turn_ids(sampler_cur, tokenizer)) | set(end_of_turn_ids(sampler_new, tokenizer))
     lengths = torch.tensor([len(a) - (bool(a) and a[-1] in eos) for a in cur_ids + new_ids])
     return HeadToHead(asked, cur_text, new_text, new_prompt_ids, new_ids, lengths)

@@ -38,13 +38,14 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from core.causal_lm import causal_lm_forward, left_pad, logprobs_from_logits
 from core.chat_format import end_of_turn_ids, generation_prompt_ids
-from core.precision import inference_dtype, sampling_copy, wants_bf16
+from core.prefix_cache import generate_answers, shared_prefix_cache
+from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
 
 Message = dict[str, str]
@@ -85,16 +86,21 @@ class PPOConfig:
     dense_rewards: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
-    bf16: str | bool = "auto"  # "auto": bf16 autocast when CUDA is available
-    # Who samples the rollouts. "auto": the trained module itself (LoRA unmerged, under autocast when bf16
-    # is on). "bf16" / "fp32": a plain copy with the adapters merged and the weights cast, made before each
+    bf16: str | bool = "auto"  # "auto": as this machine's precision plan says (core/precision.py)
+    # Rollouts are sampled by a plain copy of the policy with the LoRA adapters merged, made before each
     # update, as RLHF systems hand fresh weights to a separate generation engine: no adapter products in
-    # every decoding step, and bf16 weights decode faster on a CPU with bf16 instructions. The old
-    # log-probs of the PPO ratio still come from the trained module.
+    # every decoding step. The old log-probs of the PPO ratio still come from the trained module.
+    # False: the trained module samples itself (LoRA unmerged, under autocast when bf16 is on).
+    merged_rollouts: bool = True
+    # The merged copy's dtype: "auto" (the precision plan: bf16 on a GPU or a CPU with bf16
+    # instructions), "bf16" or "fp32".
     rollout_precision: str = "auto"
+    # The tutor system prompt's KV cache computed once per update and shared by every rollout
+    # (core/prefix_cache.py), instead of once per answer.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
-        inference_dtype(self.rollout_precision)
+        check_inference_precision(self.rollout_precision)
 
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)
@@ -197,6 +203,16 @@ def generation_config_for(config: PPOConfig, eos_ids: list[int], pad_id: int) ->
                             pad_token_id=pad_id)
 
 
+def holds_whole_weights(accelerator: Accelerator) -> bool:
+    """Whether this process has every weight of the policy to merge into a sampling copy: FSDP and ZeRO-3
+    shard them (those runs sample from the trained module itself)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return False
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage < 3
+    return True
+
+
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], reward_fn: RewardFn,
               config: PPOConfig | None = None, progress: Callable[[dict], None] | None = None,
               merge: bool = True, token_reward_fn: TokenRewardFn | None = None) -> PPOResult:
@@ -237,6 +253,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     history: list[dict] = []
     device = accelerator.device
     rollout_dtype = inference_dtype(config.rollout_precision)
+    merged = config.merged_rollouts and holds_whole_weights(accelerator)
 
     for update in range(1, num_updates + 1):
         while len(queue) < episodes_per_update:
@@ -249,14 +266,14 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
 
         with torch.no_grad(), accelerator.autocast():
             # 1. generate
-            queries, query_mask = left_pad([encoded[i] for i in b_prompt_idx], pad_id)
+            rows = [encoded[i] for i in b_prompt_idx]
+            queries, query_mask = left_pad(rows, pad_id)
             queries, query_mask = queries.to(device), query_mask.to(device)
-            sampler = module.policy if rollout_dtype is None else sampling_copy(module.policy, rollout_dtype)
-            b_query_responses = sampler.generate(input_ids=queries, attention_mask=query_mask,
-                                                 generation_config=gen_config)  # (B, P + R)
-            del sampler
-            P = queries.shape[1]
-            b_responses = b_query_responses[:, P:]  # (B, R)
+            sampler = sampling_copy(module.policy, rollout_dtype) if merged else module.policy
+            prefix = shared_prefix_cache(sampler, rows) if config.prefix_cache else None
+            b_responses = generate_answers(sampler, rows, pad_id, prefix, generation_config=gen_config)  # (B, R)
+            del sampler, prefix
+            b_query_responses = torch.cat([queries, b_responses], dim=1)  # (B, P + R)
             R = b_responses.shape[1]
             b_mask, b_ended = response_mask(b_responses, eos_ids)  # (B, R), (B,)
             b_attention = torch.cat([query_mask, b_mask.long()], dim=1)  # (B, P + R)

@@ -26,6 +26,7 @@ class SFTSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     seed: int = 0
+    bf16: str | bool = "auto"  # bf16 autocast: "auto" as this machine's precision plan says (core/precision.py)
 
 
 def run_sft(model, tokenizer, records: list[dict], settings: SFTSettings, progress=None):
@@ -50,7 +51,7 @@ def run_sft(model, tokenizer, records: list[dict], settings: SFTSettings, progre
             output_dir=out, num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
             per_device_train_batch_size=settings.batch_size, max_length=settings.max_length,
             completion_only_loss=True, packing=False, logging_steps=1, save_strategy="no", report_to=[],
-            disable_tqdm=True, seed=settings.seed, **training_device(),
+            disable_tqdm=True, seed=settings.seed, **training_device(settings.bf16),
         )
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")

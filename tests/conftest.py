@@ -12,6 +12,9 @@ from core.net import free_port  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # tests run offline
+# Every "auto" precision setting in fp32, here and in the processes tests start: results must not depend
+# on whether the CPU has bf16 instructions. tests/test_precision.py covers the detection and the bf16 plan.
+os.environ["TUTOR_PRECISION"] = "fp32"
 
 
 def pytest_configure(config):

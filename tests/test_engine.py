@@ -8,7 +8,7 @@ import torch
 from dataclasses import replace
 
 from app.engine import EngineBusy, EngineConfig, EngineFault, GenerationEngine, SamplingConfig
-from core.chat_format import fit_context
+from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 from app.versions import ModelRegistry, load_pretrained
 from tiny import tiny_model, tiny_tokenizer
 
@@ -34,8 +34,9 @@ def policy(seed=0, version="v0000"):
     return LoadedPolicy(model=tiny_model(tok, seed), tokenizer=tok, version=version)
 
 
-def conversation(text):
-    return [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": text}]
+def conversation(text, system=TUTOR_SYSTEM_PROMPT):
+    """A first question, under the tutor's system prompt: the engine's cached system turn serves it."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
 def reference_greedy(p, messages, n):
@@ -77,6 +78,27 @@ def test_batched_rows_match_plain_generate(engine_factory):
     for text, tokens in zip(prompts, got):
         assert tokens == reference_greedy(p, conversation(text), GREEDY.max_new_tokens)
     assert max(engine.stats.forward_batch_sizes) >= 2
+
+
+def test_prompts_under_the_system_prompt_start_from_its_cache_and_decode_as_whole_prompts_do(engine_factory):
+    """The system turn's keys and values are computed once at load; a batch mixing prompts that start with
+    it (prefilled from the cache, padding in the middle) and prompts that do not (prefilled whole) still
+    gives each exactly its one-at-a-time greedy reply."""
+    p = policy(seed=3)
+    with torch.no_grad():  # peaked attention and logits: at the random init a wrong position hardly shows
+        for linear in p.model.modules():
+            if isinstance(linear, torch.nn.Linear):
+                linear.weight.mul_(8)
+    engine = engine_factory(FixedSource({"v0000": p}))
+    asked = [conversation("What is a fraction?"), conversation("Hi"), conversation("Hi", system="Be brief."),
+             conversation("Explain photosynthesis to a ten year old, with an example please.")]
+    requests = [engine.submit(messages) for messages in asked]
+    got = [list(r.tokens(timeout=30)) for r in requests]
+    for messages, tokens in zip(asked, got):
+        assert tokens == reference_greedy(p, messages, GREEDY.max_new_tokens)
+    assert engine.stats.prefix_hits == 3
+    plain = engine_factory(FixedSource({"v0000": p}), prefix_cache=False)
+    assert [list(plain.submit(m).tokens(timeout=30)) for m in asked] == got and plain.stats.prefix_hits == 0
 
 
 def test_a_bf16_engine_serves_bf16_weights(engine_factory):
@@ -361,8 +383,8 @@ def test_an_exception_in_prefill_or_a_step_fails_only_its_requests_and_the_engin
 
     p = policy()
     broken = {"on": True}
+    engine = engine_factory(FixedSource({"v0000": p}))  # loaded first: its system turn's cache is computed whole
     break_forward(p, lambda kw: broken["on"] and prefill(kw) == (where == "prefill"))
-    engine = engine_factory(FixedSource({"v0000": p}))
     request = engine.submit(conversation("hello"))
     with pytest.raises(EngineFault, match="could not answer") as raised:
         list(request.tokens(timeout=30))
@@ -395,19 +417,26 @@ def test_a_version_that_fails_to_load_is_marked_bad_and_not_retried(engine_facto
     assert request.model_version == "v0000" and tokens
 
 
-def test_a_version_that_loads_but_cannot_run_is_marked_bad_and_the_last_one_serves_again(engine_factory):
+@pytest.mark.parametrize("prefix_cache", [False, True], ids=["first-request", "system-turn-at-load"])
+def test_a_version_that_loads_but_cannot_run_is_marked_bad_and_the_last_one_serves_again(engine_factory,
+                                                                                         prefix_cache):
+    """Without a prefix cache the first request on the new version finds out (and fails); with it the
+    system turn's forward pass at load does, and no request fails."""
     from app.engine import EngineFault
 
     a, b = policy(seed=0, version="v0000"), policy(seed=5, version="v0001")
     break_forward(b, lambda kw: True)
     source = FixedSource({"v0000": a, "v0001": b})
-    engine = engine_factory(source, poll_interval_s=0.01)
+    engine = engine_factory(source, poll_interval_s=0.01, prefix_cache=prefix_cache)
     source.current = "v0001"
     deadline = time.time() + 5
-    while engine.version != "v0001" and time.time() < deadline:
+    while engine.version != "v0001" and "v0001" not in engine.health()["bad_versions"] and time.time() < deadline:
         time.sleep(0.01)
-    with pytest.raises(EngineFault):
-        answered(engine)
+    if prefix_cache:
+        assert "load failed" in engine.health()["bad_versions"]["v0001"]
+    else:
+        with pytest.raises(EngineFault):
+            answered(engine)
     assert engine.version == "v0000" and "v0001" in engine.health()["bad_versions"]
     time.sleep(0.2)  # polls again: v0001 is still CURRENT, and is not loaded again
     tokens, request = answered(engine)

@@ -59,11 +59,13 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-# bf16 is the GPU's default and also pays on CPUs with AVX512-BF16; CI has no GPU, so it runs here too.
-# "bf16-rollouts": answers sampled by a merged bf16 copy of the policy, made before each update.
-@pytest.mark.parametrize("bf16, rollout_precision", [(False, "auto"), (True, "auto"), (True, "bf16")],
-                         ids=["fp32", "bf16", "bf16-rollouts"])
-def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path, bf16, rollout_precision,
+# Rollouts come from a merged copy of the policy made before each update (the default; in fp32 here, as
+# TUTOR_PRECISION=fp32 makes "auto"), or from the trained module itself (LoRA unmerged). bf16 is the
+# GPU's default and the default of CPUs with AVX512-BF16; CI has no GPU, so it runs here too.
+@pytest.mark.parametrize("bf16, merged, rollout_precision",
+                         [(False, True, "auto"), (False, False, "auto"), (True, False, "auto"), (True, True, "bf16")],
+                         ids=["fp32", "fp32-unmerged", "bf16-unmerged", "bf16-rollouts"])
+def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path, bf16, merged, rollout_precision,
                                                                         fresh_accelerate_state):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
@@ -79,7 +81,7 @@ def test_ppo_raises_reward_with_bounded_kl_and_trains_only_the_adapters(tmp_path
 
     config = PPOConfig(total_episodes=40 * 16, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2,
                        max_new_tokens=8, learning_rate=1e-3, seed=0, stop_kl=0,  # the whole run; early stop: below
-                       bf16=bf16, rollout_precision=rollout_precision)
+                       bf16=bf16, merged_rollouts=merged, rollout_precision=rollout_precision)
     seen = []
     result = train_ppo(model, tokenizer, PROMPTS, reward_fn, config, progress=seen.append, merge=False)
     history = result.history

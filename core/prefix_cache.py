@@ -1,0 +1,122 @@
+"""The KV cache of the prompt prefix every tutoring prompt shares, computed once per set of weights.
+
+Every reply, rollout and gate sample starts with the tutor's system turn: 52 of the 63 tokens of a
+first question to the embedded model. Its keys and values depend only on the weights, so they are
+computed once (per served version, per PPO update's sampling copy, per gate sampler) and every
+prompt that starts with those tokens runs only the rest of itself: prefix caching, as vLLM and
+SGLang do it, here for a left-padded batch.
+
+Layout: [shared prefix][left padding][rest of the prompt]. The padding sits in the middle with an
+attention mask of 0, and position ids count real tokens (core/causal_lm.position_ids), so the prefix
+keeps positions 0..P-1 and each row's own tokens follow at P..: the same positions, attention and
+so the same logits as the row left-padded whole (tests/test_prefix_cache.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from core.causal_lm import left_pad, position_ids
+from core.chat_format import generation_prompt_ids
+
+MIN_PREFIX_TOKENS = 8  # shorter shared prefixes save less than the cache copy costs
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix all rows share, always at least one token shorter than the shortest row
+    (a prompt's last token must run, to give the logits of the first answer token)."""
+    if not rows:
+        return []
+    shortest = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < shortest and all(r[n] == first[n] for r in rows):
+        n += 1
+    return list(first[:n])
+
+
+def system_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
+    """The tokens every dialogue with this system prompt starts with: its system turn and whatever of the
+    next turn's header the template fixes."""
+    probes = [generation_prompt_ids(tokenizer, [{"role": "system", "content": system_prompt},
+                                                {"role": "user", "content": text}]) for text in ("a", "z?")]
+    return common_prefix(probes)
+
+
+class PrefixCache:
+    """Keys and values of `ids` under `model`'s current weights."""
+
+    def __init__(self, model, ids: Sequence[int]) -> None:
+        if len(ids) < 1:
+            raise ValueError("an empty prefix has nothing to cache")
+        self.ids = list(ids)
+        self.config = model.config
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([self.ids], device=model.device), cache=cache, use_cache=True,
+                  logits_to_keep=1)
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def covers(self, row: Sequence[int]) -> bool:
+        """Whether a prompt starts with the prefix and has at least one token of its own."""
+        return len(row) > len(self.ids) and list(row[:len(self.ids)]) == self.ids
+
+    def cache(self, batch_size: int) -> DynamicCache:
+        """A fresh cache holding the prefix for `batch_size` rows (generation appends to it)."""
+        cache = DynamicCache(config=self.config)
+        for index, (keys, values) in enumerate(self.layers):
+            cache.update(keys.expand(batch_size, -1, -1, -1).clone(), values.expand(batch_size, -1, -1, -1).clone(),
+                         index)
+        return cache
+
+    def batch(self, rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full input ids and attention mask, (B, P + S), of rows that all start with the prefix: the
+        prefix, then each row's rest left-padded."""
+        rest, rest_mask = left_pad([r[len(self.ids):] for r in rows], pad_id)
+        prefix = torch.tensor([self.ids] * len(rows), dtype=torch.long)
+        return torch.cat([prefix, rest], dim=1), torch.cat([torch.ones_like(prefix), rest_mask], dim=1)
+
+
+def prefill(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: PrefixCache | None):
+    """One forward pass over prompts that a batch decodes from: returns (output with the last position's
+    logits, attention mask (B, T), cache). Rows all covered by `prefix` run only their own tokens."""
+    if prefix is not None and all(prefix.covers(r) for r in rows):
+        input_ids, attention_mask = prefix.batch(rows, pad_id)
+        cache = prefix.cache(len(rows))
+        positions = position_ids(attention_mask)[:, len(prefix):]
+        input_ids = input_ids[:, len(prefix):]
+    else:
+        input_ids, attention_mask = left_pad(rows, pad_id)
+        cache = DynamicCache(config=model.config)
+        positions = position_ids(attention_mask)
+    device = model.device
+    attention_mask = attention_mask.to(device)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return out, attention_mask, cache
+
+
+def generate_answers(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: PrefixCache | None,
+                     **generate_kwargs) -> torch.Tensor:
+    """`model.generate` on prompts (token id lists); returns only the answers' tokens (B, R), padded
+    after EOS as `generate` pads. Rows all covered by `prefix` start from its cache."""
+    if prefix is not None and all(prefix.covers(r) for r in rows):
+        input_ids, attention_mask = prefix.batch(rows, pad_id)
+        generate_kwargs["cache"] = prefix.cache(len(rows))
+    else:
+        input_ids, attention_mask = left_pad(rows, pad_id)
+    device = model.device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         pad_token_id=pad_id, **generate_kwargs)
+    return out[:, input_ids.shape[1]:]
+
+
+def shared_prefix_cache(model, rows: Sequence[Sequence[int]]) -> PrefixCache | None:
+    """A cache of what all `rows` share, when that is worth caching (the system turn of a run's prompts)."""
+    ids = common_prefix(rows)
+    return PrefixCache(model, ids) if len(ids) >= MIN_PREFIX_TOKENS else None
