@@ -335,7 +335,7 @@ def test_a_settings_file_turns_bf16_on_and_off(tmp_path):
     path.write_text("[retrain.ppo]\nbf16 = false\n[retrain.reward]\nbf16 = true\n")
     config = retrain_config(path)
     assert config.ppo.use_bf16() is False and config.reward.use_bf16() is True
-    assert retrain_config(None).ppo.bf16 == "auto" and retrain_config(None).reward.bf16 is False
+    assert retrain_config(None).ppo.bf16 == "auto" and retrain_config(None).reward.bf16 == "auto"
     path.write_text('[retrain.reward]\nbf16 = "auto"\n')
     assert retrain_config(path).reward.bf16 == "auto"
 
