@@ -1,16 +1,25 @@
-"""One retraining cycle on the embedded model, timed per stage, on copies of a DB and models dir.
+"""One retraining cycle on the embedded model, with the settings of before and the defaults of now, side by side.
 
-    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE]
+    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--columns before now]
 
-Reports per stage: wall time and peak memory (RSS, and GPU memory on a GPU); for PPO also episodes/s,
-generation tokens/s and the share of time spent generating vs training (from the cycle's own PPO log).
-Feedback for it can come from `bench/learner.py` against a running app.
+Each column runs the same cycle on its own copies of the DB and the models dir, in its own process (so
+each peak RSS is its own), one after the other. "before": the settings the cycle had before the machine's
+precision plan, merged rollouts and the shared prefix cache (fp32 on a CPU, bf16 autocast for SFT and PPO
+on a GPU; rollouts and gate samples from the unmerged trained model, each answer running the system turn
+again). "now": the defaults. Any `--config` file applies to both.
+
+Reports per stage wall time and peak memory (RSS, and GPU memory on a GPU); for PPO also episodes/s,
+generation tokens/s and generation vs training time (from the cycle's own PPO log); the gate's verdict and
+its held-out gain with the 95% interval, and whether the columns agree within it. Feedback can come from
+`bench/learner.py` against a running app.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,60 +29,138 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--db", type=Path, required=True)
-    ap.add_argument("--models-dir", type=Path, required=True)
-    ap.add_argument("--config", type=Path)
-    args = ap.parse_args()
+def before_settings(cuda: bool) -> tuple[dict, str]:
+    """The `[retrain]` overrides and the TUTOR_PRECISION that reproduce the settings of before on this machine."""
+    return ({"sft": {"bf16": cuda}, "reward": {"bf16": False},
+             "ppo": {"bf16": cuda, "merged_rollouts": False, "prefix_cache": False},
+             "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False}},
+            "bf16" if cuda else "fp32")
 
+
+def run_column(args) -> None:
+    """One cycle in this process; its figures as JSON in args.out."""
     import torch
 
+    from app.config import merge
     from app.store import Store
     from app.versions import ModelRegistry
     from rlhf.cli import retrain_config
     from rlhf.cycle import run_cycle
 
-    work = Path(tempfile.mkdtemp(prefix="bench-cycle-"))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-cycle-{args.column}-"))
     shutil.copy(args.db, work / "c.db")
     shutil.copytree(args.models_dir, work / "models", ignore=shutil.ignore_patterns(".retrain.lock", "cycles"))
     config = retrain_config(args.config)
+    if args.column == "before":
+        config = merge(config, before_settings(torch.cuda.is_available())[0], "retrain")
     started = time.perf_counter()
     with Store(work / "c.db") as store:
         outcome = run_cycle(store, ModelRegistry(work / "models"), config)
         cycle = store.last_cycle()
     total = time.perf_counter() - started
     metrics = cycle["metrics"]
-    gpu = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\ncycle on {device}: {outcome.status} — {outcome.message}")
-    if gpu:
-        print(f"PPO bf16 autocast: {config.ppo.use_bf16()}; GPU peak allocated "
-              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB, reserved {torch.cuda.max_memory_reserved() / 2**20:.0f} MiB")
-    print(f"data: train {metrics.get('train')}, held out {metrics.get('heldout')}")
-    # Peaks are the process's so far at the end of each stage (RSS; GPU memory allocated by torch).
-    print(f"{'stage':10s} {'seconds':>8s} {'peak RSS MiB':>13s}" + (f" {'peak GPU MiB':>13s}" if gpu else ""))
-    for name, entry in metrics.get("stages", {}).items():
-        print(f"{name:10s} {entry['seconds']:8.1f} {entry['peak_rss_mib']:13d}"
-              + (f" {entry.get('peak_gpu_mib', 0):13d}" if gpu else ""))
-    print(f"{'total':10s} {total:8.1f}")
+    result = {"status": outcome.status, "message": outcome.message, "total_seconds": total,
+              "stages": metrics.get("stages", {}), "train": metrics.get("train"), "heldout": metrics.get("heldout"),
+              "precision": metrics.get("precision", {}).get("summary"), "gate": metrics.get("gate", {}),
+              "reward": metrics.get("reward", {}), "work": str(work)}
+    if torch.cuda.is_available():
+        result["device"] = torch.cuda.get_device_name()
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["device"] = f"CPU ({torch.get_num_threads()} threads)"
     history_path = work / "models" / "cycles" / f"{cycle['id']:04d}" / "ppo_history.jsonl"
     if history_path.exists():
         history = [h for h in map(json.loads, history_path.read_text().splitlines()) if "score" in h]
         gen = sum(h["gen_seconds"] for h in history)
         train = sum(h["train_seconds"] for h in history)
-        episodes = history[-1]["episodes"]
         tokens = sum(h["answer_length"] * config.ppo.rollout_batch_size for h in history)
-        print(f"PPO: {episodes} episodes in {gen + train:.0f}s = {episodes / (gen + train):.2f} episodes/s; "
-              f"generation {tokens / gen:.1f} tokens/s; time share generation {gen / (gen + train):.0%} "
-              f"vs training {train / (gen + train):.0%}")
-        print(f"PPO first -> last update: score {history[0]['score']:+.3f} -> {history[-1]['score']:+.3f}, "
-              f"KL {history[0]['kl']:.2f} -> {history[-1]['kl']:.2f}")
-    rm = metrics.get("reward", {})
-    print(f"reward model: held-out accuracy {rm.get('heldout_accuracy')} on {rm.get('heldout_pairs')} pairs, "
-          f"length correlation {rm.get('length_correlation')}")
-    print(f"gate: {json.dumps(metrics.get('gate', {}), default=str)}")
-    print(f"report and logs: {work / 'models' / 'cycles'}")
+        result["ppo"] = {"episodes": history[-1]["episodes"], "updates": len(history), "gen_seconds": gen,
+                         "train_seconds": train, "episodes_per_s": history[-1]["episodes"] / (gen + train),
+                         "gen_tokens_per_s": tokens / gen, "score": [history[0]["score"], history[-1]["score"]],
+                         "kl": [history[0]["kl"], history[-1]["kl"]]}
+    Path(args.out).write_text(json.dumps(result, default=str))
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def report(results: dict[str, dict]) -> None:
+    names = list(results)
+    first = results[names[0]]
+    print(f"\ncycle on {first['device']}; data: train {first['train']}, held out {first['heldout']}")
+    for name, r in results.items():
+        print(f"{name}: {r['status']} — {r['message']}\n   {r['precision']}")
+    head = f"{'stage':14s}" + "".join(f" {n + ' s':>10s} {n + ' MiB':>11s}" for n in names)
+    if len(names) == 2:
+        head += f" {'speed-up':>9s}"
+    print("\n" + head)
+    stages = list(dict.fromkeys(s for r in results.values() for s in r["stages"]))
+    rows = [(s, [r["stages"].get(s, {}).get("seconds") for r in results.values()],
+             [r["stages"].get(s, {}).get("peak_rss_mib") for r in results.values()]) for s in stages]
+    for label, key in (("PPO generate", "gen_seconds"), ("PPO train", "train_seconds")):
+        rows.append((label, [r.get("ppo", {}).get(key) for r in results.values()], [None] * len(names)))
+    rows.append(("whole cycle", [r["total_seconds"] for r in results.values()],
+                 [max((e["peak_rss_mib"] for e in r["stages"].values()), default=None) for r in results.values()]))
+    for label, seconds, rss in rows:
+        line = f"{label:14s}" + "".join(f" {_cell(s, '10.1f')} {_cell(m, '11.0f')}" for s, m in zip(seconds, rss))
+        if len(names) == 2 and None not in seconds and seconds[1] > 0:
+            line += f" {seconds[0] / seconds[1]:8.2f}x"
+        print(line)
+    for name, r in results.items():
+        ppo = r.get("ppo")
+        if ppo:
+            print(f"PPO {name}: {ppo['episodes']} episodes in {ppo['gen_seconds'] + ppo['train_seconds']:.0f}s = "
+                  f"{ppo['episodes_per_s']:.3f} episodes/s; generation {ppo['gen_tokens_per_s']:.1f} tokens/s, "
+                  f"{ppo['gen_seconds'] / (ppo['gen_seconds'] + ppo['train_seconds']):.0%} of PPO; score "
+                  f"{ppo['score'][0]:+.3f} -> {ppo['score'][1]:+.3f}, KL {ppo['kl'][0]:.2f} -> {ppo['kl'][1]:.2f}")
+        if "gpu_peak_mib" in r:
+            print(f"GPU peak allocated {name}: {r['gpu_peak_mib']:.0f} MiB")
+    gains = {}
+    for name, r in results.items():
+        g = r["gate"]
+        if "reward_gain_length_controlled" in g:
+            gains[name] = (g["reward_gain_length_controlled"], *g["reward_gain_ci95"])
+            print(f"gate {name}: {r['status']}; gain {gains[name][0]:+.3f}, 95% CI [{gains[name][1]:+.3f}, "
+                  f"{gains[name][2]:+.3f}]; KL {g['kl_to_reference']:.2f}; length {g['length_current']:.0f} -> "
+                  f"{g['length_new']:.0f}; regression {g['regression_accuracy_current']:.0%} -> "
+                  f"{g['regression_accuracy_new']:.0%}")
+    if len(gains) == 2:
+        (a, a_lo, a_hi), (b, b_lo, b_hi) = gains.values()
+        same = len({r["status"] for r in results.values()}) == 1
+        within = a_lo <= b <= a_hi and b_lo <= a <= b_hi
+        print(f"verdicts {'the same' if same else 'DIFFER'}; each gain inside the other's interval: {within}")
+    for name, r in results.items():
+        print(f"{name} report and logs: {r['work']}/models/cycles")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", type=Path, required=True)
+    ap.add_argument("--models-dir", type=Path, required=True)
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--columns", nargs="+", choices=["before", "now"], default=["before", "now"])
+    ap.add_argument("--column", choices=["before", "now"], help=argparse.SUPPRESS)  # one column, in a child
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.column:
+        run_column(args)
+        return
+    import torch
+
+    results = {}
+    for column in args.columns:
+        out = Path(tempfile.mkstemp(prefix=f"bench-cycle-{column}-", suffix=".json")[1])
+        env = {k: v for k, v in os.environ.items() if k != "TUTOR_PRECISION"}  # "now": the machine's plan
+        if column == "before":
+            env["TUTOR_PRECISION"] = before_settings(torch.cuda.is_available())[1]
+        command = [sys.executable, __file__, "--db", str(args.db), "--models-dir", str(args.models_dir),
+                   "--column", column, "--out", str(out)] + (["--config", str(args.config)] if args.config else [])
+        print(f"== {column} ==", flush=True)
+        subprocess.run(command, env=env, check=True)
+        results[column] = json.loads(out.read_text())
+        print(f"{column}: figures in {out}", flush=True)
+    report(results)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
    the same prompt through `/chat` with gradio_client, streamed to the end.
 3. N users at once, each its own conversation and prompt: aggregate tokens/s, time to first token
    (median, p95), against one user alone.
+4. The shared prefix cache (the tutor system turn's KV computed once per version): the same app once
+   more with `[serve.engine] prefix_cache = false`, and `--prefix-users` users at once on both servers,
+   alternating, `--prefix-rounds` times; time to first token without the cache over with it.
 `--precision` sets the served weights' dtype (`[serve.engine] precision`) and casts the baseline's
 weights the same way, so the ratio compares like with like; run it twice to compare precisions.
 Tokens are counted by re-encoding the reply text with the model's tokenizer, on both sides.
@@ -17,6 +20,7 @@ Peak memory is the server's peak RSS (VmHWM) and the baseline process's own peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -108,6 +112,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-models")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--prefix-users", type=int, default=8, help="users at once for the prefix-cache comparison (0: skip)")
+    ap.add_argument("--prefix-rounds", type=int, default=3)
     args = ap.parse_args()
 
     from gradio_client import Client
@@ -122,8 +128,7 @@ def main() -> None:
 
     from core.precision import inference_dtype
 
-    if inference_dtype(args.precision) is not None:
-        policy.model.to(inference_dtype(args.precision))
+    policy.model.to(inference_dtype(args.precision))
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"weights {next(policy.model.parameters()).dtype}")
@@ -133,21 +138,7 @@ def main() -> None:
     baseline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    config = work / "bench.toml"
-    config.write_text(f"[serve.sampling]\ndo_sample = false\nrepetition_penalty = 1.1\n"
-                      f"max_new_tokens = {args.max_new_tokens}\n[serve.engine]\nprecision = \"{args.precision}\"\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--db", str(work / "c.db"),
-                               "--models-dir", str(args.models_dir), "--config", str(config)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        for _ in range(240):
-            try:
-                Client(url, verbose=False)
-                break
-            except Exception:
-                time.sleep(0.5)
+    with serve(work / "on", args, prefix_cache=True) as (server, url):
         clients = [Client(url, verbose=False) for _ in range(max(args.users))]
         load_run(clients[:1], PROMPTS[1:2], policy.tokenizer)  # warm-up
         single = load_run(clients[:1], PROMPTS[:1], policy.tokenizer)
@@ -162,11 +153,58 @@ def main() -> None:
             print(f"   {n} users: {r['tokens']:4d} tokens in {r['wall']:6.2f}s = {r['tok_s']:6.1f} tokens/s"
                   f"  x{r['tok_s'] / alone:.2f} vs 1 user   TTFT median {r['ttft_median']:.2f}s"
                   f" p95 {r['ttft_p95']:.2f}s   all done: {r['all_done']}")
-        print(f"4. peak memory: server {peak_rss_mib(server.pid):.0f} MiB RSS; baseline process {baseline_peak:.0f} MiB")
+        print(f"   peak memory: server {peak_rss_mib(server.pid):.0f} MiB RSS; baseline process {baseline_peak:.0f} MiB")
+    if args.prefix_users:
+        prefix_comparison(work, args, policy.tokenizer)
+
+
+@contextlib.contextmanager
+def serve(work: Path, args, prefix_cache: bool):
+    """The app in its own process on a loopback port, greedy, until the block ends."""
+    from gradio_client import Client
+
+    work.mkdir(parents=True)
+    config = work / "bench.toml"
+    config.write_text(f"[serve.sampling]\ndo_sample = false\nrepetition_penalty = 1.1\n"
+                      f"max_new_tokens = {args.max_new_tokens}\n[serve.engine]\nprecision = \"{args.precision}\"\n"
+                      f"prefix_cache = {str(prefix_cache).lower()}\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--db", str(work / "c.db"),
+                               "--models-dir", str(args.models_dir), "--config", str(config)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            try:
+                Client(url, verbose=False)
+                break
+            except Exception:
+                time.sleep(0.5)
+        yield server, url
     finally:
         server.terminate()
         server.wait(timeout=30)
 
+
+def prefix_comparison(work: Path, args, tokenizer) -> None:
+    """Both servers at once (one idle while the other serves), the same n users' first turns, alternating."""
+    from gradio_client import Client
+
+    n = args.prefix_users
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    ttft = {True: [], False: []}
+    with serve(work / "cache-on", args, True) as (_, on_url), serve(work / "cache-off", args, False) as (_, off_url):
+        clients = {cache: [Client(url, verbose=False) for _ in range(n)]
+                   for cache, url in ((True, on_url), (False, off_url))}
+        for cache in (True, False):
+            load_run(clients[cache][:1], PROMPTS[1:2], tokenizer)  # warm-up
+        for _ in range(args.prefix_rounds):
+            for cache in (False, True):
+                ttft[cache].append(load_run(clients[cache], prompts, tokenizer)["ttft_median"])
+    on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
+    print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds: TTFT median {off:.2f}s without "
+          f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with ({', '.join(f'{t:.2f}' for t in ttft[True])})"
+          f"  -> x{off / on:.2f} (target >= 1.5)")
 
 if __name__ == "__main__":
     main()

@@ -93,3 +93,31 @@ def test_every_auto_setting_follows_the_plan_and_explicit_settings_win(monkeypat
     assert choices["ppo_bf16"] is bf16 and choices["sft_bf16"] is bf16 and choices["reward_bf16"] is bf16
     assert choices["rollouts"] == f"merged {'bf16' if bf16 else 'fp32'} copy"
     assert plan.reason in choices["summary"] and ("PPO" in choices["summary"]) is bf16
+
+
+def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch):
+    """bench/bench_cycle.py's "before" column: nothing in bf16 on a CPU, rollouts and gate samples from the
+    unmerged model without the shared prefix; on a GPU bf16 autocast for SFT and PPO as it was."""
+    import bench.bench_cycle as bench
+    from app.config import merge
+    from rlhf.cycle import CycleConfig, precision_choices
+
+    for cuda in (False, True):
+        overrides, env = bench.before_settings(cuda)
+        monkeypatch.setattr(precision, "precision_plan", lambda: plan_for(cuda, {"avx512_bf16"}, no_measurement))
+        config = merge(CycleConfig(), overrides, "retrain")
+        choices = precision_choices(config)
+        assert env == ("bf16" if cuda else "fp32")
+        assert choices["sft_bf16"] is cuda and choices["ppo_bf16"] is cuda and choices["reward_bf16"] is False
+        assert choices["rollouts"].startswith("the trained model") and not choices["rollout_prefix_cache"]
+        assert choices["gate_sampling"] == ("bf16" if cuda else "fp32") and not choices["gate_prefix_cache"]
+        now = precision_choices(CycleConfig())
+        assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
+
+
+def test_the_learning_benchmark_leaves_precision_to_the_plan():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "configs" / "learning.toml").read_text()
+    assert not [line for line in text.splitlines() if line.split("=")[0].strip() in
+                {"bf16", "precision", "rollout_precision", "merged_rollouts"}]
