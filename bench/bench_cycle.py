@@ -82,7 +82,7 @@ def run_column(args) -> None:
 
 
 def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    return format("-", ">" + fmt.split(".")[0]) if value is None else format(value, fmt)
 
 
 def report(results: dict[str, dict]) -> None:

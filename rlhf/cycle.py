@@ -111,7 +111,7 @@ def precision_choices(config: CycleConfig) -> dict:
     plan = machine_precision.precision_plan()
     ppo = config.ppo
     rollouts = (f"merged {'bf16' if inference_dtype(ppo.rollout_precision) == torch.bfloat16 else 'fp32'} copy"
-                if ppo.merged_rollouts else "the trained model (LoRA unmerged)")
+                if ppo.merged_rollouts else "trained model (LoRA unmerged)")
     choices = {"sft_bf16": wants_bf16(config.sft.bf16), "reward_bf16": config.reward.use_bf16(),
                "ppo_bf16": ppo.use_bf16(), "rollouts": rollouts, "rollout_prefix_cache": ppo.prefix_cache,
                "gate_sampling": "bf16" if inference_dtype(config.gate.precision) == torch.bfloat16 else "fp32",
@@ -151,9 +151,11 @@ class CycleRun:
 
 def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) -> CycleOutcome:
     # 1. data -------------------------------------------------------------------------------------
-    data, annotators = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(),
-                                        config.annotators)
-    train, heldout = split_data(data, config.heldout_fraction)
+    timing: dict[str, Any] = {}
+    with stage(timing, "data"):
+        data, annotators = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(),
+                                            config.annotators)
+        train, heldout = split_data(data, config.heldout_fraction)
     try:
         check_enough(train, config.min_pairs, config.min_prompts)
     except NotEnoughData as exc:
@@ -177,7 +179,7 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     run = CycleRun(store, registry, config, cycle_id, current, train, heldout,
                    workdir=registry.root / "cycles" / f"{cycle_id:04d}", say=say,
                    metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts(),
-                            "left_out": annotators["left_out"]})
+                            "left_out": annotators["left_out"], **timing})
     run.metrics["precision"] = precision_choices(config)
     say(f"   {run.metrics['precision']['summary']}")
     for entry in annotators["left_out"]:

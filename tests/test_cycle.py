@@ -191,7 +191,7 @@ def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):
     run_cycle(store, registry, config, say=lines.append)
     metrics = store.last_cycle()["metrics"]
     assert metrics["sft_examples"] == len(winners) and metrics["sft_loss_last"] < metrics["sft_loss_first"]
-    assert "sft" in metrics["stages"] and "ppo" not in metrics["stages"]
+    assert "data" in metrics["stages"] and "sft" in metrics["stages"] and "ppo" not in metrics["stages"]
     assert not (registry.root / "cycles" / "0001" / "ppo_history.jsonl").exists()
     assert any("PPO switched off" in line for line in lines)
 

@@ -109,7 +109,7 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
         choices = precision_choices(config)
         assert env == ("bf16" if cuda else "fp32")
         assert choices["sft_bf16"] is cuda and choices["ppo_bf16"] is cuda and choices["reward_bf16"] is False
-        assert choices["rollouts"].startswith("the trained model") and not choices["rollout_prefix_cache"]
+        assert choices["rollouts"].startswith("trained model") and not choices["rollout_prefix_cache"]
         assert choices["gate_sampling"] == ("bf16" if cuda else "fp32") and not choices["gate_prefix_cache"]
         now = precision_choices(CycleConfig())
         assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
