@@ -41,7 +41,7 @@ from rlhf.annotators import AnnotatorConfig, weigh_annotators
 from core.arena import CanaryConfig
 from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
-from rlhf.ppo import PPOConfig, save_history, train_ppo
+from rlhf.ppo import PPOConfig, rollout_engine, save_history, train_ppo
 from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, check_reward_model, save_reward_model,
                          train_reward_model)
 from rlhf.sft import SFTSettings, run_sft
@@ -110,16 +110,21 @@ def precision_choices(config: CycleConfig) -> dict:
     """What each stage runs in on this machine, with the plan's reason (settings other than "auto" win)."""
     plan = machine_precision.precision_plan()
     ppo = config.ppo
+    engine = rollout_engine(ppo, ppo.merged_rollouts, 1)
     rollouts = (f"merged {'bf16' if inference_dtype(ppo.rollout_precision) == torch.bfloat16 else 'fp32'} copy"
                 if ppo.merged_rollouts else "trained model (LoRA unmerged)")
     choices = {"sft_bf16": wants_bf16(config.sft.bf16), "reward_bf16": config.reward.use_bf16(),
                "ppo_bf16": ppo.use_bf16(), "rollouts": rollouts, "rollout_prefix_cache": ppo.prefix_cache,
+               "rollout_engine": engine.engine, "rollout_engine_reason": engine.reason,
                "gate_sampling": "bf16" if inference_dtype(config.gate.precision) == torch.bfloat16 else "fp32",
                "gate_prefix_cache": config.gate.prefix_cache, "plan": plan.reason}
     on = [name for name, key in (("SFT", "sft_bf16"), ("reward model", "reward_bf16"), ("PPO", "ppo_bf16"))
           if choices[key]]
+    decoder = (" decoded by vLLM" if engine.engine == "vllm"
+               else f" ({engine.reason})" if plan.device == "cuda" and ppo.rollout_engine != "hf"
+               else " with the system turn cached" if ppo.prefix_cache else "")
     choices["summary"] = (f"precision: bf16 autocast for {', '.join(on) or 'nothing'}; rollouts from the {rollouts}"
-                          f"{' with the system turn cached' if ppo.prefix_cache else ''}; gate samples in "
+                          f"{decoder}; gate samples in "
                           f"{choices['gate_sampling']} (on {plan.device}: {plan.reason})")
     return choices
 

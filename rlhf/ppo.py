@@ -47,6 +47,7 @@ from core.chat_format import end_of_turn_ids, generation_prompt_ids
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
+from rlhf.vllm_rollouts import ENGINES, EngineChoice, VLLMRollouts, choose_rollout_engine
 
 Message = dict[str, str]
 RewardFn = Callable[[list[list[Message]], list[str], list[list[int]]], torch.Tensor]
@@ -98,9 +99,14 @@ class PPOConfig:
     # The tutor system prompt's KV cache computed once per update and shared by every rollout
     # (core/prefix_cache.py), instead of once per answer.
     prefix_cache: bool = True
+    # Who decodes the merged copy: "auto" (vLLM on a GPU where it is installed, else generate), "hf"
+    # (generate), "vllm" (as auto, saying why when it falls back). rlhf/vllm_rollouts.py.
+    rollout_engine: str = "auto"
 
     def __post_init__(self) -> None:
         check_inference_precision(self.rollout_precision)
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, not {self.rollout_engine!r}")
 
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)
@@ -203,6 +209,18 @@ def generation_config_for(config: PPOConfig, eos_ids: list[int], pad_id: int) ->
                             pad_token_id=pad_id)
 
 
+def rollout_engine(config: PPOConfig, merged: bool, processes: int) -> EngineChoice:
+    """Which engine decodes this run's rollouts, and why: vLLM takes a merged copy's weights, in a
+    single-process run (one engine per process under a multi-GPU launch is not built)."""
+    if config.rollout_engine == "hf":
+        return choose_rollout_engine("hf")
+    if not merged:
+        return EngineChoice("hf", "rollouts from the trained module itself (no merged copy for vLLM)")
+    if processes > 1:
+        return EngineChoice("hf", f"{processes} processes: vLLM rollouts run in single-process training only")
+    return choose_rollout_engine(config.rollout_engine)
+
+
 def holds_whole_weights(accelerator: Accelerator) -> bool:
     """Whether this process has every weight of the policy to merge into a sampling copy: FSDP and ZeRO-3
     shard them (those runs sample from the trained module itself)."""
@@ -254,6 +272,10 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     device = accelerator.device
     rollout_dtype = inference_dtype(config.rollout_precision)
     merged = config.merged_rollouts and holds_whole_weights(accelerator)
+    engine = rollout_engine(config, merged, accelerator.num_processes)
+    vllm = (VLLMRollouts(module.policy.config, rollout_dtype, config.seed,
+                         max_model_len=max(map(len, encoded)) + config.max_new_tokens)
+            if engine.engine == "vllm" else None)
 
     for update in range(1, num_updates + 1):
         while len(queue) < episodes_per_update:
@@ -270,9 +292,15 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             queries, query_mask = left_pad(rows, pad_id)
             queries, query_mask = queries.to(device), query_mask.to(device)
             sampler = sampling_copy(module.policy, rollout_dtype) if merged else module.policy
-            prefix = shared_prefix_cache(sampler, rows) if config.prefix_cache else None
-            b_responses = generate_answers(sampler, rows, pad_id, prefix, generation_config=gen_config)  # (B, R)
-            del sampler, prefix
+            if vllm is not None:  # the weights just trained, then vLLM decodes
+                vllm.load_weights(sampler)
+                b_responses = vllm.generate(rows, config.max_new_tokens, config.temperature, config.top_k,
+                                            eos_ids, pad_id).to(device)  # (B, R)
+            else:
+                prefix = shared_prefix_cache(sampler, rows) if config.prefix_cache else None
+                b_responses = generate_answers(sampler, rows, pad_id, prefix, generation_config=gen_config)  # (B, R)
+                del prefix
+            del sampler
             b_query_responses = torch.cat([queries, b_responses], dim=1)  # (B, P + R)
             R = b_responses.shape[1]
             b_mask, b_ended = response_mask(b_responses, eos_ids)  # (B, R), (B,)
@@ -354,6 +382,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             progress(stats)
 
     accelerator.wait_for_everyone()
+    if vllm is not None:
+        vllm.close()
     policy = module.policy.merge_and_unload() if merge else module.policy
     return PPOResult(model=policy, value_head=module.value_head, history=history)
 
