@@ -12,6 +12,8 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
 4. The shared prefix cache (the tutor system turn's KV computed once per version): the same app once
    more with `[serve.engine] prefix_cache = false`, and `--prefix-users` users at once on both servers,
    alternating, `--prefix-rounds` times; time to first token without the cache over with it.
+5. The same comparison for the engine alone, in this process (no HTTP, no Gradio): `--prefix-users`
+   requests submitted at once, time from submit to the first token, engines with and without the cache.
 `--precision` sets the served weights' dtype (`[serve.engine] precision`) and casts the baseline's
 weights the same way, so the ratio compares like with like; run it twice to compare precisions.
 Tokens are counted by re-encoding the reply text with the model's tokenizer, on both sides.
@@ -156,6 +158,7 @@ def main() -> None:
         print(f"   peak memory: server {peak_rss_mib(server.pid):.0f} MiB RSS; baseline process {baseline_peak:.0f} MiB")
     if args.prefix_users:
         prefix_comparison(work, args, policy.tokenizer)
+        engine_prefix_comparison(args)
 
 
 @contextlib.contextmanager
@@ -205,6 +208,36 @@ def prefix_comparison(work: Path, args, tokenizer) -> None:
     print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds: TTFT median {off:.2f}s without "
           f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with ({', '.join(f'{t:.2f}' for t in ttft[True])})"
           f"  -> x{off / on:.2f} (target >= 1.5)")
+
+
+def engine_prefix_comparison(args) -> None:
+    from app.engine import EngineConfig, GenerationEngine, SamplingConfig
+    from app.versions import ModelRegistry
+    from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
+
+    sampling = SamplingConfig(do_sample=False, repetition_penalty=1.1, max_new_tokens=args.max_new_tokens)
+    engines = {cache: GenerationEngine(ModelRegistry(args.models_dir), fit_context, sampling,
+                                       EngineConfig(precision=args.precision, prefix_cache=cache))
+               for cache in (True, False)}
+    n = args.prefix_users
+    conversations = [[{"role": "system", "content": TUTOR_SYSTEM_PROMPT},
+                      {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+    ttft = {True: [], False: []}
+    try:
+        for round_ in range(args.prefix_rounds + 1):  # round 0 warms both up
+            for cache in (False, True):
+                requests = [engines[cache].submit(c) for c in conversations]
+                for r in requests:
+                    list(r.tokens(timeout=120))
+                if round_:
+                    ttft[cache].append(statistics.median(r.first_token_at - r.submitted_at for r in requests))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
+    print(f"5. the engine alone, {n} requests at once, {args.prefix_rounds} rounds: TTFT median {off * 1000:.0f} ms "
+          f"without, {on * 1000:.0f} ms with the prefix cache  -> x{off / on:.2f}")
+
 
 if __name__ == "__main__":
     main()
