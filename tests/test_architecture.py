@@ -13,7 +13,8 @@ ALLOWED = {  # package -> the project modules it may import, beside its own
     "core": set(),
     "app": {"core"},
     "rlhf": {"core", "app.store", "app.versions", "app.failpoints", "app.config", "app.embedded", "app.loop_view"},
-    "bench": {"core", "app.store", "app.versions", "app.config", "app.embedded", "rlhf"},
+    # bench: also the serving engine, measured alone (bench_serving.py), never the server or UI
+    "bench": {"core", "app.store", "app.versions", "app.config", "app.embedded", "app.engine", "rlhf"},
 }
 
 
