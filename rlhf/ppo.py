@@ -47,7 +47,7 @@ from core.chat_format import end_of_turn_ids, generation_prompt_ids
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
-from rlhf.vllm_rollouts import ENGINES, EngineChoice, VLLMRollouts, choose_rollout_engine
+from rlhf.vllm_rollouts import EngineChoice, VLLMRollouts, check_rollout_engine, choose_rollout_engine
 
 Message = dict[str, str]
 RewardFn = Callable[[list[list[Message]], list[str], list[list[int]]], torch.Tensor]
@@ -105,8 +105,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_inference_precision(self.rollout_precision)
-        if self.rollout_engine not in ENGINES:
-            raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, not {self.rollout_engine!r}")
+        check_rollout_engine(self.rollout_engine)
 
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.causal_lm import right_pad
+
 ENGINES = ("auto", "hf", "vllm")
+
+
+def check_rollout_engine(setting: str) -> None:
+    if setting not in ENGINES:
+        raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, not {setting!r}")
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,7 @@ class EngineChoice:
 def choose_rollout_engine(setting: str, cuda: bool | None = None, installed: bool | None = None) -> EngineChoice:
     """ "hf": transformers' generate. "auto" and "vllm": vLLM where it can run (a CUDA device, the package
     installed), else generate with the reason; the default install has no vLLM and runs everywhere."""
-    if setting not in ENGINES:
-        raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, not {setting!r}")
+    check_rollout_engine(setting)
     if setting == "hf":
         return EngineChoice("hf", "rollout_engine = \"hf\"")
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -53,11 +59,7 @@ def answers_tensor(outputs, eos_ids: list[int], pad_id: int) -> torch.Tensor:
         if completion.finish_reason == "stop" and (not ids or ids[-1] not in eos_ids):
             ids.append(completion.stop_reason if isinstance(completion.stop_reason, int) else eos_ids[0])
         rows.append(ids)
-    width = max(1, max(map(len, rows)))
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+    return right_pad(rows, pad_id)[0]
 
 
 class VLLMRollouts:
