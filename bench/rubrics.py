@@ -6,8 +6,14 @@ learner can rank answers that all fail instead of calling such a comparison a ti
 preference itself does not care about only adds noise to the pairs (see `uses_example`).
 
 Rubrics judge content, not wording: a question must be about the learner's topic, an example must
-carry concrete detail, a short answer must still talk about what was asked. No stock phrase and no
-empty answer satisfies any of them.
+carry concrete detail, a short answer must still talk about what was asked. Every rubric first asks
+for an answer of substance (`substantive`): at least two different sentences, most of them about the
+learner's topic, that bring content words of their own, and no refusal. So no stock phrase, no
+on-topic refusal, no one-liner and no sentence said over and over passes any of them
+(tests/test_learning.py tries each on every rubric).
+
+What no rubric sees: whether the answer is right. A fluent, on-topic, wrong explanation passes; the
+report says so next to every success rate.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import pyphen
 
 Message = dict[str, str]
 SUCCESS = 0.5
@@ -58,6 +66,28 @@ def on_topic(dialogue: list[Message], answer: str) -> bool:
     return bool(topic_stems(dialogue) & content_stems(answer))
 
 
+# A first-person refusal to do what was asked ("I will not talk about fractions today.").
+REFUSAL = re.compile(r"\bI\s*(?:will\s+not|won'?t|can\s*not|can'?t|am\s+not\s+going\s+to|'m\s+not\s+going\s+to|"
+                     r"refuse\s+to|do\s+not\s+want\s+to|don'?t\s+want\s+to|am\s+unable\s+to|'m\s+unable\s+to)\s+"
+                     r"(?:talk|discuss|help|answer|explain|tell|say|go\s+into|get\s+into|do)\b", re.I)
+MIN_NEW_STEMS = 6  # content words of its own, beyond the learner's: a template echoing the question has few
+
+
+def substantive(dialogue: list[Message], answer: str) -> bool:
+    """What every rubric asks first: an answer of its own, not a template. At least two different
+    sentences (a one-liner or a sentence said twice is not an explanation), two of them sharing a
+    content word with the learner's turns (a topic word dropped into generic encouragement is not enough),
+    MIN_NEW_STEMS content words the learner did not use, and no refusal."""
+    parts = [s for s in sentences(answer) if WORD.search(s)]
+    said = [" ".join(w.lower() for w in WORD.findall(s)) for s in parts]
+    if len(parts) < 2 or len(set(said)) < len(said) or REFUSAL.search(answer):
+        return False
+    topic = topic_stems(dialogue)
+    if sum(bool(content_stems(s) & topic) for s in parts) < 2:
+        return False
+    return len(content_stems(answer) - topic) >= MIN_NEW_STEMS
+
+
 def checks_understanding(dialogue: list[Message], answer: str) -> float:
     """The tutor explains, then checks understanding with a question about the learner's topic.
 
@@ -65,6 +95,8 @@ def checks_understanding(dialogue: list[Message], answer: str) -> float:
     learner's turns or the explanation just given) that is not an echo of the learner's own question; 0.3: a question off the topic
     ("Any questions?") after an explanation; 0.0: no question or no explanation.
     """
+    if not substantive(dialogue, answer):
+        return 0.0
     parts = sentences(answer)
     questions = [s for s in parts if s.endswith("?")]
     explanation = sum(word_count(s) for s in parts if not s.endswith("?"))
@@ -82,6 +114,9 @@ def checks_understanding(dialogue: list[Message], answer: str) -> float:
 
 EXAMPLE_MARKER = re.compile(r"\b(for example|for instance|e\.g\.|imagine|let's say|let us say|suppose|say you|"
                             r"such as|think of|picture)\b", re.I)
+# "such as" mostly lists kinds ("operations such as addition or subtraction"), which works no case
+# through; it introduces an example only with a number in it ("fractions such as 3/4").
+LISTING = re.compile(r"\bsuch as\b", re.I)
 
 
 def has_number(sentence: str) -> bool:
@@ -89,8 +124,15 @@ def has_number(sentence: str) -> bool:
 
 
 def has_detail(sentence: str) -> bool:
-    """A number, or at least four content words: the stuff a concrete example is made of."""
-    return has_number(sentence) or len(content_stems(sentence)) >= 4
+    """The stuff a concrete example is made of: at least six words, and a number with two content
+    words or four content words ("For example, 1 fraction." has neither); a "such as" list only with
+    a number."""
+    stems = len(content_stems(sentence))
+    if word_count(sentence) < 6:
+        return False
+    if has_number(sentence):
+        return stems >= 2
+    return stems >= 4 and not (LISTING.search(sentence) and not EXAMPLE_MARKER.search(LISTING.sub("", sentence)))
 
 
 def uses_example(dialogue: list[Message], answer: str) -> float:
@@ -104,9 +146,9 @@ def uses_example(dialogue: list[Message], answer: str) -> float:
     with that grade and 0.61 without it, a bag of words 0.60 and 0.71 (docs/learning.md).
     """
     marked = [s for s in sentences(answer) if EXAMPLE_MARKER.search(s)]
-    if not marked:
+    if not marked or not substantive(dialogue, answer):
         return 0.0
-    return 1.0 if on_topic(dialogue, answer) and any(has_detail(s) for s in marked) else 0.3
+    return 1.0 if any(has_detail(s) for s in marked) else 0.3
 
 
 SHORT_WORDS = 80
@@ -116,14 +158,54 @@ def stays_short(dialogue: list[Message], answer: str) -> float:
     """The tutor answers in a few finished sentences (at most 80 words) that stay on the topic.
 
     1.0 when all three hold; otherwise partial credit that falls with length (shorter is better),
-    and 0.0 for an answer that does not touch the topic or says almost nothing.
+    and 0.0 for an answer without substance (`substantive`): shortness is not bought with a one-liner.
     """
     words = word_count(answer)
-    if words < 5 or not on_topic(dialogue, answer):
+    if not substantive(dialogue, answer):
         return 0.0
     if words <= SHORT_WORDS and ends_cleanly(answer):
         return 1.0
     return 0.45 * max(0.0, 1 - max(0, words - SHORT_WORDS) / 150)
+
+
+PLAIN_EASE = 70.0  # Flesch reading ease: 70 and above reads as "fairly easy" (about age 12-13)
+_HYPHENATOR = pyphen.Pyphen(lang="en_US")
+
+
+def reading_ease(text: str) -> float:
+    """Flesch reading ease, 206.835 - 1.015 words/sentence - 84.6 syllables/word; syllables counted as
+    pyphen's hyphenation points + 1 (a dictionary shipped in the package: nothing is fetched)."""
+    words = WORD.findall(text)
+    parts = [s for s in sentences(text) if WORD.search(s)]
+    if not words or not parts:
+        return 0.0
+    syllables = sum(len(_HYPHENATOR.positions(w.lower())) + 1 for w in words)
+    return 206.835 - 1.015 * len(words) / len(parts) - 84.6 * syllables / len(words)
+
+
+def plain_words(dialogue: list[Message], answer: str) -> float:
+    """The tutor explains in words a child reads easily: short sentences of short words.
+
+    A taste about the language's level, where `stays_short` is about length and `uses_example` about
+    content. 1.0: reading ease at least PLAIN_EASE in an answer of substance; below it, credit that
+    rises with the ease (so learners can rank two hard answers); 0.0 without substance.
+    """
+    if not substantive(dialogue, answer):
+        return 0.0
+    ease = reading_ease(answer)
+    return 1.0 if ease >= PLAIN_EASE else 0.45 * min(1.0, max(0.0, (ease - 30.0) / (PLAIN_EASE - 30.0)))
+
+
+def rewrite_plainer(dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
+    """The tutor's answer cut into short sentences, and the longest words' sentences left out."""
+    topic, body = _topic_and_body(dialogue, answer, keywords)
+    if not topic or not body:
+        return None
+    short = [" ".join(s.split()[:12]).rstrip(",;:") + "." for s in body]
+    ranked = sorted(short, key=reading_ease, reverse=True)[:4]
+    kept = [s for s in short if s in ranked]
+    text = " ".join(kept)
+    return text if substantive(dialogue, text) else f"This is about {topic}. " + text
 
 
 def _topic_and_body(dialogue: list[Message], answer: str, keywords: list[str]) -> tuple[str | None, list[str]]:
@@ -193,5 +275,9 @@ RUBRICS: dict[str, Rubric] = {
     "checks_understanding": Rubric("checks_understanding", checks_understanding, rewrite_checking_understanding),
     "uses_example": Rubric("uses_example", uses_example, rewrite_with_example),
     "stays_short": Rubric("stays_short", stays_short, rewrite_shorter),
+    "plain_words": Rubric("plain_words", plain_words, rewrite_plainer),
     "random": Rubric("random", random_taste()),
 }
+# The tastes the learning targets are reported on: base rates of 10-40% on the embedded model, each of
+# another kind (length, content, language level). checks_understanding is too rare (about 1%).
+SHIPPED = ("stays_short", "uses_example", "plain_words")

@@ -16,13 +16,31 @@ from app.engine import SamplingConfig
 from app.store import Store
 from bench.learner import LABELS, FeedbackCounts, LearnerConfig, TutoringPrompt, collect_answers, decide, give_feedback, load_prompt_set
 from bench.learning_metrics import distinct_n, repeated_ending_flags, wilson, win_rate
-from bench.rubrics import RUBRICS, Rubric, checks_understanding, stays_short, uses_example
+from bench.rubrics import (RUBRICS, SHIPPED, Rubric, checks_understanding, plain_words, reading_ease, stays_short,
+                           uses_example)
 from rlhf.data import collect
 from tiny import learnable_policy
 
 SKY = [{"role": "user", "content": "Why is the sky blue during the day?"}]
 EXPLANATION = ("The sky looks blue because air scatters blue light more than red light. Sunlight holds every colour, "
                "and the short blue waves bounce around the most.")
+# Distinct sentences on the topic, for answers of any length (a sentence said twice is degenerate).
+MORE = ["At sunset the light crosses much more air, so the blue is scattered away before it reaches us.",
+        "That is why evening skies glow orange and red instead of blue.",
+        "Violet light scatters even more, but our eyes are less sensitive to violet than to blue.",
+        "On the Moon there is no air, so its sky stays black even during the day.",
+        "Clouds look white because their droplets scatter every colour of light about equally.",
+        "Pilots flying very high see a darker blue sky, since less air sits above them.",
+        "Scientists call this effect Rayleigh scattering, after the physicist who explained it.",
+        "Dust and smoke in the air can change how the blue sky looks on some days.",
+        "You can test the idea with a torch shining through a glass of water with a little milk in it.",
+        "From the side the water looks bluish, and looking straight at the torch it looks orange.",
+        "The same physics explains why distant mountains look slightly blue and hazy.",
+        "Bright blue skies are often clearest after rain has washed the dust out of the air."]
+
+
+def long_answer(sentences: int) -> str:
+    return " ".join([EXPLANATION, *MORE[:sentences]])
 
 
 # -- the prompt set ------------------------------------------------------------------------------
@@ -67,13 +85,66 @@ def test_stays_short_wants_a_short_finished_answer_on_the_topic():
     assert stays_short(SKY, "I like cats a lot, they are great pets.") == 0.0  # short but off the topic
     assert stays_short(SKY, "") == 0.0
     assert stays_short(SKY, EXPLANATION + " And the sky") < 0.5  # cut off mid-sentence
-    assert 0 < stays_short(SKY, " ".join([EXPLANATION] * 7)) < stays_short(SKY, " ".join([EXPLANATION] * 4)) < 0.5
+    assert 0 < stays_short(SKY, long_answer(12)) < stays_short(SKY, long_answer(6)) < 0.5
+    assert stays_short(SKY, long_answer(6)) > stays_short(SKY, "The sky is blue because of light.")  # a one-liner
+
+
+def test_plain_words_wants_easy_reading_with_substance():
+    plain = ("The sky is blue because air bends blue light the most. Light from the sun has all the colours in it. "
+             "Blue light bumps into bits of air and goes all over the sky, so we see blue from every side.")
+    hard = ("Atmospheric molecules preferentially scatter shorter electromagnetic wavelengths, a phenomenon "
+            "characterised by an inverse fourth-power dependence on wavelength. Consequently, diffuse "
+            "illumination originating from the daytime atmosphere appears predominantly blue to human observers.")
+    assert reading_ease(plain) > 70 > reading_ease(hard)
+    assert plain_words(SKY, plain) == 1.0
+    assert 0 <= plain_words(SKY, hard) < 0.5
+    assert plain_words(SKY, "") == 0.0
+
+
+# Answers that say nothing of their own. Each must fail every rubric: a rubric that a template passes
+# teaches the policy the template (38 of one run's successes once rested on "such as" alone).
+FRACTIONS = [{"role": "user", "content": "How do I add fractions with different denominators?"}]
+DEGENERATE = {
+    "stock phrase with a marker word": [(FRACTIONS, "For example, 1 fraction."), (FRACTIONS, "Fractions, such as 5."),
+                                        (SKY, "For example, the sky. For instance, blue light. Imagine the sky.")],
+    "stock question after an echo": [(SKY, "Why is the sky blue during the day? Can you tell me what you think about "
+                                           "the blue sky and the day?")],
+    "on-topic refusal": [(FRACTIONS, "I will not talk about fractions today."),
+                         (SKY, "I can't explain why the sky is blue during the day. The blue sky is a topic for "
+                               "another lesson, so let us pick something else, maybe maths or reading or history.")],
+    "one-line answer": [(SKY, "The sky is blue because air scatters the short blue waves of sunlight the most.")],
+    "repeated sentence": [(SKY, "The sky is blue because air scatters blue light, for example 3 times more. " * 3),
+                          (FRACTIONS, "Fractions need a common denominator, for example 4 for halves and quarters. " * 4)],
+    "a topic word in generic encouragement": [(FRACTIONS, "Fractions are a great thing to learn. Keep trying hard every "
+                                                          "single day. Practice makes perfect, and you will get there!")],
+}
+
+
+def test_no_degenerate_answer_passes_any_rubric():
+    for rubric in RUBRICS.values():
+        if rubric.name == "random":
+            continue
+        for kind, cases in DEGENERATE.items():
+            for dialogue, answer in cases:
+                assert not rubric.success(dialogue, answer), (rubric.name, kind, answer)
+
+
+def test_every_shipped_rubric_can_be_passed():
+    """The degenerate test above must not pass by a rubric that nothing passes."""
+    good = {"stays_short": EXPLANATION, "plain_words": ("The sky is blue because air bends blue light the most. Light "
+                                                        "from the sun has all the colours in it. Blue light bumps into "
+                                                        "bits of air and goes all over, so we see blue on every side."),
+            "uses_example": EXPLANATION + " For example, at noon the sunlight crosses about 10 km of air, so blue "
+                                          "light scatters everywhere."}
+    assert set(good) == set(SHIPPED)
+    for name, answer in good.items():
+        assert RUBRICS[name].success(SKY, answer), name
 
 
 def test_rewrites_turn_failing_answers_into_passing_ones():
     rng = random.Random(0)
-    long = " ".join([EXPLANATION] * 4)
-    for name in ("checks_understanding", "uses_example", "stays_short"):
+    long = long_answer(8)
+    for name in ("checks_understanding", "uses_example", "stays_short", "plain_words"):
         rubric = RUBRICS[name]
         better = rubric.rewrite(SKY, long, ["sky", "light", "scatter"], rng)
         assert better and rubric.success(SKY, better), (name, better)
