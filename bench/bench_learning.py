@@ -51,6 +51,7 @@ from bench.rubrics import RUBRICS, Rubric  # noqa: E402
 from core.net import free_port  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "bench" / "configs" / "learning.toml"
+EVAL_PARTS = {"dev": "heldout", "test": "test"}  # --eval-part -> the prompt set's split
 
 Say = Callable[[str], None]  # where progress lines go
 
@@ -187,6 +188,10 @@ class LearningRun:
     eval_clients: int = 16  # measuring at once
     samples_per_prompt: int = 2  # per held-out opener, per measurement
     max_heldout: int = 0  # use only this many held-out openers (0: all)
+    # Which held-out openers the measurements ask: "dev" (split "heldout", 112 openers: every choice of a
+    # setting is made on these) or "test" (46 openers that only final reported runs ask; docs/learning.md
+    # lists which runs touched which).
+    eval_part: str = "dev"
     no_ppo: bool = False
     reward_form: str = ""  # a RewardConfig.form in place of the settings file's (rlhf/reward.py)
     ppo_learning_rate: float = 0.0  # PPO's learning rate in place of the settings file's (0: keep it)
@@ -252,7 +257,9 @@ def plan_run(settings: LearningRun, workdir: Path, rubric: Rubric | None,
              prompts: tuple[list[TutoringPrompt], list[TutoringPrompt]] | None) -> Plan:
     """The rubric, the prompts, and with `--feedback-from` the earlier run's database copied into `workdir`."""
     rubric = rubric or RUBRICS[settings.rubric]
-    train, heldout = prompts or (load_prompt_set(split="train"), load_prompt_set(split="heldout"))
+    if settings.eval_part not in EVAL_PARTS:
+        raise SystemExit(f"--eval-part must be one of {', '.join(EVAL_PARTS)}, not {settings.eval_part!r}")
+    train, heldout = prompts or (load_prompt_set(split="train"), load_prompt_set(split=EVAL_PARTS[settings.eval_part]))
     if settings.max_heldout:
         heldout = random.Random(settings.seed).sample(heldout, settings.max_heldout)
     keywords = [p.keywords for p in heldout for _ in range(settings.samples_per_prompt)]
@@ -330,7 +337,8 @@ def write_results(settings: LearningRun, plan: Plan, progress: Progress, *, conf
     replayed = plan.replayed
     results = {"rubric": plan.rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate,
                "k": settings.k, "items_per_cycle": replayed["items"] if replayed else settings.items,
-               "heldout_openers": len(plan.heldout), "feedback_from": replayed and replayed["replayed_from"],
+               "heldout_openers": len(plan.heldout), "eval_part": settings.eval_part,
+               "feedback_from": replayed and replayed["replayed_from"],
                "samples_per_measurement": len(progress.base_scores), "minutes": minutes,
                "rows": progress.rows, "cycles": progress.cycles, "config": config.read_text(),
                "workdir": str(workdir)}

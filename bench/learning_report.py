@@ -104,7 +104,8 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
     title = f"Learning curve: rubric {results['rubric']}, {arm}"
     plot(rows, out / "curves.png", title)
     lines = [f"# {title}", "",
-             f"{results['samples_per_measurement']} answers per measurement ({results['heldout_openers']} held-out openers, "
+             f"{results['samples_per_measurement']} answers per measurement ({results['heldout_openers']} held-out openers "
+             f"of the {results.get('eval_part', 'dev')} part, "
              f"never trained on), learners' error rate {results['error_rate']:.0%}, k = {results['k']}, "
              f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes."
              + (f" The feedback is not new: one cycle retrained on all the feedback of the run in "
