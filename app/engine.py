@@ -31,7 +31,7 @@ from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from core.causal_lm import left_pad_to, next_position_ids
-from core.chat_format import TUTOR_SYSTEM_PROMPT, end_of_turn_ids
+from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids
 from core.precision import check_inference_precision, inference_dtype
 from core.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, prefill, system_prefix_ids
 
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 class SamplingConfig:
     """How replies are sampled; stored with every assistant message."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
+    max_new_tokens: int = ANSWER_MAX_NEW_TOKENS
+    temperature: float = ANSWER_TEMPERATURE
     top_p: float = 0.9
     top_k: int = 50
     repetition_penalty: float = 1.1

@@ -21,6 +21,13 @@ TUTOR_SYSTEM_PROMPT = (
     "and check understanding with a question."
 )
 
+# One answer, wherever it is sampled: the reply a learner reads ([serve.sampling]), PPO's rollouts
+# ([retrain.ppo]) and the gate's samples ([retrain.gate]) default to the same length and temperature,
+# so the policy is trained and judged on the answers learners see. A settings file that changes
+# [serve.sampling] changes the other two with it unless they set their own (rlhf/cli.py).
+ANSWER_MAX_NEW_TOKENS = 128
+ANSWER_TEMPERATURE = 0.7
+
 
 class PromptTooLong(ValueError):
     pass

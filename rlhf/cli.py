@@ -8,12 +8,23 @@ from pathlib import Path
 from app.config import merge, read_config_file
 
 
+# Settings an answer has wherever it is sampled (core/chat_format.py): the served ones, unless a
+# [retrain.ppo] or [retrain.gate] table sets its own.
+ANSWER_SETTINGS = ("max_new_tokens", "temperature")
+
+
 def retrain_config(path: Path | None):
     from rlhf.cycle import CycleConfig
 
     config = CycleConfig()
     if path:
-        config = merge(config, read_config_file(path).get("retrain", {}), "retrain")
+        values = read_config_file(path)
+        retrain = values.get("retrain", {})
+        served = {k: v for k, v in ((values.get("serve") or {}).get("sampling") or {}).items() if k in ANSWER_SETTINGS}
+        if served and isinstance(retrain, dict):
+            retrain = {**retrain, **{table: {**served, **(retrain.get(table) or {})} for table in ("ppo", "gate")
+                                     if isinstance(retrain.get(table) or {}, dict)}}
+        config = merge(config, retrain, "retrain")
     return config
 
 

@@ -39,7 +39,8 @@ from app.store import Store
 from app.versions import ModelError, ModelRegistry, RegistryBusy, load_pretrained, record_versions, registry_lock
 from rlhf.annotators import AnnotatorConfig, weigh_annotators
 from core.arena import CanaryConfig
-from rlhf.data import NotEnoughData, TrainingData, check_enough, collect, split_data
+from rlhf.data import (NotEnoughData, TrainingData, check_enough, collect, gate_prompts, shipped_heldout_prompts,
+                       split_data)
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, rollout_engine, save_history, train_ppo
 from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, check_reward_model, save_reward_model,
@@ -60,9 +61,15 @@ class WatchConfig:
 class CycleConfig:
     min_pairs: int = 20
     min_prompts: int = 8
-    min_heldout_prompts: int = 4
+    # The fewest prompts the gate may judge on (after dropping any a training conversation used); fewer,
+    # and the cycle stops before training and says so: too few to judge is not a rejection.
+    min_heldout_prompts: int = 24
     heldout_fraction: float = 0.15
-    max_eval_prompts: int = 48
+    max_eval_prompts: int = 32  # the gate's prompts: the class's unseen held-out ones first
+    # Fill the gate's prompts up to max_eval_prompts from the shipped held-out tutoring prompts
+    # (rlhf/assets/tutoring_prompts.jsonl), never trained on: a class asks the same questions, so
+    # few of its own held-out prompts are unseen by training.
+    shipped_eval_prompts: bool = True
     keep_versions: int = 3  # besides the base, the current version and its parent
     skip_if_nothing_new: bool = True  # False re-runs on the same feedback (benchmarks, new settings)
     run_ppo: bool = True  # False: the cycle's policy is its SFT step alone (to measure what PPO adds)
@@ -149,6 +156,7 @@ class CycleRun:
     current: str  # the served version the cycle starts from
     train: TrainingData
     heldout: TrainingData
+    eval_prompts: list  # what the gate judges on (rlhf/data.py gate_prompts), fixed at step 1
     workdir: Path  # models/cycles/NNNN: the report and PPO's history
     say: Callable[[str], None]
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -168,9 +176,12 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
         why = (f" ({len(left)} users' feedback left out: {'; '.join(e['reason'] for e in left)})"[:600]
                if left else "")
         raise CycleError(f"{exc}{why}") from None
-    if len(heldout.ppo_prompts) < config.min_heldout_prompts:
-        raise CycleError(f"need at least {config.min_heldout_prompts} held-out prompts, have "
-                         f"{len(heldout.ppo_prompts)}; more conversations are needed")
+    shipped = shipped_heldout_prompts(TUTOR_SYSTEM_PROMPT) if config.shipped_eval_prompts else []
+    eval_prompts, own = gate_prompts(train, heldout, shipped, config.max_eval_prompts)
+    if len(eval_prompts) < config.min_heldout_prompts:
+        raise CycleError(f"too few prompts to judge a new version on: need at least {config.min_heldout_prompts} "
+                         f"held-out prompts that training did not use, have {len(eval_prompts)} ({own} from the "
+                         f"class's conversations); more conversations are needed")
     digest = feedback_digest(data)
     last = store.last_cycle(statuses=("promoted", "canary", "rejected"))
     if config.skip_if_nothing_new and last and (last.get("metrics") or {}).get("feedback_digest") == digest:
@@ -181,9 +192,10 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     cycle_id = store.start_cycle()
     started = time.perf_counter()
     say(f"cycle {cycle_id}: from policy {current}; {data.counts()} (held out: {heldout.counts()})")
-    run = CycleRun(store, registry, config, cycle_id, current, train, heldout,
+    run = CycleRun(store, registry, config, cycle_id, current, train, heldout, eval_prompts,
                    workdir=registry.root / "cycles" / f"{cycle_id:04d}", say=say,
                    metrics={"from_version": current, "train": train.counts(), "heldout": heldout.counts(),
+                            "gate_prompts": {"class": own, "shipped": len(eval_prompts) - own},
                             "left_out": annotators["left_out"], **timing})
     run.metrics["precision"] = precision_choices(config)
     say(f"   {run.metrics['precision']['summary']}")
@@ -328,10 +340,10 @@ def _reward_fn(rm: RewardResult):
 
 def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult) -> Verdict:
     """5. The new policy against the current one on held-out prompts never trained on, and the gate."""
-    trained = {json.dumps(p.prompt) for p in run.train.ppo_prompts}
-    eval_prompts = [p.prompt for p in run.heldout.ppo_prompts
-                    if json.dumps(p.prompt) not in trained][: run.config.max_eval_prompts]
-    run.say(f"5. evaluating on {len(eval_prompts)} held-out prompts + the regression set")
+    eval_prompts = run.eval_prompts
+    shares = run.metrics["gate_prompts"]
+    run.say(f"5. evaluating on {len(eval_prompts)} held-out prompts ({shares['class']} from the class's conversations, "
+            f"{shares['shipped']} shipped) + the regression set")
     # Which length the users prefer is a count of their own choices, not a fit, so every group votes:
     # a cycle holds out about a sixth of the groups, too few to see a real preference.
     lengths = length_preference([[(len(g.completions[c]), len(g.completions[r])) for c, r in g.pairs]

@@ -346,3 +346,37 @@ def check_enough(data: TrainingData, min_pairs: int = 20, min_prompts: int = 8) 
         problems.append(f"need at least {min_prompts} PPO prompts, have {len(data.ppo_prompts)}")
     if problems:
         raise NotEnoughData("; ".join(problems))
+
+
+# The shipped tutoring prompts (rlhf/assets/tutoring_prompts.jsonl): learners of the learning benchmark
+# ask the "train" part; the "heldout" part is never trained on by any benchmark and is where settings are
+# chosen; the "test" part is for final reported benchmark runs only, so nothing here reads it.
+TUTORING_PROMPTS = Path(__file__).parent / "assets" / "tutoring_prompts.jsonl"
+
+
+def shipped_heldout_prompts(system_prompt: str, path: Path = TUTORING_PROMPTS) -> list[list[Message]]:
+    """The shipped held-out openers as one-turn prompts, in a fixed order (so cycles are judged alike)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = sorted((r for r in rows if r["split"] == "heldout"), key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
+    return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": r["opener"]}] for r in rows]
+
+
+def gate_prompts(train: TrainingData, heldout: TrainingData, shipped: list[list[Message]],
+                 limit: int) -> tuple[list[list[Message]], int]:
+    """The prompts the gate judges on, and how many of them are the class's own: the held-out conversations'
+    prompts that no training prompt shares (each once), then shipped held-out prompts whose question no
+    training conversation asked, up to `limit`. A class that repeats its questions has few prompts of its
+    own left unseen; the shipped ones still give the gate enough to judge on."""
+    trained = {_prompt_key(p.prompt) for p in train.ppo_prompts}
+    asked = {m["content"].strip().lower() for p in train.ppo_prompts for m in p.prompt if m["role"] == "user"}
+    chosen: dict[str, list[Message]] = {}
+    for prompt in (p.prompt for p in heldout.ppo_prompts):
+        if _prompt_key(prompt) not in trained:
+            chosen.setdefault(_prompt_key(prompt), prompt)
+    own = min(len(chosen), limit)
+    for prompt in shipped:
+        if len(chosen) >= limit:
+            break
+        if prompt[-1]["content"].strip().lower() not in asked:
+            chosen.setdefault(_prompt_key(prompt), prompt)
+    return list(chosen.values())[:limit], own

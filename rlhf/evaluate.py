@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from core.causal_lm import sequence_logprob
-from core.chat_format import TUTOR_SYSTEM_PROMPT, end_of_turn_ids, generation_prompt_ids
+from core.chat_format import (ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids,
+                              generation_prompt_ids)
 from core.precision import check_inference_precision, for_sampling
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.stats import bootstrap, wilson
@@ -44,8 +45,8 @@ class GateConfig:
     # each leaves the gain's interval mostly sampling noise. The bootstrap resamples prompts.
     samples_per_prompt: int = 4
     regression_z: float = 1.96  # how many standard errors of the accuracy difference count as noise
-    max_new_tokens: int = 96
-    temperature: float = 0.7
+    max_new_tokens: int = ANSWER_MAX_NEW_TOKENS  # the served answer's (core/chat_format.py)
+    temperature: float = ANSWER_TEMPERATURE
     seed: int = 0
     samples_in_report: int = 6
     # Weights' dtype for sampling the answers (and the regression set's): "auto" as this machine's

@@ -43,7 +43,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from core.causal_lm import causal_lm_forward, left_pad, logprobs_from_logits
-from core.chat_format import end_of_turn_ids, generation_prompt_ids
+from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, end_of_turn_ids, generation_prompt_ids
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
@@ -64,8 +64,10 @@ class PPOConfig:
     learning_rate: float = 1e-4  # LoRA and value head
     lora_r: int = 16
     lora_alpha: int = 32
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 1.0 samples from the policy as it is
+    # The served answer's length and temperature (core/chat_format.py). The ratio and the KL are taken
+    # on the same tempered distribution the rollouts were drawn from (logits / temperature).
+    max_new_tokens: int = ANSWER_MAX_NEW_TOKENS
+    temperature: float = ANSWER_TEMPERATURE
     top_k: int = 0  # 0: no top-k filtering
     init_kl_coef: float = 0.05
     adaptive_kl: bool = True

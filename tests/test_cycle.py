@@ -38,6 +38,7 @@ TOPICS = ["fractions", "plants", "the moon", "verbs", "atoms", "rain", "magnets"
 
 TINY_CYCLE = CycleConfig(
     min_pairs=20, min_prompts=8, min_heldout_prompts=2, heldout_fraction=0.3, max_eval_prompts=32,
+    shipped_eval_prompts=False,  # the tiny model's own topics only (the test below adds the shipped prompts)
     sft=SFTSettings(min_demonstrations=1000),
     reward=RewardConfig(learning_rate=2e-3, epochs=3, min_heldout_accuracy=0.6),
     ppo=PPOConfig(total_episodes=160, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=1e-2,
@@ -342,6 +343,30 @@ def test_a_settings_file_turns_bf16_on_and_off(tmp_path):
 
 
 
+def test_a_class_that_repeats_its_questions_still_gets_a_gate_verdict(setup):
+    """Eighty conversations over six questions: every held-out prompt was also trained on. Without the
+    shipped prompts the cycle stops before training and says why (not a rejection); with the defaults the
+    gate judges on the shipped held-out prompts, at least min_heldout_prompts (24) of them."""
+    registry, store, _ = setup
+    rng = random.Random(0)
+    for i in range(80):
+        compare_in(store, store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT), i % 6, prefers_examples, rng)
+    defaults = CycleConfig()
+    before = store.row_counts()
+    starved = dataclasses.replace(TINY_CYCLE, min_heldout_prompts=defaults.min_heldout_prompts)
+    with pytest.raises(CycleError, match=r"too few prompts to judge .* have 0 \(0 from the class"):
+        run_cycle(store, registry, starved, say=lambda *_: None)
+    assert store.row_counts() == before and store.last_cycle() is None  # no cycle recorded, none rejected
+    config = dataclasses.replace(TINY_CYCLE, min_heldout_prompts=defaults.min_heldout_prompts,
+                     max_eval_prompts=defaults.max_eval_prompts, shipped_eval_prompts=defaults.shipped_eval_prompts)
+    outcome = run_cycle(store, registry, config, say=lambda *_: None)
+    metrics = store.last_cycle()["metrics"]
+    assert metrics["gate_prompts"] == {"class": 0, "shipped": defaults.max_eval_prompts}, metrics["gate_prompts"]
+    assert metrics["gate"]["heldout_prompts"] >= 24 and outcome.status in ("promoted", "rejected")
+    low, high = metrics["gate"]["reward_gain_ci95"]
+    assert low < high  # a real interval, from prompts the gate could judge on
+
+
 def test_a_cycle_without_heldout_pairs_is_rejected_with_the_reason(setup):
     """Held-out conversations that hold only ratings of single answers give the reward model no held-out
     pair to be measured on: the cycle ends at the reward-model check and says why (it used to fail on
@@ -437,3 +462,18 @@ def test_watch_mode_starts_exactly_one_cycle_when_the_threshold_is_crossed(setup
     assert watching.watch(store, registry, config, say=quiet, polls=2, clock=lambda: now + 60) == 0
     assert watching.watch(store, registry, config, say=quiet, polls=2, clock=lambda: now + 3700) == 1
     assert len(runs) == 1
+
+
+def test_served_answers_rollouts_and_gate_samples_share_one_length_and_temperature(tmp_path):
+    """PPO trains on, and the gate judges, answers as long and as random as those learners see: by default,
+    and when a settings file changes [serve.sampling] (unless a retrain table sets its own)."""
+    from rlhf.cli import retrain_config
+
+    served, config = SamplingConfig(), retrain_config(None)
+    for answers in (config.ppo, config.gate):
+        assert (answers.max_new_tokens, answers.temperature) == (served.max_new_tokens, served.temperature)
+    settings = tmp_path / "s.toml"
+    settings.write_text("[serve.sampling]\nmax_new_tokens = 80\ntemperature = 0.9\n[retrain.gate]\ntemperature = 1.0\n")
+    config = retrain_config(settings)
+    assert (config.ppo.max_new_tokens, config.ppo.temperature) == (80, 0.9)
+    assert (config.gate.max_new_tokens, config.gate.temperature) == (80, 1.0)

@@ -282,3 +282,28 @@ def test_not_enough_data_names_the_numbers(store: Store) -> None:
     assert "need at least 20 preference pairs, have 3" in message
     assert "need at least 8 PPO prompts, have 1" in message and "\n" not in message
     check_enough(data, min_pairs=3, min_prompts=1)
+
+
+def test_gate_prompts_never_reuse_a_trained_question_nor_the_test_part() -> None:
+    import json as _json
+
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
+    from rlhf.data import TUTORING_PROMPTS, PpoPrompt, TrainingData, gate_prompts, shipped_heldout_prompts
+
+    shipped = shipped_heldout_prompts(TUTOR_SYSTEM_PROMPT)
+    rows = [_json.loads(line) for line in TUTORING_PROMPTS.read_text().splitlines()]
+    dev = {r["opener"] for r in rows if r["split"] == "heldout"}
+    assert {p[-1]["content"] for p in shipped} == dev  # the dev part only: never "test", never "train"
+    assert shipped == shipped_heldout_prompts(TUTOR_SYSTEM_PROMPT)  # a fixed order, cycle after cycle
+
+    def prompt(text: str) -> list[dict]:
+        return [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, {"role": "user", "content": text}]
+
+    asked = shipped[0][-1]["content"]  # a class that happened to ask a shipped question trains on it
+    train = TrainingData(ppo_prompts=[PpoPrompt(prompt(q), "c") for q in ["Q1?", "Q2?", asked.upper()]])
+    heldout = TrainingData(ppo_prompts=[PpoPrompt(prompt(q), "h") for q in ["Q1?", "Q3?", "Q3?", "Q4?"]])
+    chosen, own = gate_prompts(train, heldout, shipped, limit=10)
+    texts = [p[-1]["content"] for p in chosen]
+    assert texts[:2] == ["Q3?", "Q4?"] and own == 2  # the class's unseen ones first, each once
+    assert len(chosen) == 10 and len(set(texts)) == 10 and asked not in texts and "Q1?" not in texts
+    assert gate_prompts(train, heldout, [], limit=10) == ([prompt("Q3?"), prompt("Q4?")], 2)

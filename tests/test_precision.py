@@ -121,3 +121,4 @@ def test_the_learning_benchmark_leaves_precision_to_the_plan():
     text = (Path(__file__).resolve().parents[1] / "bench" / "configs" / "learning.toml").read_text()
     assert not [line for line in text.splitlines() if line.split("=")[0].strip() in
                 {"bf16", "precision", "rollout_precision", "merged_rollouts"}]
+
