@@ -42,7 +42,7 @@ TINY_CYCLE = CycleConfig(
     sft=SFTSettings(min_demonstrations=1000),
     reward=RewardConfig(learning_rate=2e-3, epochs=3, min_heldout_accuracy=0.6),
     ppo=PPOConfig(total_episodes=160, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=1e-2,
-                  init_kl_coef=0.02, stop_kl=20.0),  # lr 1e-2 moves fast: KL up to ~6 here, keep the run whole
+                  temperature=1.0, init_kl_coef=0.02, stop_kl=20.0),  # lr 1e-2 moves fast: KL up to ~6 here, keep the run whole
     gate=GateConfig(max_new_tokens=8, bootstrap_samples=300, max_kl_reference=50.0, max_kl_base=50.0,
                     max_length_ratio=3.0),
 )
