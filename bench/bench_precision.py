@@ -58,7 +58,7 @@ def main() -> None:
     for name, bf16, rollouts in (("fp32", False, "auto"), ("bf16", True, "auto"), ("bf16-rollouts", True, "bf16")):
         rm_seconds = times.get("bf16", {}).get("rm", float("nan"))
         if rollouts == "auto":
-            rm_config = RewardConfig(epochs=1, bf16=bf16)
+            rm_config = RewardConfig(form="score_head", epochs=1, bf16=bf16)
             rm, rm_tokenizer = build_reward_model(policy_dir, rm_config)
             t = time.perf_counter()
             fit(rm, rm_tokenizer, groups, rm_config)

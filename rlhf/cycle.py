@@ -3,7 +3,9 @@
     1. data      feedback in the DB -> demonstrations, preference groups, PPO prompts (held out by conversation);
                  exclusions, per-user agreement weights and share caps (rlhf/annotators.py)
     2. SFT       on demonstrations, when there are enough (merged: this cycle's reference policy)
-    3. reward    model on all preference pairs so far; stop here unless clearly above chance on held-out pairs
+    3. reward    model on all preference pairs so far, its form chosen on a validation part of the training
+                 feedback (one form or an ensemble, rlhf/ensemble.py); stop here unless clearly above chance
+                 on held-out pairs
     4. PPO       the reference policy against the reward model, per-token KL penalty to the reference
     5. evaluate  new vs current on held-out prompts, and the gate
     6. promote   write the version whole, then switch models/CURRENT atomically; prune old versions.
@@ -43,8 +45,8 @@ from rlhf.data import (NotEnoughData, TrainingData, check_enough, collect, gate_
                        split_data)
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, rollout_engine, save_history, train_ppo
-from rlhf.reward import (RewardConfig, RewardResult, RewardTooWeak, check_reward_model, save_reward_model,
-                         train_reward_model)
+from rlhf.ensemble import EnsembleConfig, RewardEnsemble, choose_reward, save_any
+from rlhf.reward import REWARD_CHOICES, RewardConfig, RewardResult, RewardTooWeak, check_reward_model, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
 
 
@@ -78,6 +80,7 @@ class CycleConfig:
     niceness: int = 10
     sft: SFTSettings = field(default_factory=SFTSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # the candidates of form "auto"/"ensemble"
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     annotators: AnnotatorConfig = field(default_factory=AnnotatorConfig)
@@ -293,13 +296,19 @@ def _sft(run: CycleRun, tokenizer):
     return reference
 
 
-def _reward_model(run: CycleRun) -> RewardResult:
-    """3. The reward model on all preference pairs so far, measured on the held-out ones."""
+def _reward_model(run: CycleRun) -> RewardResult | RewardEnsemble:
+    """3. The reward model on all preference pairs so far, measured on the held-out ones; with form "auto",
+    the form (or the ensemble) that ranks a validation part of the training feedback best."""
     run.say(f"3. reward model on {run.train.n_pairs} pairs ({len(run.train.preference_groups)} groups)")
+    progress = lambda s, n, loss: run.say(f"   reward step {s}/{n} loss {loss:.3f}")  # noqa: E731
     with stage(run.metrics, "reward"):
-        rm = train_reward_model(run.registry.path(run.current), run.train.preference_groups,
-                                run.heldout.preference_groups, run.config.reward,
-                                progress=lambda s, n, loss: run.say(f"   reward step {s}/{n} loss {loss:.3f}"))
+        if run.config.reward.form in REWARD_CHOICES:
+            rm = choose_reward(run.registry.path(run.current), run.train.preference_groups,
+                               run.heldout.preference_groups, run.config.reward, run.config.ensemble,
+                               say=run.say, progress=progress)
+        else:
+            rm = train_reward_model(run.registry.path(run.current), run.train.preference_groups,
+                                    run.heldout.preference_groups, run.config.reward, progress=progress)
     run.metrics["reward"] = rm.metrics
     accuracy, correlation = rm.metrics["heldout_accuracy"], rm.metrics["length_correlation"]
     run.say(f"   held-out pairwise accuracy {'-' if accuracy is None else f'{accuracy:.2f}'} on "
@@ -358,7 +367,7 @@ def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult) ->
     return verdict
 
 
-def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Verdict) -> str:
+def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult | RewardEnsemble, verdict: Verdict) -> str:
     """6. The version directory is complete before CURRENT names it; old versions are pruned."""
     registry, current = run.registry, run.current
     version = registry.next_version()
@@ -369,7 +378,7 @@ def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult, verdict: Ve
         registry.write_version(version, new_policy, tokenizer, {
             "parent": current, "created_at": datetime.now(timezone.utc).isoformat(), "kind": "rlhf",
             "config": asdict(run.config), "metrics": run.metrics, "lineage": lineage},
-            extra=lambda folder: save_reward_model(rm, folder / "reward_model"))
+            extra=lambda folder: save_any(rm, folder / "reward_model"))
     canary = run.config.canary.enabled
     failpoint("before_switch")
     if not canary:

@@ -67,14 +67,17 @@ class RewardConfig:
     # machine's precision plan says (core/precision.py): on a GPU and on a CPU with AVX512-BF16 or AMX,
     # where an epoch runs 1.97x faster than in fp32 (bench/bench_precision.py).
     bf16: str | bool = "auto"
-    form: str = "score_head"  # or "implicit" / "bag_of_tokens" (module docstring)
+    # "auto": the cycle trains the candidate forms and keeps what ranks a validation part of the training
+    # feedback best, one form or their ensemble (rlhf/ensemble.py); "ensemble": always the ensemble; or
+    # one form: "score_head", "implicit", "bag_of_tokens" (module docstring).
+    form: str = "auto"
     beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
     l2: float = 0.01  # bag_of_tokens: L2 penalty on the token weights
     length_apart: bool = True  # bag_of_tokens: learn length in a term of its own, left out of the reward
 
     def __post_init__(self) -> None:
-        if self.form not in REWARD_FORMS:
-            raise ValueError(f"reward form {self.form!r} is not one of {', '.join(REWARD_FORMS)}")
+        if self.form not in REWARD_FORMS + REWARD_CHOICES:
+            raise ValueError(f"reward form {self.form!r} is not one of {', '.join(REWARD_FORMS + REWARD_CHOICES)}")
         if self.form == "implicit" and not self.use_lora:
             raise ValueError("the implicit reward needs use_lora = true: its reference is the policy with the adapters off")
 
@@ -88,6 +91,7 @@ class RewardConfig:
 
 
 REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")
+REWARD_CHOICES = ("auto", "ensemble")  # chosen per cycle by rlhf/ensemble.py choose_reward
 
 
 @dataclass
@@ -297,7 +301,9 @@ def train_reward_model(policy_dir: str | Path, train_groups: Sequence[Preference
                        heldout_groups: Sequence[PreferenceGroup], config: RewardConfig | None = None,
                        progress: Progress | None = None) -> RewardResult:
     """Builds, trains and measures a reward model on the policy in `policy_dir`."""
-    config = config or RewardConfig()
+    config = config or RewardConfig(form="score_head")
+    if config.form not in REWARD_FORMS:
+        raise ValueError(f"train_reward_model trains one form, not {config.form!r} (rlhf/ensemble.py chooses)")
     if not train_groups:
         raise ValueError("no preference groups to train the reward model on")
     start = time.monotonic()
@@ -352,7 +358,7 @@ def check_reward_model(metrics: dict[str, Any], config: RewardConfig | None = No
 def score(model, tokenizer, prompts: Sequence[list[Message]], completions: Sequence[str],
           batch_size: int = 8, config: RewardConfig | None = None) -> torch.Tensor:
     """Reward of each (prompt, completion), encoded and read as in training (config.form). -> (N,) float32"""
-    config = config or RewardConfig()
+    config = config or RewardConfig(form="score_head")
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     was_training = model.training
@@ -382,7 +388,7 @@ def load_reward_model(model_dir: str | Path) -> RewardResult:
     tokenizer.padding_side = "right"
     metrics_path = model_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    config = RewardConfig(**metrics.get("config", {}))
+    config = RewardConfig(**{"form": "score_head", **metrics.get("config", {})})  # saved before forms were named
     if config.form == "bag_of_tokens":
         model = BagOfTokens.from_pretrained(model_dir)
         return RewardResult(model=model, tokenizer=tokenizer, metrics=metrics, config=config)

@@ -40,7 +40,7 @@ TINY_CYCLE = CycleConfig(
     min_pairs=20, min_prompts=8, min_heldout_prompts=2, heldout_fraction=0.3, max_eval_prompts=32,
     shipped_eval_prompts=False,  # the tiny model's own topics only (the test below adds the shipped prompts)
     sft=SFTSettings(min_demonstrations=1000),
-    reward=RewardConfig(learning_rate=2e-3, epochs=3, min_heldout_accuracy=0.6),
+    reward=RewardConfig(form="score_head", learning_rate=2e-3, epochs=3, min_heldout_accuracy=0.6),
     ppo=PPOConfig(total_episodes=160, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, learning_rate=1e-2,
                   temperature=1.0, init_kl_coef=0.02, stop_kl=20.0),  # lr 1e-2 moves fast: KL up to ~6 here, keep the run whole
     gate=GateConfig(max_new_tokens=8, bootstrap_samples=300, max_kl_reference=50.0, max_kl_base=50.0,
@@ -171,6 +171,27 @@ def test_other_reward_forms_drive_ppo_and_are_kept_with_the_version(setup, form)
     assert saved.config.form == form
     if form == "implicit":
         assert saved.metrics["reference"] == str(registry.path("v0000"))
+
+
+def test_the_default_reward_form_is_chosen_by_the_cycle_and_kept_with_the_version(setup):
+    """Form "auto" (the default): the candidates train on most of the training groups, the cycle keeps the
+    one that ranks the rest best, records every candidate's figure, and the version keeps what it chose."""
+    from rlhf.ensemble import load_any
+
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    reward = dataclasses.replace(TINY_CYCLE.reward, form=RewardConfig().form, learning_rate=None)
+    outcome = run_cycle(store, registry, dataclasses.replace(TINY_CYCLE, reward=reward), say=lambda *_: None)
+    metrics = store.last_cycle()["metrics"]["reward"]
+    choice = metrics["choice"]
+    assert RewardConfig().form == "auto" and choice["mode"] == "auto"
+    assert set(choice["validation_accuracy"]) == {*TINY_CYCLE.ensemble.candidates, "ensemble"}
+    best = max(choice["validation_accuracy"].values())
+    assert choice["validation_accuracy"][choice["chosen"]] == best and choice["validation_pairs"] >= 10
+    assert metrics["heldout_accuracy"] >= 0.8 and outcome.status == "promoted", (metrics, outcome.message)
+    saved = load_any(registry.path(outcome.version) / "reward_model")
+    assert saved.metrics["choice"]["chosen"] == choice["chosen"]
+    assert saved.config.form == ("ensemble" if choice["chosen"] == "ensemble" else choice["chosen"])
 
 
 def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):

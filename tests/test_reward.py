@@ -22,7 +22,7 @@ FILLER = ["A fraction is a part of a whole.", "Try counting on your fingers.",
           "Water boils at one hundred degrees.", "What do you already know?"]
 MARK = "Here is an example."  # the planted preference: the completion that says it wins
 # A higher rate and one more epoch than the defaults: the tiny model starts from random weights.
-CONFIG = RewardConfig(learning_rate=2e-3, epochs=3, max_length=256)
+CONFIG = RewardConfig(form="score_head", learning_rate=2e-3, epochs=3, max_length=256)
 
 
 def planted_groups(n: int, seed: int) -> list[PreferenceGroup]:

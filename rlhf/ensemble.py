@@ -1,0 +1,171 @@
+"""The reward a cycle chooses for itself, and an ensemble of reward models.
+
+Which form of reward model fits a class depends on its taste: a score head read a length preference
+(`stays_short`) where a bag of tokens read one that sits in a few words (`uses_example`), and a person
+who knew the rubric picked the form (docs/learning.md). Learners do not come with a rubric, so with
+`[retrain.reward] form = "auto"` (the default) the cycle picks: it trains every candidate form on most
+of the training groups, ranks the rest with each (a validation part of the training feedback; never
+the gate's prompts nor a benchmark's), and keeps what ranks them best: one form, or the ensemble of all
+of them. Every candidate's validation accuracy, the winner and its margin go into the metrics.
+
+The ensemble scores an answer by its members' standardised rewards, their mean minus `penalty` times
+their spread: a conservative reward (Coste et al. 2023, uncertainty-weighted optimisation), so PPO
+gains nothing from answers the members disagree on, where a single reward model is easiest to
+over-optimise. `form = "ensemble"` always uses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.stats import pearson
+from rlhf.data import Message, PreferenceGroup
+from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, train_reward_model)
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RewardEnsemble:
+    """Members' rewards, each standardised by its mean and spread on the training answers, combined as
+    mean - penalty * std over members. The same interface as RewardResult where the cycle uses one."""
+
+    members: list[RewardResult]
+    scales: list[tuple[float, float]]  # (mean, std) of each member's rewards on the training answers
+    penalty: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> RewardConfig:
+        return replace(self.members[0].config, form="ensemble")
+
+    def member_scores(self, prompts: Sequence[list[Message]], completions: Sequence[str]) -> torch.Tensor:
+        """(M, N) standardised rewards of each member."""
+        rows = [(m.score(prompts, completions) - mean) / std for m, (mean, std) in zip(self.members, self.scales)]
+        return torch.stack(rows)
+
+    def score(self, prompts: Sequence[list[Message]], completions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        scores = self.member_scores(prompts, completions)
+        spread = scores.std(dim=0, unbiased=False) if len(self.members) > 1 else torch.zeros(scores.shape[1])
+        return scores.mean(dim=0) - self.penalty * spread
+
+    def token_rewards(self):
+        return None  # the spread is not a sum over tokens: PPO pays the whole score on the last token
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, member in enumerate(self.members):
+            save_reward_model(member, out / f"member_{i}")
+        (out / "ensemble.json").write_text(json.dumps({"scales": self.scales, "penalty": self.penalty}) + "\n")
+        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        return out
+
+
+def load_ensemble(model_dir: str | Path) -> RewardEnsemble:
+    model_dir = Path(model_dir)
+    saved = json.loads((model_dir / "ensemble.json").read_text())
+    members = [load_reward_model(model_dir / f"member_{i}") for i in range(len(saved["scales"]))]
+    metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
+    return RewardEnsemble(members, [tuple(s) for s in saved["scales"]], saved["penalty"], metrics)
+
+
+def save_any(rm: RewardResult | RewardEnsemble, out_dir: str | Path) -> Path:
+    return rm.save(out_dir) if isinstance(rm, RewardEnsemble) else save_reward_model(rm, out_dir)
+
+
+def load_any(model_dir: str | Path) -> RewardResult | RewardEnsemble:
+    return load_ensemble(model_dir) if (Path(model_dir) / "ensemble.json").exists() else load_reward_model(model_dir)
+
+
+@dataclass
+class EnsembleConfig:
+    candidates: list[str] = field(default_factory=lambda: ["score_head", "bag_of_tokens"])
+    validation_fraction: float = 0.2  # of the training groups, by a hash of the group: never trained on
+    min_validation_pairs: int = 10  # fewer, and the choice is noise: the first candidate, trained on all
+    penalty: float = 1.0  # conservative reward: standardised mean minus this many standard deviations
+
+
+def is_validation(group: PreferenceGroup, fraction: float) -> bool:
+    key = group.group_id or group.conversation_id
+    return int(hashlib.sha256(f"validation:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+@torch.no_grad()
+def pairwise_accuracy(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup]) -> tuple[float | None, int]:
+    """Share of pairs whose chosen answer scores strictly higher, over every pair of `groups`; and how many."""
+    correct = total = 0
+    for group in groups:
+        rewards = score([group.prompt] * len(group.completions), list(group.completions))
+        correct += sum(int(rewards[c] > rewards[r]) for c, r in group.pairs)
+        total += len(group.pairs)
+    return (correct / total if total else None), total
+
+
+def heldout_summary(rm: RewardResult | RewardEnsemble, tokenizer, groups: Sequence[PreferenceGroup]) -> dict:
+    """What check_reward_model and the reports read, for any reward: held-out accuracy and pairs, and how
+    much the reward follows length."""
+    accuracy, pairs = pairwise_accuracy(rm.score, groups)
+    rewards, lengths = [], []
+    for group in groups:
+        rewards += rm.score([group.prompt] * len(group.completions), list(group.completions)).tolist()
+        lengths += [len(tokenizer(t, add_special_tokens=False).input_ids) for t in group.completions]
+    return {"heldout_accuracy": accuracy, "heldout_pairs": pairs, "heldout_groups": len(groups),
+            "length_correlation": pearson(rewards, lengths)}
+
+
+def make_ensemble(members: list[RewardResult], groups: Sequence[PreferenceGroup], penalty: float) -> RewardEnsemble:
+    """Members' scales from their rewards on `groups`' answers (the ones they were trained on)."""
+    scales = []
+    for member in members:
+        scores = torch.cat([member.score([g.prompt] * len(g.completions), list(g.completions)) for g in groups])
+        scales.append((scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)))
+    return RewardEnsemble(members, scales, penalty)
+
+
+def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup],
+                  heldout_groups: Sequence[PreferenceGroup], config: RewardConfig, ensemble: EnsembleConfig,
+                  say: Say = print, progress=None) -> RewardResult | RewardEnsemble:
+    """`config.form` "auto": the candidate (a form or the ensemble) that ranks the validation part best;
+    "ensemble": the ensemble. Members train on the training groups outside the validation part."""
+    fit_groups = [g for g in train_groups if not is_validation(g, ensemble.validation_fraction)]
+    validation = [g for g in train_groups if is_validation(g, ensemble.validation_fraction)]
+    pairs = sum(len(g.pairs) for g in validation)
+    if config.form == "auto" and (pairs < ensemble.min_validation_pairs or not fit_groups):
+        form = ensemble.candidates[0]
+        say(f"   {pairs} validation pairs: too few to choose a reward form; {form}")
+        rm = train_reward_model(policy_dir, train_groups, heldout_groups, replace(config, form=form), progress)
+        rm.metrics["choice"] = {"chosen": form, "reason": f"{pairs} validation pairs (< {ensemble.min_validation_pairs})"}
+        return rm
+    members = []
+    for form in ensemble.candidates:
+        say(f"   candidate {form} on {len(fit_groups)} groups")
+        members.append(train_reward_model(policy_dir, fit_groups, validation, replace(config, form=form), progress))
+    ensembled = make_ensemble(members, fit_groups, ensemble.penalty)
+    candidates: dict[str, RewardResult | RewardEnsemble] = dict(zip(ensemble.candidates, members))
+    candidates["ensemble"] = ensembled
+    scores = {name: pairwise_accuracy(rm.score, validation)[0] for name, rm in candidates.items()}
+    ranked = sorted(candidates, key=lambda name: -(scores[name] or 0.0))  # stable: earlier candidates win ties
+    chosen = "ensemble" if config.form == "ensemble" else ranked[0]
+    runner_up = next((n for n in ranked if n != chosen), None)
+    margin = (scores[chosen] or 0.0) - (scores[runner_up] or 0.0) if runner_up else None
+    say("   validation accuracy: " + ", ".join(f"{n} {scores[n]:.3f}" for n in candidates if scores[n] is not None)
+        + f" -> {chosen}" + (f" (by {margin:+.3f} over {runner_up})" if margin is not None else ""))
+    rm = candidates[chosen]
+    tokenizer = members[0].tokenizer
+    summary = heldout_summary(rm, tokenizer, heldout_groups)
+    base = dict(rm.metrics) if not isinstance(rm, RewardEnsemble) else {
+        "members": [m.metrics for m in members], "scales": ensembled.scales, "penalty": ensemble.penalty,
+        "train_groups": len(fit_groups), "train_pairs": sum(len(g.pairs) for g in fit_groups),
+        "seconds": round(sum(m.metrics.get("seconds", 0.0) for m in members), 3)}
+    rm.metrics = {**base, **summary, "choice": {
+        "chosen": chosen, "validation_accuracy": scores, "validation_pairs": pairs, "runner_up": runner_up,
+        "margin": margin, "mode": config.form}}
+    return rm
+

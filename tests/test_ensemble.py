@@ -1,0 +1,95 @@
+"""The reward a cycle chooses for itself (rlhf/ensemble.py): the conservative ensemble score, the choice on
+a validation part of the training feedback, the fallback when that part is too small, and storage."""
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rlhf.data import PreferenceGroup
+from rlhf.ensemble import (EnsembleConfig, RewardEnsemble, choose_reward, is_validation, load_any, pairwise_accuracy,
+                           save_any)
+from rlhf.reward import RewardConfig, check_reward_model
+from test_reward import FILLER, SYSTEM, planted_groups
+
+AUTO = RewardConfig(form="auto", epochs=3, max_length=256)
+
+
+@dataclass
+class Fixed:
+    """A member whose rewards are given: the ensemble's arithmetic on known numbers."""
+    rewards: list[float]
+
+    def score(self, prompts, completions, batch_size=8):
+        return torch.tensor(self.rewards[:len(completions)])
+
+
+def test_the_conservative_reward_is_the_members_mean_less_their_spread():
+    # member 1 standardised: (r - 1) / 2 -> [0, 1, -1]; member 2: (r - 0) / 1 -> [2, 1, -1]
+    ensemble = RewardEnsemble([Fixed([1.0, 3.0, -1.0]), Fixed([2.0, 1.0, -1.0])], [(1.0, 2.0), (0.0, 1.0)], penalty=1.0)
+    prompts, answers = [[SYSTEM]] * 3, ["a", "b", "c"]
+    # means [1, 1, -1]; spreads (population std of two) [1, 0, 0]
+    assert torch.allclose(ensemble.score(prompts, answers), torch.tensor([0.0, 1.0, -1.0]))
+    ensemble.penalty = 0.0
+    assert torch.allclose(ensemble.score(prompts, answers), torch.tensor([1.0, 1.0, -1.0]))
+    assert ensemble.token_rewards() is None  # the spread is no sum over tokens
+
+
+def longer_groups(n: int, seed: int) -> list[PreferenceGroup]:
+    """Rankings by length alone (longer wins): a taste a bag of tokens cannot read, since it learns length
+    in a term of its own that it leaves out of the reward."""
+    rng = random.Random(seed)
+    groups = []
+    for i in range(n):
+        texts = list(dict.fromkeys(" ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 5)))
+                                   for _ in range(rng.randint(2, 4))))
+        order = sorted(range(len(texts)), key=lambda j: -len(texts[j]))
+        pairs = [(a, b) for x, a in enumerate(order) for b in order[x + 1:] if len(texts[a]) > len(texts[b])]
+        if pairs:
+            groups.append(PreferenceGroup([SYSTEM, {"role": "user", "content": f"Question {i}?"}], texts, pairs,
+                                          f"conv-{seed}-{i}", "ranking", group_id=f"ranking:{seed}-{i}"))
+    return groups
+
+
+def test_auto_keeps_the_form_that_ranks_the_validation_part_best(tiny_model_dir):
+    torch.manual_seed(0)
+    train, heldout = longer_groups(64, 1), longer_groups(20, 2)
+    rm = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(), say=lambda *_: None)
+    choice = rm.metrics["choice"]
+    scores = choice["validation_accuracy"]
+    assert set(scores) == {"score_head", "bag_of_tokens", "ensemble"}
+    assert choice["chosen"] != "bag_of_tokens" and scores["bag_of_tokens"] < scores[choice["chosen"]], choice
+    assert scores[choice["chosen"]] == max(scores.values()) and choice["margin"] >= 0
+    validation = [g for g in train if is_validation(g, EnsembleConfig().validation_fraction)]
+    assert 0 < len(validation) < len(train) and choice["validation_pairs"] == sum(len(g.pairs) for g in validation)
+    assert rm.metrics["train_groups"] == len(train) - len(validation)  # the validation part was never trained on
+    assert rm.metrics["heldout_pairs"] == sum(len(g.pairs) for g in heldout)
+    assert rm.metrics["heldout_accuracy"] == pairwise_accuracy(rm.score, heldout)[0] > 0.7
+    check_reward_model(rm.metrics, AUTO)
+
+
+def test_too_few_validation_pairs_fall_back_to_the_first_candidate(tiny_model_dir):
+    train, heldout = planted_groups(6, 1), planted_groups(6, 2)
+    rm = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(min_validation_pairs=1000),
+                       say=lambda *_: None)
+    assert rm.config.form == "score_head" and rm.metrics["choice"]["chosen"] == "score_head"
+    assert rm.metrics["train_groups"] == len(train)  # trained on all of it
+
+
+def test_an_ensemble_is_kept_whole_and_scores_the_same_after_loading(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    train, heldout = planted_groups(48, 1), planted_groups(12, 2)
+    rm = choose_reward(tiny_model_dir, train, heldout, RewardConfig(form="ensemble", epochs=3, max_length=256),
+                       EnsembleConfig(penalty=0.5), say=lambda *_: None)
+    assert isinstance(rm, RewardEnsemble) and len(rm.members) == 2 and rm.config.form == "ensemble"
+    assert rm.metrics["choice"]["chosen"] == "ensemble" and rm.metrics["penalty"] == 0.5
+    loaded = load_any(save_any(rm, tmp_path / "rm"))
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    answers = [c for g in heldout for c in g.completions]
+    assert torch.allclose(loaded.score(prompts, answers), rm.score(prompts, answers), atol=1e-5)
+    assert loaded.metrics["choice"] == rm.metrics["choice"] and loaded.penalty == 0.5
+
+
+def test_a_reward_form_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        RewardConfig(form="magic")
