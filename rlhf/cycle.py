@@ -332,8 +332,9 @@ def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):
 
     # train_ppo adds LoRA to the model it is given and merges it in place: keep the reference apart.
     with stage(run.metrics, "ppo"):
+        demonstrations = [(d.prompt, d.completion[-1]["content"]) for d in run.train.demonstrations]
         result = train_ppo(copy.deepcopy(reference), tokenizer, prompts, _reward_fn(rm), run.config.ppo,
-                           progress=progress, token_reward_fn=rm.token_rewards())
+                           progress=progress, token_reward_fn=rm.token_rewards(), demonstrations=demonstrations)
     save_history(result.history, run.workdir / "ppo_history.jsonl")
     updates = [h for h in result.history if "score" in h]
     run.metrics["ppo_last"] = updates[-1] if updates else {}
@@ -425,7 +426,8 @@ def prune(registry: ModelRegistry, keep: int, say=print) -> list[str]:
 
 
 def _line(stats: dict) -> str:
-    keys = ("update", "score", "kl", "kl_coef", "entropy", "answer_length", "frac_ended", "clipfrac", "value_loss", "gen_seconds", "train_seconds")
+    keys = ("update", "score", "kl", "kl_coef", "entropy", "answer_length", "frac_ended", "clipfrac", "value_loss",
+            "ptx_loss", "gen_seconds", "train_seconds")
     return " ".join(f"{k} {stats[k]:.3g}" if isinstance(stats.get(k), float) else f"{k} {stats.get(k)}"
                     for k in keys if k in stats)
 

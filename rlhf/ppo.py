@@ -29,6 +29,7 @@ including the first EOS, never the padding after it.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +43,9 @@ from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
-from core.causal_lm import causal_lm_forward, left_pad, logprobs_from_logits
-from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, end_of_turn_ids, generation_prompt_ids
+from core.causal_lm import answer_logprob, answer_mask, causal_lm_forward, left_pad, logprobs_from_logits, right_pad
+from core.chat_format import (ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, end_of_turn_ids, generation_prompt_ids,
+                              scored_answer_ids)
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
@@ -88,6 +90,12 @@ class PPOConfig:
     # its part on that token (ppo_core.per_token_rewards); False: the whole score on the last token.
     dense_rewards: bool = True
     max_grad_norm: float = 1.0
+    # PPO-ptx (InstructGPT, eq. 2): gamma times the language-modelling loss on demonstrations (the class's
+    # rewrites and up-rated answers) added to every minibatch's loss, so the policy keeps writing what
+    # learners wrote or approved while it climbs the reward. 0: off.
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4  # demonstrations per PPO minibatch
+    ptx_max_length: int = 1024  # tokens of prompt + demonstration; longer ones lose their start
     seed: int = 0
     bf16: str | bool = "auto"  # "auto": as this machine's precision plan says (core/precision.py)
     # Rollouts are sampled by a plain copy of the policy with the LoRA adapters merged, made before each
@@ -232,12 +240,22 @@ def holds_whole_weights(accelerator: Accelerator) -> bool:
     return True
 
 
+def ptx_loss(policy: nn.Module, rows: Sequence[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """Mean negative log-likelihood per demonstration token of (prompt + answer ids, answer start) rows."""
+    input_ids, attention_mask = right_pad([ids for ids, _ in rows], pad_id)
+    starts = torch.tensor([start for _, start in rows])
+    tokens = answer_mask(attention_mask, starts).sum().clamp(min=1)
+    return -answer_logprob(policy, input_ids, attention_mask, starts).sum() / tokens
+
+
 def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], reward_fn: RewardFn,
               config: PPOConfig | None = None, progress: Callable[[dict], None] | None = None,
-              merge: bool = True, token_reward_fn: TokenRewardFn | None = None) -> PPOResult:
+              merge: bool = True, token_reward_fn: TokenRewardFn | None = None,
+              demonstrations: Sequence[tuple[list[Message], str]] = ()) -> PPOResult:
     """PPO on `prompts` (chat messages). `model` is a plain causal LM: it is wrapped in LoRA in
     place, and with merge=True the returned model is that same object with the adapters merged.
-    token_reward_fn: how reward_fn's score splits over the answer's tokens, when it is such a sum."""
+    token_reward_fn: how reward_fn's score splits over the answer's tokens, when it is such a sum.
+    demonstrations: (prompt, answer) pairs for PPO-ptx's language-modelling loss (config.ptx_coef)."""
     config = config or PPOConfig()
     if config.rollout_batch_size % config.minibatch_size:
         raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
@@ -255,6 +273,9 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
     gen_config = generation_config_for(config, eos_ids, pad_id)
     prompts = list(prompts)
     encoded = [generation_prompt_ids(tokenizer, p) for p in prompts]
+    ptx_rows = ([scored_answer_ids(tokenizer, p, a, config.ptx_max_length) for p, a in demonstrations]
+                if config.ptx_coef else [])
+    ptx_order = random.Random(config.seed)
 
     module = PolicyAndValue(model, config).eval()  # eval: no dropout anywhere, see above
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
@@ -344,6 +365,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
 
         # 6. minibatch PPO epochs
         step_stats: list[torch.Tensor] = []
+        ptx_losses: list[torch.Tensor] = []
         for _ in range(config.ppo_epochs):
             b_inds = torch.randperm(config.rollout_batch_size, device=device)
             for mb_start in range(0, config.rollout_batch_size, config.minibatch_size):
@@ -356,6 +378,12 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                 vf_loss, vf_stats = ppo_core.value_loss(mb_values, b_values[mb_inds], b_returns[mb_inds],
                                                         mb_mask, config.clip_range_value)
                 loss = pg_loss + config.vf_coef * vf_loss
+                if ptx_rows:  # PPO-ptx: keep the demonstrations likely
+                    with accelerator.autocast():
+                        mb_ptx = ptx_loss(module.policy, ptx_order.sample(ptx_rows, min(config.ptx_batch_size,
+                                                                                          len(ptx_rows))), pad_id)
+                    loss = loss + config.ptx_coef * mb_ptx
+                    ptx_losses.append(mb_ptx.detach())
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 if not history and not step_stats:
@@ -378,6 +406,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
         kl_ctl.update(stats["kl"], episodes_per_update)
         # train_seconds: everything but sampling (scoring, the three forward passes, PPO epochs).
         stats |= {"gen_seconds": gen_seconds, "train_seconds": time.perf_counter() - t0 - gen_seconds}
+        if ptx_losses:
+            stats["ptx_loss"] = accelerator.reduce(torch.stack(ptx_losses).mean().float(), reduction="mean").item()
         history.append(stats)
         if progress is not None and accelerator.is_main_process:
             progress(stats)

@@ -259,3 +259,35 @@ def test_early_stop_ends_the_run_before_training_on_rollouts_too_far_from_the_re
     assert len(history) < 40 and "stopped" in stop and "score" not in stop  # that batch was not trained on
     assert all(h["kl"] <= 2.0 for h in trained) and trained
     assert float(stop["stopped"].split()[4]) > 2.0 and stop["episodes"] == len(trained) * 16
+
+
+def test_ppo_ptx_keeps_the_demonstrations_likely(fresh_accelerate_state):
+    """PPO-ptx: the same run with the language-modelling loss on demonstrations mixed in leaves them far
+    more likely than PPO alone does, and reports that loss per update; with ptx_coef 0 there is none."""
+    from rlhf.ppo import ptx_loss
+    from core.chat_format import scored_answer_ids
+
+    tokenizer = tiny_tokenizer()
+    vowel_tokens = {i for i in range(3, len(tokenizer))
+                    if any(c in tokenizer.convert_ids_to_tokens(i) for c in "aeiou")}
+
+    def reward_fn(prompts, completions, token_ids):
+        return torch.tensor([float(sum(t in vowel_tokens for t in ids)) for ids in token_ids])
+
+    demonstrations = [(p, "first count the parts, then name them") for p in PROMPTS]
+    rows = [scored_answer_ids(tokenizer, p, a, 256) for p, a in demonstrations]
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        before = ptx_loss(make_model(tokenizer), rows, pad).item()
+    results = {}
+    for coef in (0.0, 1.0):
+        config = PPOConfig(total_episodes=12 * 16, rollout_batch_size=16, minibatch_size=8, max_new_tokens=8,
+                           learning_rate=1e-3, seed=0, stop_kl=0, ptx_coef=coef, temperature=1.0)
+        result = train_ppo(make_model(tokenizer), tokenizer, PROMPTS, reward_fn, config, demonstrations=demonstrations)
+        with torch.no_grad():
+            results[coef] = (ptx_loss(result.model, rows, pad).item(), result.history)
+    (plain, plain_history), (ptx, ptx_history) = results[0.0], results[1.0]
+    assert ptx < before - 1.0 and ptx < plain - 1.0, (before, plain, ptx)
+    assert all("ptx_loss" not in h for h in plain_history)
+    assert all(isinstance(h["ptx_loss"], float) for h in ptx_history)
+    assert ptx_history[-1]["ptx_loss"] < ptx_history[0]["ptx_loss"]
