@@ -72,8 +72,11 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Upcast to float32 because log_softmax in bf16 loses the small log-prob differences that
     the PPO ratio and the KL penalty are built from.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    # One row at a time: a whole batch's float32 log-softmax is B x T x V (16 x 128 x 49k: 400 MB on the
+    # embedded model), each row's is a sixteenth of it; autograd keeps only what the gather needs.
+    rows = [F.log_softmax(row.float(), dim=-1).gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
+            for row, row_tokens in zip(logits, tokens)]  # each (T,)
+    return torch.stack(rows) if rows else logits.new_zeros(tokens.shape, dtype=torch.float32)
 
 
 @torch.no_grad()

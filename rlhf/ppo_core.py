@@ -14,11 +14,15 @@ import torch.nn.functional as F
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position, (B, T)."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    p = logp.exp()
-    # Filtered vocabulary entries (logit -inf) have p = 0; 0 * -inf would be nan.
-    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # (B, T)
+    """Entropy of the next-token distribution at each position, (B, T); a row at a time (see
+    core.causal_lm.logprobs_from_logits: the whole batch in float32 is several full-vocabulary copies)."""
+    out = []
+    for row in logits:
+        logp = F.log_softmax(row.float(), dim=-1)  # (T, V)
+        p = logp.exp()
+        # Filtered vocabulary entries (logit -inf) have p = 0; 0 * -inf would be nan.
+        out.append(-(p * torch.where(p > 0, logp, 0.0)).sum(-1))
+    return torch.stack(out) if out else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
