@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRAINERS = ("ours", "rloo")
+REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")  # one reward model, shared by both trainers
 
 
 def peak_rss_mib() -> float:
@@ -91,7 +92,7 @@ def train_ours(args, work: Path, plan: dict) -> dict:
                        token_reward_fn=rm.token_rewards())
     seconds = time.perf_counter() - start
     result.model.save_pretrained(work / "ours")
-    episodes = sum(16 for h in result.history if "score" in h)
+    episodes = max((h["episodes"] for h in result.history if "score" in h), default=0)  # trained on
     return {"seconds": seconds, "episodes": episodes, "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature}
 
@@ -126,7 +127,8 @@ def train_rloo(args, work: Path, plan: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     trainer.model.merge_and_unload().save_pretrained(work / "rloo")
-    return {"seconds": seconds, "episodes": config.max_steps * batch, "max_new_tokens": config.max_completion_length,
+    return {"seconds": seconds, "episodes": trainer.state.global_step * batch,
+            "max_new_tokens": config.max_completion_length,
             "temperature": config.temperature}
 
 
@@ -163,7 +165,7 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=ROOT / "docs/learning/uses_example-bag-of-tokens-run16/conversations.db.gz")
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-models")
     ap.add_argument("--model", type=Path, help="base model directory (default: the embedded model)")
-    ap.add_argument("--reward-form", default="bag_of_tokens")
+    ap.add_argument("--reward-form", default="bag_of_tokens", choices=REWARD_FORMS)
     ap.add_argument("--episodes", type=int, default=256)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--gate-prompts", type=int, default=24)

@@ -197,14 +197,15 @@ def plain_words(dialogue: list[Message], answer: str) -> float:
 
 
 def rewrite_plainer(dialogue: list[Message], answer: str, keywords: list[str], rng: random.Random) -> str | None:
-    """The tutor's answer cut into short sentences, and the longest words' sentences left out."""
+    """The tutor's answer without its hard sentences: the whole sentences that read easily on their own,
+    in the answer's order (at most four); None when none does."""
     topic, body = _topic_and_body(dialogue, answer, keywords)
     if not topic or not body:
         return None
-    short = [" ".join(s.split()[:12]).rstrip(",;:") + "." for s in body]
-    ranked = sorted(short, key=reading_ease, reverse=True)[:4]
-    kept = [s for s in short if s in ranked]
-    text = " ".join(kept)
+    easy = [s.strip() for s in body if reading_ease(s) >= PLAIN_EASE][:4]
+    if not easy:
+        return None
+    text = " ".join(s if s[-1] in ".!" else s + "." for s in easy)
     return text if substantive(dialogue, text) else f"This is about {topic}. " + text
 
 

@@ -73,7 +73,10 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     the PPO ratio and the KL penalty are built from.
     """
     # One row at a time: a whole batch's float32 log-softmax is B x T x V (16 x 128 x 49k: 400 MB on the
-    # embedded model), each row's is a sixteenth of it; autograd keeps only what the gather needs.
+    # embedded model) and without gradients (rollout scoring, the reference, the gate) only one row's copy is
+    # alive at once; with gradients autograd still keeps each row's output for the backward pass.
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
     rows = [F.log_softmax(row.float(), dim=-1).gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
             for row, row_tokens in zip(logits, tokens)]  # each (T,)
     return torch.stack(rows) if rows else logits.new_zeros(tokens.shape, dtype=torch.float32)

@@ -87,6 +87,11 @@ class CycleConfig:
     watch: WatchConfig = field(default_factory=WatchConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
 
+    def __post_init__(self) -> None:
+        if self.min_heldout_prompts > self.max_eval_prompts:
+            raise ValueError(f"min_heldout_prompts ({self.min_heldout_prompts}) is more than the gate ever judges on "
+                             f"(max_eval_prompts {self.max_eval_prompts})")
+
 
 class CycleError(RuntimeError):
     """The cycle could not run; the message is one line for the user."""

@@ -87,13 +87,25 @@ def load_any(model_dir: str | Path) -> RewardResult | RewardEnsemble:
 @dataclass
 class EnsembleConfig:
     candidates: list[str] = field(default_factory=lambda: ["score_head", "bag_of_tokens"])
-    validation_fraction: float = 0.2  # of the training groups, by a hash of the group: never trained on
+    # of the training conversations, by a hash of the conversation (a ranking, a rating and a rewrite of one
+    # conversation share answers, so they stay on one side): never trained on by the candidates
+    validation_fraction: float = 0.2
     min_validation_pairs: int = 10  # fewer, and the choice is noise: the first candidate, trained on all
     penalty: float = 1.0  # conservative reward: standardised mean minus this many standard deviations
 
+    def __post_init__(self) -> None:
+        from rlhf.reward import REWARD_FORMS
+
+        if not self.candidates or len(set(self.candidates)) != len(self.candidates) \
+                or any(c not in REWARD_FORMS for c in self.candidates):
+            raise ValueError(f"ensemble candidates must be distinct reward forms of {', '.join(REWARD_FORMS)}, "
+                             f"not {self.candidates!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be between 0 and 1, not {self.validation_fraction}")
+
 
 def is_validation(group: PreferenceGroup, fraction: float) -> bool:
-    key = group.group_id or group.conversation_id
+    key = group.conversation_id or group.group_id
     return int(hashlib.sha256(f"validation:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
@@ -137,11 +149,13 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
     fit_groups = [g for g in train_groups if not is_validation(g, ensemble.validation_fraction)]
     validation = [g for g in train_groups if is_validation(g, ensemble.validation_fraction)]
     pairs = sum(len(g.pairs) for g in validation)
-    if config.form == "auto" and (pairs < ensemble.min_validation_pairs or not fit_groups):
+    if pairs < ensemble.min_validation_pairs or not fit_groups:
         form = ensemble.candidates[0]
-        say(f"   {pairs} validation pairs: too few to choose a reward form; {form}")
+        say(f"   {pairs} validation pairs: too few to choose a reward form or scale an ensemble; {form}")
         rm = train_reward_model(policy_dir, train_groups, heldout_groups, replace(config, form=form), progress)
-        rm.metrics["choice"] = {"chosen": form, "reason": f"{pairs} validation pairs (< {ensemble.min_validation_pairs})"}
+        rm.metrics["choice"] = {"chosen": form, "validation_accuracy": {}, "validation_pairs": pairs,
+                                "runner_up": None, "margin": None, "mode": config.form,
+                                "reason": f"{pairs} validation pairs (< {ensemble.min_validation_pairs})"}
         return rm
     members = []
     for form in ensemble.candidates:
@@ -160,7 +174,9 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
     rm = candidates[chosen]
     tokenizer = members[0].tokenizer
     summary = heldout_summary(rm, tokenizer, heldout_groups)
-    base = dict(rm.metrics) if not isinstance(rm, RewardEnsemble) else {
+    # A member's own held-out figures were measured on the validation part: they are not the cycle's held-out.
+    own = {k: v for k, v in rm.metrics.items() if not k.startswith("heldout_")}
+    base = own if not isinstance(rm, RewardEnsemble) else {
         "members": [m.metrics for m in members], "scales": ensembled.scales, "penalty": ensemble.penalty,
         "train_groups": len(fit_groups), "train_pairs": sum(len(g.pairs) for g in fit_groups),
         "seconds": round(sum(m.metrics.get("seconds", 0.0) for m in members), 3)}

@@ -116,6 +116,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         check_inference_precision(self.rollout_precision)
         check_rollout_engine(self.rollout_engine)
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ValueError(f"ptx_coef must be >= 0 and ptx_batch_size >= 1, not {self.ptx_coef}, {self.ptx_batch_size}")
 
     def use_bf16(self) -> bool:
         return wants_bf16(self.bf16)

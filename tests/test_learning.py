@@ -7,6 +7,7 @@ as the benchmark does, with a trivial rubric a tiny model can learn.
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from pathlib import Path
 
@@ -146,10 +147,19 @@ def test_every_shipped_rubric_can_be_passed():
 def test_rewrites_turn_failing_answers_into_passing_ones():
     rng = random.Random(0)
     long = long_answer(8)
-    for name in ("checks_understanding", "uses_example", "stays_short", "plain_words"):
+    # plain sentences between two hard ones: the rewrite drops the hard ones
+    mixed = ("Atmospheric molecules preferentially scatter shorter electromagnetic wavelengths, a phenomenon "
+             "characterised by an inverse dependence on wavelength. The sky is blue because air bends blue light "
+             "the most. Light from the sun has all the colours in it. Consequently, diffuse illumination originating "
+             "from the daytime atmosphere appears predominantly blue. Blue light bumps into bits of air and goes all "
+             "over the sky, so we see blue from every side.")
+    for name, failing in (("checks_understanding", long), ("uses_example", long), ("stays_short", long),
+                          ("plain_words", mixed)):
         rubric = RUBRICS[name]
-        better = rubric.rewrite(SKY, long, ["sky", "light", "scatter"], rng)
+        assert not rubric.success(SKY, failing), name  # the rewrite has something to fix
+        better = rubric.rewrite(SKY, failing, ["sky", "light", "scatter"], rng)
         assert better and rubric.success(SKY, better), (name, better)
+        assert not re.search(r"[.!?,;:]\.|\s\.", better), (name, better)  # no "blue.." or "the ." endings
 
 
 def test_decide_orders_by_score_with_ties_and_mistakes():
