@@ -179,14 +179,15 @@ def test_the_default_reward_form_is_chosen_by_the_cycle_and_kept_with_the_versio
     from rlhf.ensemble import load_any
 
     registry, store, _ = setup
-    give_feedback(store, 80, prefers_examples)
+    give_feedback(store, 120, prefers_examples)
     reward = dataclasses.replace(TINY_CYCLE.reward, form=RewardConfig().form, learning_rate=None)
+    # 120 one-pair conversations leave about 17 validation pairs
     outcome = run_cycle(store, registry, dataclasses.replace(TINY_CYCLE, reward=reward), say=lambda *_: None)
     metrics = store.last_cycle()["metrics"]["reward"]
     choice = metrics["choice"]
     assert RewardConfig().form == "auto" and choice["mode"] == "auto"
     assert set(choice["validation_accuracy"]) == {*TINY_CYCLE.ensemble.candidates, "ensemble"}
-    assert choice["validation_pairs"] >= 10
+    assert choice["validation_pairs"] >= TINY_CYCLE.ensemble.min_validation_pairs
     assert metrics["heldout_accuracy"] >= 0.8 and outcome.status == "promoted", (metrics, outcome.message)
     saved = load_any(registry.path(outcome.version) / "reward_model")
     assert saved.metrics["choice"]["chosen"] == choice["chosen"]
