@@ -15,6 +15,7 @@ over-optimise. `form = "ensemble"` always uses it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,11 +25,10 @@ from typing import Any
 import torch
 
 from core.stats import pearson
-from rlhf.data import Message, PreferenceGroup, split_by_conversation
+from rlhf.data import Message, PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, train_reward_model)
 
 Say = Callable[[str], None]
-VALIDATION_SALT = "validation:"  # the validation part's coin per conversation, apart from the held-out split's
 
 
 @dataclass
@@ -104,30 +104,32 @@ class EnsembleConfig:
             raise ValueError(f"validation_fraction must be between 0 and 1, not {self.validation_fraction}")
 
 
+def is_validation(group: PreferenceGroup, fraction: float) -> bool:
+    key = group.conversation_id or group.group_id
+    return int(hashlib.sha256(f"validation:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
 @torch.no_grad()
-def group_rewards(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup]) -> list[torch.Tensor]:
-    """Each group's answers scored once, (K,) per group."""
-    return [score([g.prompt] * len(g.completions), list(g.completions)) for g in groups]
-
-
-def pairwise_accuracy(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup],
-                      rewards: list[torch.Tensor] | None = None) -> tuple[float | None, int]:
-    """Share of pairs whose chosen answer scores strictly higher, over every pair of `groups`; and how many.
-    `rewards`: the groups' scores when already computed."""
-    rewards = group_rewards(score, groups) if rewards is None else rewards
-    correct = sum(int(r[c] > r[j]) for g, r in zip(groups, rewards) for c, j in g.pairs)
-    total = sum(len(g.pairs) for g in groups)
+def pairwise_accuracy(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup]) -> tuple[float | None, int]:
+    """Share of pairs whose chosen answer scores strictly higher, over every pair of `groups`; and how many."""
+    correct = total = 0
+    for group in groups:
+        rewards = score([group.prompt] * len(group.completions), list(group.completions))
+        correct += sum(int(rewards[c] > rewards[r]) for c, r in group.pairs)
+        total += len(group.pairs)
     return (correct / total if total else None), total
 
 
 def heldout_summary(rm: RewardResult | RewardEnsemble, tokenizer, groups: Sequence[PreferenceGroup]) -> dict:
     """What check_reward_model and the reports read, for any reward: held-out accuracy and pairs, and how
-    much the reward follows length; each answer scored once."""
-    rewards = group_rewards(rm.score, groups)
-    accuracy, pairs = pairwise_accuracy(rm.score, groups, rewards)
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for g in groups for t in g.completions]
+    much the reward follows length."""
+    accuracy, pairs = pairwise_accuracy(rm.score, groups)
+    rewards, lengths = [], []
+    for group in groups:
+        rewards += rm.score([group.prompt] * len(group.completions), list(group.completions)).tolist()
+        lengths += [len(tokenizer(t, add_special_tokens=False).input_ids) for t in group.completions]
     return {"heldout_accuracy": accuracy, "heldout_pairs": pairs, "heldout_groups": len(groups),
-            "length_correlation": pearson(torch.cat(rewards).tolist() if rewards else [], lengths)}
+            "length_correlation": pearson(rewards, lengths)}
 
 
 def make_ensemble(members: list[RewardResult], groups: Sequence[PreferenceGroup], penalty: float) -> RewardEnsemble:
@@ -144,7 +146,8 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
                   say: Say = print, progress=None) -> RewardResult | RewardEnsemble:
     """`config.form` "auto": the candidate (a form or the ensemble) that ranks the validation part best;
     "ensemble": the ensemble. Members train on the training groups outside the validation part."""
-    fit_groups, validation = split_by_conversation(train_groups, ensemble.validation_fraction, salt=VALIDATION_SALT)
+    fit_groups = [g for g in train_groups if not is_validation(g, ensemble.validation_fraction)]
+    validation = [g for g in train_groups if is_validation(g, ensemble.validation_fraction)]
     pairs = sum(len(g.pairs) for g in validation)
     if pairs < ensemble.min_validation_pairs or not fit_groups:
         form = ensemble.candidates[0]
@@ -161,9 +164,7 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
     ensembled = make_ensemble(members, fit_groups, ensemble.penalty)
     candidates: dict[str, RewardResult | RewardEnsemble] = dict(zip(ensemble.candidates, members))
     candidates["ensemble"] = ensembled
-    # each member measured itself on the validation part when it trained (its "held-out" figures there)
-    scores = {name: m.metrics["heldout_accuracy"] for name, m in zip(ensemble.candidates, members)}
-    scores["ensemble"] = pairwise_accuracy(ensembled.score, validation)[0]
+    scores = {name: pairwise_accuracy(rm.score, validation)[0] for name, rm in candidates.items()}
     ranked = sorted(candidates, key=lambda name: -(scores[name] or 0.0))  # stable: earlier candidates win ties
     chosen = "ensemble" if config.form == "ensemble" else ranked[0]
     runner_up = next((n for n in ranked if n != chosen), None)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from rlhf.data import PreferenceGroup, is_heldout, split_by_conversation
-from rlhf.ensemble import (VALIDATION_SALT, EnsembleConfig, RewardEnsemble, choose_reward, load_any, pairwise_accuracy,
+from rlhf.data import PreferenceGroup
+from rlhf.ensemble import (EnsembleConfig, RewardEnsemble, choose_reward, is_validation, load_any, pairwise_accuracy,
                            save_any)
 from rlhf.reward import RewardConfig, check_reward_model
 from test_reward import FILLER, SYSTEM, planted_groups
@@ -59,7 +59,7 @@ def test_auto_keeps_the_form_that_ranks_the_validation_part_best(tiny_model_dir)
     scores = choice["validation_accuracy"]
     assert set(scores) == {"score_head", "bag_of_tokens", "ensemble"}
     assert choice["chosen"] != "bag_of_tokens" and scores["bag_of_tokens"] < scores[choice["chosen"]], choice
-    validation = [g for g in train if is_heldout(g.conversation_id, EnsembleConfig().validation_fraction, VALIDATION_SALT)]
+    validation = [g for g in train if is_validation(g, EnsembleConfig().validation_fraction)]
     assert 0 < len(validation) < len(train) and choice["validation_pairs"] == sum(len(g.pairs) for g in validation)
     assert rm.metrics["train_groups"] == len(train) - len(validation)  # the validation part was never trained on
     assert rm.metrics["heldout_pairs"] == sum(len(g.pairs) for g in heldout)
@@ -101,9 +101,8 @@ def test_a_conversation_is_all_validation_or_all_training():
     """A ranking, a rating and a rewrite of one conversation share answers: they stay on one side."""
     groups = [PreferenceGroup([SYSTEM], ["a", "b"], [(0, 1)], f"conv-{i // 3}", "ranking", group_id=f"g-{i}")
               for i in range(300)]
-    _, validation = split_by_conversation(groups, 0.2, salt=VALIDATION_SALT)
     sides = {}
     for group in groups:
-        sides.setdefault(group.conversation_id, set()).add(any(group is v for v in validation))
+        sides.setdefault(group.conversation_id, set()).add(is_validation(group, 0.2))
     assert all(len(s) == 1 for s in sides.values())
     assert 0.1 < sum(s == {True} for s in sides.values()) / len(sides) < 0.3
