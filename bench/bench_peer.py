@@ -21,6 +21,7 @@ import argparse
 import copy
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,15 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_serving import peak_rss_mib  # noqa: E402
+
 TRAINERS = ("ours", "rloo")
 REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")  # one reward model, shared by both trainers
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def prepare(args, work: Path) -> dict:
@@ -155,7 +151,7 @@ def run_one(args) -> None:
     work = args.work
     plan = json.loads((work / "plan.json").read_text())
     figures = (train_ours if args.run == "ours" else train_rloo)(args, work, plan)
-    figures["peak_rss_mib"] = peak_rss_mib()  # training's peak: the gate below loads two more models
+    figures["peak_rss_mib"] = peak_rss_mib(os.getpid())  # training's peak: the gate below loads two more models
     figures |= judge(args, work, plan, args.run)
     args.child_out.write_text(json.dumps(figures))
 

@@ -106,3 +106,15 @@ def test_a_conversation_is_all_validation_or_all_training():
         sides.setdefault(group.conversation_id, set()).add(is_validation(group, 0.2))
     assert all(len(s) == 1 for s in sides.values())
     assert 0.1 < sum(s == {True} for s in sides.values()) / len(sides) < 0.3
+
+
+def test_settings_that_cannot_work_are_refused_when_read():
+    from rlhf.cycle import CycleConfig
+    from rlhf.ppo import PPOConfig
+
+    with pytest.raises(ValueError, match="more than the gate ever judges on"):
+        CycleConfig(min_heldout_prompts=40, max_eval_prompts=32)
+    for bad in (dict(ptx_coef=-0.1), dict(ptx_batch_size=0)):
+        with pytest.raises(ValueError, match="ptx_coef must be >= 0"):
+            PPOConfig(**bad)
+    CycleConfig(min_heldout_prompts=32, max_eval_prompts=32)  # equal is fine
