@@ -15,6 +15,9 @@ on, `weigh_annotators`:
    Each source counts once it has `min_evidence` items; the estimate is the lower of the two
    (smoothed: (agree + 1) / (n + 2)), so a consistent inverter, who passes their own repeat
    checks, is still caught by their peers, and a random clicker by the repeat checks.
+   The peers' source counts only while it can tell: when the peer model predicts the median user no
+   better than `min_agreement`, the taste is one a bag of words cannot read (length, whether an answer
+   says anything), and every honest user would look like a random clicker; the report says so.
 3. Leaves out users below `min_agreement`, with the reason; weighs the others' preference groups
    by (2a - 1) (chance agreement teaches nothing) scaled so that a perfect annotator weighs 1.
 4. Caps each user's share of the cycle's preference weight and of its demonstrations at
@@ -204,6 +207,14 @@ def weigh_annotators(data: TrainingData, exclusions: list[dict[str, Any]], repea
 
     repeats = repeat_agreement(r for r in repeat_checks if r["user"] not in excluded_users)
     peers = peer_agreement(data.preference_groups, config)
+    measured = sorted(_smoothed(*c) for c in peers.values() if c[1] >= config.min_evidence)
+    median = measured[len(measured) // 2] if measured else None
+    report["peer_check"] = {"median_agreement": None if median is None else round(median, 3),
+                            "counted": median is None or median >= config.min_agreement}
+    if not report["peer_check"]["counted"]:
+        report["peer_check"]["why"] = (f"the peer model predicts the median user's picks {median:.2f} of the time "
+                                       f"(< {config.min_agreement:.2f}): it cannot read this taste")
+        peers = {}
     users = sorted({i.user for i in [*data.demonstrations, *data.preference_groups]})
     weights: dict[str, float] = {}
     for user in users:

@@ -95,6 +95,29 @@ def test_a_random_clicker_fails_their_repeat_checks_and_is_left_out(tmp_path):
     assert "left_out" not in report["users"][pseudonym("ada")]
 
 
+def test_honest_learners_with_a_taste_words_cannot_show_are_not_left_out_by_their_peers(tmp_path):
+    """Learners who prefer answers whose words are in alphabetical order (a taste about order, like one
+    about length or substance, that a bag of words cannot read): the peer model predicts nobody, so
+    it must not call all of them random clickers. Their own repeat checks still count."""
+    rng = random.Random(11)
+    words = [f"w{i:02d}" for i in range(40)]
+    with Store(tmp_path / "t.db") as store:
+        for user in ("ada", "ben", "cai", "dev"):
+            for _ in range(30):
+                conversation = store.new_conversation(user, "chat", SYSTEM)
+                message = f"Question {rng.randrange(10**6)}?"
+                context = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": message}]
+                drawn = [rng.sample(words, 5) for _ in range(2)]
+                ordered, shuffled = " ".join(sorted(drawn[0])), " ".join(drawn[1])
+                texts = [ordered, shuffled] if rng.random() < 0.5 else [shuffled, ordered]
+                comparison, _ = store.add_comparison(conversation, message, context, [{"text": t} for t in texts])
+                right = texts.index(ordered) if rng.random() > 0.2 else 1 - texts.index(ordered)
+                store.decide_comparison(comparison, "AB"[right])
+        weighted, report = weigh_annotators(collect(store), [], store.repeat_checks(), AnnotatorConfig())
+    assert report["peer_check"]["counted"] is False and report["peer_check"]["median_agreement"] < 0.6, report
+    assert not report["left_out"] and len(weighted.preference_groups) == 120, report["users"]
+
+
 def test_one_users_share_of_pairs_and_demonstrations_is_capped(tmp_path):
     rng = random.Random(5)
     with Store(tmp_path / "t.db") as store:
