@@ -10,6 +10,7 @@ from app.canary import ArenaConfig
 from app.engine import EngineConfig, SamplingConfig
 from app.quotas import QuotaConfig
 from app.service import Limits
+from core.active import AskingConfig
 from core.moderation import ModerationConfig
 
 
@@ -26,6 +27,7 @@ class ServeConfig:
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     arena: ArenaConfig = field(default_factory=ArenaConfig)  # blind pairs of versions besides a canary's
+    asking: AskingConfig = field(default_factory=AskingConfig)  # which answers a comparison shows
     # Origins besides the server's own that may call it from a browser (e.g. a school portal).
     allowed_origins: list[str] = field(default_factory=list)
 

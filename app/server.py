@@ -33,6 +33,7 @@ from app.service import TutorService  # noqa: E402
 from app.store import Store  # noqa: E402
 from app.ui import CSS, THEME, build_demo  # noqa: E402
 from app.versions import ModelRegistry, PinnedSource, record_versions  # noqa: E402
+from core.active import CommitteeFile  # noqa: E402
 from core.chat_format import fit_context  # noqa: E402
 from core.moderation import Moderator  # noqa: E402
 
@@ -129,7 +130,8 @@ def create_app(config: ServeConfig, say=print, settings_file: Path | None = None
                                                                config.sampling, config.engine))
     service = TutorService(store, engine, config.limits, rng=random.Random(config.sampling.seed),
                            accounts=Accounts(store), quotas=Quotas(store, config.quotas),
-                           moderator=Moderator(config.moderation), arena=arena)
+                           moderator=Moderator(config.moderation), arena=arena, asking=config.asking,
+                           committee=CommitteeFile(registry.committee_path()))
     retrain = [sys.executable, str(Path(__file__).resolve().parents[1] / "launch.py"), "--retrain",
                "--db", str(config.db), "--models-dir", str(config.models_dir),
                *(["--model", str(config.model)] if config.model else []),

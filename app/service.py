@@ -26,6 +26,7 @@ from app.accounts import LOCAL, Account, Accounts
 from app.engine import EngineBusy, EngineFault, GenerationEngine, submit_across
 from app.quotas import QuotaExceeded, Quotas
 from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
+from core.active import AskingConfig, CommitteeFile, choose_shown
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
 from core.moderation import OUTPUT_REPLACEMENT, STREAM_WINDOW, Moderator, refusal
 from core.privacy import redact
@@ -59,8 +60,12 @@ class TutorService:
     def __init__(self, store: Store, engine: GenerationEngine, limits: Limits | None = None,
                  system_prompt: str = TUTOR_SYSTEM_PROMPT, rng: random.Random | None = None, *,
                  accounts: Accounts | None = None, quotas: Quotas | None = None,
-                 moderator: Moderator | None = None, arena=None) -> None:
+                 moderator: Moderator | None = None, arena=None, asking: AskingConfig | None = None,
+                 committee: CommitteeFile | None = None) -> None:
         self.store, self.engine = store, engine
+        # Which answers a comparison shows (core/active.py): as sampled, or where the committee that the
+        # last cycle fitted is least sure; without a committee file, always as sampled.
+        self.asking, self.committee = asking or AskingConfig(), committee
         self.arena = arena  # app/canary.py's Arena: canary conversations and arena pairs; None: neither
         self.limits = limits or Limits()
         self.system_prompt = system_prompt
@@ -134,7 +139,11 @@ class TutorService:
         order they are shown and stored in. Chunks are {"comparison_id", "candidates": [{"message_id",
         "text" so far, "model_version"}], "done"}; the comparison is stored only when all k are
         complete, so a client that goes away stops all k and leaves nothing behind. An arena pair (two
-        versions' answers, app/canary.py) is blind: its model_version stays None until the pick."""
+        versions' answers, app/canary.py) is blind: its model_version stays None until the pick.
+
+        In active asking (core/active.py) `pool_factor` times k answers are sampled and the k the committee
+        is least sure about are shown: nothing can be shown before all are complete, so the only chunk
+        is the last. Every comparison stores why it shows what it shows (`asked`)."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
@@ -148,12 +157,15 @@ class TutorService:
             raise UserError(refusal(verdict))
         with self._turn(conversation_id):
             opponent = self.arena.opponent() if self.arena and k == 2 else None
-            group = self._submit(messages, k) if opponent is None else self._submit(messages, engines=[self.engine, opponent])
+            committee = self.committee.get() if self.committee is not None and opponent is None else None
+            pooled = committee is not None and self.asking.mode == "active" and self.asking.pool_factor > 1
+            n = k * self.asking.pool_factor if pooled else k
+            group = self._submit(messages, n) if opponent is None else self._submit(messages, engines=[self.engine, opponent])
             comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
             shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
             self.rng.shuffle(shown)
-            tokens: list[list[int]] = [[] for _ in range(k)]
-            texts, flags = [""] * k, [None] * k
+            tokens: list[list[int]] = [[] for _ in range(n)]
+            texts, flags = [""] * n, [None] * n
 
             def chunk(done: bool) -> dict:
                 return {"comparison_id": comparison_id, "done": done, "candidates": [
@@ -171,19 +183,36 @@ class TutorService:
                                 group.cancel(i)
                             elif text is not None:
                                 texts[i] = text
-                        yield chunk(done=False)
+                        if not pooled:
+                            yield chunk(done=False)
             finally:
                 group.cancel()  # no-op for finished rows; stops them all when the client went away
             if any(r.finish_reason == "cancelled" and flag is None for r, flag in zip(group.requests, flags)):
                 return
+            asked = None if opponent else self._ask(committee, tokens, flags, k)
+            if pooled:
+                shown = list(asked.pop("shown"))
+                self.rng.shuffle(shown)
+            elif asked:
+                asked.pop("shown")
             for i, request in enumerate(group.requests):
                 texts[i], flags[i] = self._final(request, tokens[i], flags[i])
             candidates = [{"text": texts[i], "model_version": group.requests[i].model_version,
                            "generation": self._generation(group.requests[i], flags[i]),
                            "context": group.requests[i].context, "flag": flags[i]} for i in shown]
             self.store.add_comparison(conversation_id, message, group.requests[shown[0]].context, candidates,
-                                      comparison_id=comparison_id, message_ids=ids, arena=opponent is not None)
+                                      comparison_id=comparison_id, message_ids=ids, arena=opponent is not None,
+                                      asked=asked)
         yield chunk(done=True)
+
+    def _ask(self, committee, tokens: list[list[int]], flags: list[str | None], k: int) -> dict:
+        """Which k of the sampled answers to show (all of them unless the pool is larger) and why, with
+        the shown request indices under "shown". Answers moderation stopped are shown only when fewer
+        than k others are left."""
+        order = [i for i in range(len(tokens)) if flags[i] is None] + [i for i in range(len(tokens)) if flags[i]]
+        choosable = order if len(order) - sum(bool(f) for f in flags) < k else [i for i in order if flags[i] is None]
+        picked, asked = choose_shown(committee, [tokens[i] for i in choosable], k, self.asking, self.rng)
+        return {**asked.as_dict(), "shown": [choosable[p] for p in picked]}
 
     def open_comparison(self, actor: Account, conversation_id: str) -> dict | None:
         """The conversation's undecided comparison in `compare`'s shape, for a learner who comes back

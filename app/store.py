@@ -161,6 +161,13 @@ def m006_arena(db: Database) -> None:
             pk="id", nullable=("ended_at", "reason", "verdict"))
 
 
+@MIGRATIONS()
+def m007_asked(db: Database) -> None:
+    # Why a comparison shows the answers it shows (core/active.py): sampled as they came, or chosen where
+    # the committee of reward models is least sure; JSON, None for arena pairs and older comparisons.
+    db.table("comparisons").add_column("asked", str)
+
+
 # A conversation that may train: not an evaluation, and its user has not declined consent.
 TRAINABLE = ("c.purpose != 'eval' and c.user not in "
              "(select user from consents where choice = 'declined')")
@@ -412,11 +419,12 @@ class Store:
     def add_comparison(
         self, conversation_id: str, user_message: str, context: list[dict[str, str]],
         candidates: list[dict[str, Any]], *, comparison_id: str | None = None,
-        message_ids: list[str] | None = None, arena: bool = False,
+        message_ids: list[str] | None = None, arena: bool = False, asked: dict[str, Any] | None = None,
     ) -> tuple[str, list[str]]:
         """Store a user turn and k candidate replies, labelled A.. in the (shuffled) given order.
         The ids may be chosen by the caller (a streamed comparison shows them before it is stored).
-        `arena`: the candidates come from two different versions, and the pick is a vote between them."""
+        `arena`: the candidates come from two different versions, and the pick is a vote between them.
+        `asked`: why these candidates are shown (core/active.py `Asked`)."""
         self._require("conversations", "id", conversation_id)
         self._require_all_decided(conversation_id)
         _check_context(context)
@@ -436,6 +444,7 @@ class Store:
                 "id": comparison_id, "conversation_id": conversation_id,
                 "user_message_id": user_message_id, "k": len(candidates),
                 "context": _dumps(context), "created_at": _now(), "decided_at": None, "arena": int(arena),
+                "asked": _dumps(asked),
             })
             stored = []
             for label, candidate, message_id in zip(LABELS, candidates, message_ids or [None] * len(candidates)):
@@ -459,6 +468,7 @@ class Store:
                    where c.comparison_id = ? order by c.label""", [comparison_id])
             row["pick"] = self._one("select choice, ranking, created_at from comparison_picks "
                                     "where comparison_id = ?", [comparison_id])
+            row["asked"] = json.loads(row["asked"]) if row.get("asked") else None
         return row
 
     @_locked

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.failpoints import failpoint
+from core.active import COMMITTEE_FILE
 from core.precision import serving_device
 
 POINTER = "CURRENT"
@@ -69,6 +70,10 @@ class ModelRegistry:
 
     def path(self, version: str) -> Path:
         return self.root / version
+
+    def committee_path(self) -> Path:
+        """The committee of reward models the last cycle fitted (core/active.py): the class's, not a version's."""
+        return self.root / COMMITTEE_FILE
 
     def versions(self) -> list[str]:
         if not self.root.is_dir():

@@ -45,7 +45,7 @@ from rlhf.data import (NotEnoughData, TrainingData, check_enough, collect, gate_
                        split_data)
 from rlhf.evaluate import GateConfig, GateModels, Verdict, gate, length_preference, write_report
 from rlhf.ppo import PPOConfig, rollout_engine, save_history, train_ppo
-from rlhf.ensemble import EnsembleConfig, RewardEnsemble, choose_reward, save_any
+from rlhf.ensemble import CommitteeConfig, EnsembleConfig, RewardEnsemble, choose_reward, save_any, train_committee
 from rlhf.reward import REWARD_CHOICES, RewardConfig, RewardResult, RewardTooWeak, check_reward_model, train_reward_model
 from rlhf.sft import SFTSettings, run_sft
 
@@ -81,6 +81,7 @@ class CycleConfig:
     sft: SFTSettings = field(default_factory=SFTSettings)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # the candidates of form "auto"/"ensemble"
+    committee: CommitteeConfig = field(default_factory=CommitteeConfig)  # for active comparisons (core/active.py)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     annotators: AnnotatorConfig = field(default_factory=AnnotatorConfig)
@@ -266,6 +267,7 @@ def _train_and_gate(run: CycleRun) -> CycleOutcome:
     policy = load_pretrained(run.registry.path(run.current), run.current)
     reference = _sft(run, policy.tokenizer)  # 2.
     rm = _reward_model(run)  # 3.
+    _committee(run)
     try:
         check_reward_model(rm.metrics, run.config.reward)
     except RewardTooWeak as exc:
@@ -320,6 +322,23 @@ def _reward_model(run: CycleRun) -> RewardResult | RewardEnsemble:
             f"{rm.metrics['heldout_pairs']} pairs; reward-length correlation "
             f"{'undefined' if correlation is None else f'{correlation:+.2f}'}")
     return rm
+
+
+def _committee(run: CycleRun) -> None:
+    """3b. The committee that active comparisons ask by, on every preference group so far (held-out ones
+    too: it judges nothing). Written whatever the gate decides, since asking well matters most while
+    the reward model is still weak; only which answers a comparison shows depends on it, never what is
+    served."""
+    config = run.config.committee
+    groups = run.train.preference_groups + run.heldout.preference_groups
+    if not config.members or not groups:
+        return
+    with stage(run.metrics, "committee"):
+        committee = train_committee(run.registry.path(run.current), groups, config, run.config.reward,
+                                    meta={"cycle": run.cycle_id})
+        path = committee.save(run.registry.committee_path())
+    run.metrics["committee"] = committee.meta
+    run.say(f"   committee of {config.members} bag-of-tokens models on {len(groups)} groups: {path}")
 
 
 def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from core.active import Committee
 from core.stats import pearson
 from rlhf.data import Message, PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, train_reward_model)
@@ -102,6 +104,33 @@ class EnsembleConfig:
                              f"not {self.candidates!r}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be between 0 and 1, not {self.validation_fraction}")
+
+
+@dataclass
+class CommitteeConfig:
+    """The committee that decides which answers an active comparison shows (core/active.py)."""
+
+    members: int = 4  # bag-of-tokens reward models, each on its own bootstrap sample of the groups; 0: none
+
+    def __post_init__(self) -> None:
+        if self.members != 0 and self.members < 2:
+            raise ValueError(f"a committee needs 0 (none) or at least 2 members, not {self.members}")
+
+
+def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], config: CommitteeConfig,
+                    reward: RewardConfig, meta: dict[str, Any] | None = None) -> Committee:
+    """`config.members` bag-of-tokens models, member m fitted on a bootstrap sample of `groups` (drawn
+    with seed m) from seed m: their disagreement is where the feedback so far leaves the choice open."""
+    weights, lengths = [], []
+    for m in range(config.members):
+        rng = random.Random(m)
+        sample = [groups[rng.randrange(len(groups))] for _ in groups]
+        member = train_reward_model(policy_dir, sample, [], replace(reward, form="bag_of_tokens", seed=m,
+                                                                      learning_rate=None))
+        weights.append(member.model.weight.detach().float().cpu())
+        lengths.append(member.model.length_weight.detach().float().cpu())
+    return Committee(torch.stack(weights), torch.stack(lengths),
+                     {**(meta or {}), "members": config.members, "groups": len(groups)})
 
 
 def is_validation(group: PreferenceGroup, fraction: float) -> bool:

@@ -14,11 +14,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.embedded import ensure_base
 from app.engine import EngineConfig, GenerationEngine, SamplingConfig
 from app.store import Store
 from app.versions import ModelRegistry
+from core.active import Committee
 from core.chat_format import TUTOR_SYSTEM_PROMPT, fit_context
 from rlhf.cycle import CycleConfig, CycleError, retrain_lock, rollback, run_cycle
 from rlhf.evaluate import GateConfig
@@ -226,6 +228,12 @@ def test_random_feedback_is_rejected_before_ppo(setup):
     assert outcome.status == "rejected" and "the cycle stops before PPO and the gate" in outcome.message
     assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
     assert store.last_cycle()["status"] == "rejected"
+    # The committee that active comparisons ask by is written all the same: asking well matters most
+    # while the reward model is weak (core/active.py).
+    committee = Committee.load(registry.committee_path())
+    assert committee.weights.shape[0] == TINY_CYCLE.committee.members == 4
+    assert committee.meta == {"cycle": 1, "members": 4, "groups": 80} == store.last_cycle()["metrics"]["committee"]
+    assert not torch.equal(committee.weights[0], committee.weights[1])  # each fitted on its own bootstrap sample
 
 
 def test_second_retrain_is_refused_while_one_runs(setup):

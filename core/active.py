@@ -1,0 +1,178 @@
+"""Active comparisons: which answers a learner is asked to compare, by where a committee of reward
+models is least sure of the learner's choice.
+
+A learner's comparison teaches the reward model most where the models that fit the feedback so far
+disagree about it (query by committee, Seung et al. 1992; BALD, Houlsby et al. 2011). The committee is
+a few bag-of-tokens reward models, each fitted by the cycle on a bootstrap sample of all preference
+groups (rlhf/ensemble.py `train_committee`): one weight per vocabulary entry and one per answer token,
+so scoring k answers is a gather and a sum, cheap enough for the serving process.
+
+In "active" mode a comparison samples `pool_factor` times as many answers as it shows and shows the k
+whose pairs carry the most information about the committee (the BALD score of a pair: the entropy of
+the members' mean preference minus the mean of their entropies; high where members are each sure
+and disagree). A share of asks (`random_share`) shows k answers of the pool at random, exactly what
+"random" mode shows, so the data keeps an unbiased sample of the learners' choices. Every comparison
+stores why it was asked (`Asked`), in either mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMMITTEE_FILE = "committee.safetensors"  # in the models dir, beside the versions: one per class
+ASKING_MODES = ("random", "active")
+
+
+@dataclass
+class AskingConfig:
+    mode: str = "random"  # "active": the committee chooses what is shown, once there is one
+    pool_factor: int = 2  # active: answers sampled for each answer shown
+    random_share: float = 0.25  # active: asks shown at random, so the feedback stays an unbiased sample
+
+    def __post_init__(self) -> None:
+        if self.mode not in ASKING_MODES:
+            raise ValueError(f"asking mode must be one of {', '.join(ASKING_MODES)}, not {self.mode!r}")
+        if not isinstance(self.pool_factor, int) or not 1 <= self.pool_factor <= 4:
+            raise ValueError(f"pool_factor must be a whole number from 1 to 4, not {self.pool_factor!r}")
+        if not 0.0 <= self.random_share <= 1.0:
+            raise ValueError(f"random_share must be between 0 and 1, not {self.random_share}")
+
+
+@dataclass(frozen=True)
+class Committee:
+    """M bag-of-tokens reward models: r_m(y) = sum over the answer's tokens of weights[m, y_t] + length[m] * |y|.
+
+    The length term is part of the score here (PPO's reward leaves it out): a learner's choice may
+    follow length, and asking is about predicting the choice."""
+
+    weights: torch.Tensor  # (M, V) float32
+    length: torch.Tensor  # (M,) float32
+    meta: dict[str, Any] = field(default_factory=dict)  # which cycle fitted it, on how many groups
+
+    def scores(self, answers: list[list[int]]) -> torch.Tensor:
+        """(M, N): each member's score of each answer (token ids; ids past the vocabulary weigh 0)."""
+        vocab = self.weights.shape[1]
+        padded = torch.cat([self.weights, torch.zeros(len(self.weights), 1)], dim=1)
+        rows = [padded[:, torch.as_tensor(ids, dtype=torch.long).clamp(0, vocab)].sum(1) + self.length * len(ids)
+                for ids in answers]
+        return torch.stack(rows, dim=1) if rows else torch.zeros(len(self.weights), 0)
+
+    def save(self, path: Path | str) -> Path:
+        """Written whole or not at all: a temporary file, fsynced, renamed over the old one."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"weights": self.weights.contiguous(), "length": self.length.contiguous()}, str(tmp),
+                  metadata={"meta": json.dumps(self.meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Committee":
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        weights, length = tensors["weights"].float(), tensors["length"].float()
+        if weights.dim() != 2 or length.shape != (weights.shape[0],) or weights.shape[0] < 2:
+            raise ValueError(f"{path} is not a committee of two or more members")
+        return cls(weights, length, meta)
+
+
+def pair_information(scores: torch.Tensor) -> torch.Tensor:
+    """(N, N) BALD score of every pair of answers from members' scores (M, N): the mutual information
+    between the learner's choice and which member is right, in nats."""
+    p = torch.sigmoid(scores[:, :, None] - scores[:, None, :]).clamp(1e-6, 1 - 1e-6)  # (M, N, N)
+
+    def entropy(q: torch.Tensor) -> torch.Tensor:
+        return -(q * q.log() + (1 - q) * (1 - q).log())
+
+    information = entropy(p.mean(0)) - entropy(p).mean(0)
+    return information.fill_diagonal_(0.0)
+
+
+def most_informative(information: torch.Tensor, k: int) -> list[int]:
+    """k answers, greedily: the most informative pair, then whichever adds the most information with
+    those already chosen."""
+    n = information.shape[0]
+    first = int(information.argmax())
+    chosen = [first // n, first % n][: k]
+    while len(chosen) < k:
+        gains = information[:, chosen].sum(1)
+        gains[chosen] = -1.0
+        chosen.append(int(gains.argmax()))
+    return chosen
+
+
+@dataclass
+class Asked:
+    """Why a comparison shows what it shows; stored with the comparison."""
+
+    mode: str  # "active": chosen by the committee; "random": as sampled
+    why: str
+    pool: int  # answers sampled
+    information: float | None  # mean BALD score of the shown pairs (None: no committee)
+    committee: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_shown(committee: Committee | None, pool: list[list[int]], k: int, config: AskingConfig,
+                 rng: random.Random) -> tuple[list[int], Asked]:
+    """Which k of the pool's answers (token ids) to show, and why."""
+    information = pair_information(committee.scores(pool)) if committee is not None else None
+
+    def asked(mode: str, why: str, shown: list[int]) -> Asked:
+        value = None
+        if information is not None and len(shown) > 1:
+            value = round(float(information[shown][:, shown].sum() / (len(shown) * (len(shown) - 1))), 6)
+        return Asked(mode, why, len(pool), value, committee.meta if committee is not None else None)
+
+    if committee is None or config.mode == "random" or len(pool) <= k:
+        why = ("no committee yet" if committee is None else "random mode" if config.mode == "random"
+               else "pool no larger than the comparison")
+        shown = sorted(rng.sample(range(len(pool)), k)) if len(pool) > k else list(range(len(pool)))
+        return shown, asked("random", why, shown)
+    if rng.random() < config.random_share:
+        shown = sorted(rng.sample(range(len(pool)), k))
+        return shown, asked("random", f"random share ({config.random_share:.0%} of asks)", shown)
+    shown = most_informative(information, k)
+    return shown, asked("active", "the committee's most informative answers", shown)
+
+
+class CommitteeFile:
+    """The committee in the models dir, read again whenever the file changes (a cycle wrote a new one);
+    a missing or unreadable file means no committee, and asking is random."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._committee: Committee | None = None
+        self._lock = threading.Lock()
+        self.error: str | None = None
+
+    def get(self) -> Committee | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._committee, self.error = Committee.load(self.path), None
+                except Exception as exc:  # a damaged file must not stop comparisons: ask at random
+                    self._committee, self.error = None, f"{type(exc).__name__}: {exc}"
+            return self._committee
