@@ -193,6 +193,9 @@ class LearningRun:
     # lists which runs touched which).
     eval_part: str = "dev"
     no_ppo: bool = False
+    # Which answers a comparison shows ([serve.asking] mode, core/active.py): "random" (as sampled, the
+    # default) or "active" (where the committee of reward models is least sure, once a cycle fitted one).
+    asking: str = "random"
     reward_form: str = ""  # a RewardConfig.form in place of the settings file's (rlhf/reward.py)
     ppo_learning_rate: float = 0.0  # PPO's learning rate in place of the settings file's (0: keep it)
     feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
@@ -229,8 +232,8 @@ class Progress:
 
 def settings_file(settings: LearningRun, workdir: Path) -> Path:
     """The settings file the app and `--retrain` read: `settings.config`, or a copy of it in `workdir` with
-    PPO switched off, the reward form or PPO's learning rate changed."""
-    if not (settings.no_ppo or settings.reward_form or settings.ppo_learning_rate):
+    PPO switched off, the reward form or PPO's learning rate changed, or active asking on."""
+    if not (settings.no_ppo or settings.reward_form or settings.ppo_learning_rate or settings.asking != "random"):
         return settings.config
     import yaml
 
@@ -248,6 +251,11 @@ def settings_file(settings: LearningRun, workdir: Path) -> Path:
         retrain_values.setdefault("reward", {})["form"] = settings.reward_form
     if settings.ppo_learning_rate:
         retrain_values.setdefault("ppo", {})["learning_rate"] = settings.ppo_learning_rate
+    if settings.asking != "random":
+        from core.active import AskingConfig
+
+        AskingConfig(mode=settings.asking)  # a wrong name fails now
+        values.setdefault("serve", {}).setdefault("asking", {})["mode"] = settings.asking
     config = workdir / "settings.yaml"
     config.write_text(yaml.safe_dump(values))
     return config
@@ -337,7 +345,7 @@ def write_results(settings: LearningRun, plan: Plan, progress: Progress, *, conf
     replayed = plan.replayed
     results = {"rubric": plan.rubric.name, "no_ppo": settings.no_ppo, "error_rate": settings.error_rate,
                "k": settings.k, "items_per_cycle": replayed["items"] if replayed else settings.items,
-               "heldout_openers": len(plan.heldout), "eval_part": settings.eval_part,
+               "heldout_openers": len(plan.heldout), "eval_part": settings.eval_part, "asking": settings.asking,
                "feedback_from": replayed and replayed["replayed_from"],
                "samples_per_measurement": len(progress.base_scores), "minutes": minutes,
                "rows": progress.rows, "cycles": progress.cycles, "config": config.read_text(),

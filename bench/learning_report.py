@@ -107,7 +107,8 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
              f"{results['samples_per_measurement']} answers per measurement ({results['heldout_openers']} held-out openers "
              f"of the {results.get('eval_part', 'dev')} part, "
              f"never trained on), learners' error rate {results['error_rate']:.0%}, k = {results['k']}, "
-             f"{results['items_per_cycle']} feedback items per cycle; the whole run took {results['minutes']} minutes."
+             f"{results['items_per_cycle']} feedback items per cycle, comparisons shown {results.get('asking', 'random')}ly "
+             f"(`[serve.asking]`); the whole run took {results['minutes']} minutes."
              + (f" The feedback is not new: one cycle retrained on all the feedback of the run in "
                 f"`{results['feedback_from']}`, replayed from its database." if results.get("feedback_from") else ""),
              "Intervals are 95% (Wilson for rates, bootstrap otherwise). Win rate: the new version's answer against "

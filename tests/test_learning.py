@@ -327,3 +327,20 @@ def test_the_same_feedback_replayed_with_ppo_off(short_run):
     with pytest.raises(FileExistsError):  # a workdir that already holds a database is never overwritten
         tiny_learning_run(tmp_path, feedback_from=tmp_path / "report", workdir=tmp_path / "replay",
                           out=tmp_path / "again")
+
+
+def test_the_benchmark_turns_active_asking_on_through_the_settings_file(tmp_path):
+    """`--asking active` reaches the app the way a school would set it: [serve.asking] in the settings file."""
+    import argparse
+
+    from bench.bench_learning import LearningRun, settings_file
+    from launch import serve_config
+
+    config = tmp_path / "base.toml"
+    config.write_text("[serve.sampling]\nmax_new_tokens = 96\n")
+    assert settings_file(LearningRun(config=config), tmp_path) == config  # random: the file as it is
+    written = settings_file(LearningRun(config=config, asking="active"), tmp_path)
+    served = serve_config(argparse.Namespace(config=written, host=None, port=None, db=None, models_dir=None, model=None))
+    assert served.asking.mode == "active" and served.sampling.max_new_tokens == 96
+    with pytest.raises(ValueError, match="asking mode"):
+        settings_file(LearningRun(config=config, asking="clever"), tmp_path)
