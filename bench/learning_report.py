@@ -125,3 +125,54 @@ def write_report(results: dict, samples: dict[str, list[dict]], out: Path, n_exa
                       f"- before (score {before['score']:.2f}): {before['answer']!r}",
                       f"- after (score {after['score']:.2f}): {after['answer']!r}", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_arms(arms: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Rubric success against feedback items, one line per arm (e.g. random and active asking, the same
+    learners and seeds), with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rows in arms.items():
+        xs = [r["feedback_items"] for r in rows]
+        mean = [r["success"][0] for r in rows]
+        ax.errorbar(xs, mean, yerr=[[m - r["success"][1] for m, r in zip(mean, rows)],
+                                    [r["success"][2] - m for m, r in zip(mean, rows)]],
+                    marker="o", capsize=3, label=name)
+    ax.set_xlabel("feedback items")
+    ax.set_ylabel("rubric success on the held-out openers")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Learning curves of several runs in one plot, e.g. active and random "
+                                             "asking with the same learners and seeds")
+    ap.add_argument("arms", nargs="+", metavar="NAME=FOLDER", help="a name and a report folder with results.json")
+    ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = ap.parse_args()
+    arms, rubrics = {}, set()
+    for arm in args.arms:
+        name, _, folder = arm.partition("=")
+        if not folder:
+            ap.error(f"{arm!r} is not NAME=FOLDER")
+        results = json.loads((Path(folder) / "results.json").read_text())
+        arms[name], rubrics = results["rows"], rubrics | {results["rubric"]}
+    if len(rubrics) != 1:
+        ap.error(f"the runs are of different rubrics: {sorted(rubrics)}")
+    plot_arms(arms, args.out, f"rubric {rubrics.pop()}: " + " vs ".join(arms))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ as the benchmark does, with a trivial rubric a tiny model can learn.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import sqlite3
@@ -344,3 +345,26 @@ def test_the_benchmark_turns_active_asking_on_through_the_settings_file(tmp_path
     assert served.asking.mode == "active" and served.sampling.max_new_tokens == 96
     with pytest.raises(ValueError, match="asking mode"):
         settings_file(LearningRun(config=config, asking="clever"), tmp_path)
+
+
+def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(tmp_path, monkeypatch):
+    import sys
+
+    from bench import learning_report
+
+    def run_folder(name: str, rubric: str, rates: list[float]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"feedback_items": 90 * i, "success": (r, r - 0.05, r + 0.05)} for i, r in enumerate(rates)]
+        (folder / "results.json").write_text(json.dumps({"rubric": rubric, "rows": rows}))
+        return folder
+
+    random_arm, active_arm = run_folder("r", "stays_short", [0.1, 0.2, 0.4]), run_folder("a", "stays_short", [0.1, 0.3, 0.5])
+    out = tmp_path / "arms.png"
+    monkeypatch.setattr(sys, "argv", ["learning_report.py", f"random={random_arm}", f"active={active_arm}", "--out", str(out)])
+    learning_report.main()
+    assert out.stat().st_size > 10_000
+    other = run_folder("o", "plain_words", [0.1, 0.2])
+    monkeypatch.setattr(sys, "argv", ["learning_report.py", f"random={random_arm}", f"other={other}", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        learning_report.main()
