@@ -142,8 +142,8 @@ class TutorService:
         versions' answers, app/canary.py) is blind: its model_version stays None until the pick.
 
         In active asking (core/active.py) `pool_factor` times k answers are sampled and the k the committee
-        is least sure about are shown: nothing can be shown before all are complete, so the only chunk
-        is the last. Every comparison stores why it shows what it shows (`asked`)."""
+        is least sure about are shown: nothing can be shown before all are complete, so the chunks before
+        the last carry empty answers. Every comparison stores why it shows what it shows (`asked`)."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
@@ -159,7 +159,8 @@ class TutorService:
             opponent = self.arena.opponent() if self.arena and k == 2 else None
             committee = self.committee.get() if self.committee is not None and opponent is None else None
             pooled = committee is not None and self.asking.mode == "active" and self.asking.pool_factor > 1
-            n = k * self.asking.pool_factor if pooled else k
+            # at most one engine batch: k is the learner's to choose, and one request must not crowd out the rest
+            n = min(k * self.asking.pool_factor, max(k, self.engine.config.max_batch_size)) if pooled else k
             group = self._submit(messages, n) if opponent is None else self._submit(messages, engines=[self.engine, opponent])
             comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
             shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
@@ -183,20 +184,22 @@ class TutorService:
                                 group.cancel(i)
                             elif text is not None:
                                 texts[i] = text
-                        if not pooled:
-                            yield chunk(done=False)
+                        # a pool is chosen from once complete: until then empty answers, which still give a
+                        # client that went away the point at which it stops the pool
+                        yield chunk(done=False) if not pooled else {**chunk(done=False), "candidates": [
+                            {"message_id": ids[j], "text": "", "model_version": None} for j in range(k)]}
             finally:
                 group.cancel()  # no-op for finished rows; stops them all when the client went away
             if any(r.finish_reason == "cancelled" and flag is None for r, flag in zip(group.requests, flags)):
                 return
+            for i, request in enumerate(group.requests):
+                texts[i], flags[i] = self._final(request, tokens[i], flags[i])
             asked = None if opponent else self._ask(committee, tokens, flags, k)
             if pooled:
                 shown = list(asked.pop("shown"))
                 self.rng.shuffle(shown)
             elif asked:
                 asked.pop("shown")
-            for i, request in enumerate(group.requests):
-                texts[i], flags[i] = self._final(request, tokens[i], flags[i])
             candidates = [{"text": texts[i], "model_version": group.requests[i].model_version,
                            "generation": self._generation(group.requests[i], flags[i]),
                            "context": group.requests[i].context, "flag": flags[i]} for i in shown]
@@ -209,8 +212,8 @@ class TutorService:
         """Which k of the sampled answers to show (all of them unless the pool is larger) and why, with
         the shown request indices under "shown". Answers moderation stopped are shown only when fewer
         than k others are left."""
-        order = [i for i in range(len(tokens)) if flags[i] is None] + [i for i in range(len(tokens)) if flags[i]]
-        choosable = order if len(order) - sum(bool(f) for f in flags) < k else [i for i in order if flags[i] is None]
+        safe = [i for i in range(len(tokens)) if flags[i] is None]
+        choosable = safe if len(safe) >= k else (safe + [i for i in range(len(tokens)) if flags[i]])[:k]
         picked, asked = choose_shown(committee, [tokens[i] for i in choosable], k, self.asking, self.rng)
         return {**asked.as_dict(), "shown": [choosable[p] for p in picked]}
 

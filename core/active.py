@@ -68,12 +68,20 @@ class Committee:
     def save(self, path: Path | str) -> Path:
         """Written whole or not at all: a temporary file, fsynced, renamed over the old one."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"weights": self.weights.contiguous(), "length": self.length.contiguous()}, str(tmp),
-                  metadata={"meta": json.dumps(self.meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file({"weights": self.weights.contiguous(), "length": self.length.contiguous()}, str(tmp),
+                      metadata={"meta": json.dumps(self.meta)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself survives a power cut
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         return path
 
     @classmethod
@@ -105,11 +113,12 @@ def most_informative(information: torch.Tensor, k: int) -> list[int]:
     """k answers, greedily: the most informative pair, then whichever adds the most information with
     those already chosen."""
     n = information.shape[0]
+    information = information.clone().fill_diagonal_(float("-inf"))  # never a pair of one answer with itself
     first = int(information.argmax())
     chosen = [first // n, first % n][: k]
     while len(chosen) < k:
         gains = information[:, chosen].sum(1)
-        gains[chosen] = -1.0
+        gains[chosen] = float("-inf")
         chosen.append(int(gains.argmax()))
     return chosen
 
@@ -157,7 +166,7 @@ class CommitteeFile:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._committee: Committee | None = None
         self._lock = threading.Lock()
         self.error: str | None = None
@@ -167,7 +176,7 @@ class CommitteeFile:
             stat = self.path.stat()
         except OSError:
             return None
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # a replaced file is a new inode
         with self._lock:
             if stamp != self._stamp:
                 self._stamp = stamp

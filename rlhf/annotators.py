@@ -17,7 +17,10 @@ on, `weigh_annotators`:
    checks, is still caught by their peers, and a random clicker by the repeat checks.
    The peers' source counts only while it can tell: when the peer model predicts the median user no
    better than `min_agreement`, the taste is one a bag of words cannot read (length, whether an answer
-   says anything), and every honest user would look like a random clicker; the report says so.
+   says anything), and every honest user would look like a random clicker; the report says so. Even
+   then a user the peers judge clearly *against* (below 1 - `min_agreement`, an inverter; a taste a
+   bag of words cannot read gives about one half, not that) is left out: random clickers who drag the
+   median down cannot shelter one.
 3. Leaves out users below `min_agreement`, with the reason; weighs the others' preference groups
    by (2a - 1) (chance agreement teaches nothing) scaled so that a perfect annotator weighs 1.
 4. Caps each user's share of the cycle's preference weight and of its demonstrations at
@@ -213,8 +216,10 @@ def weigh_annotators(data: TrainingData, exclusions: list[dict[str, Any]], repea
                             "counted": median is None or median >= config.min_agreement}
     if not report["peer_check"]["counted"]:
         report["peer_check"]["why"] = (f"the peer model predicts the median user's picks {median:.2f} of the time "
-                                       f"(< {config.min_agreement:.2f}): it cannot read this taste")
-        peers = {}
+                                       f"(< {config.min_agreement:.2f}): it cannot read this taste; only users it "
+                                       f"judges below {1 - config.min_agreement:.2f} are left out by it")
+        peers = {user: c for user, c in peers.items()
+                 if c[1] >= config.min_evidence and _smoothed(*c) < 1 - config.min_agreement}
     users = sorted({i.user for i in [*data.demonstrations, *data.preference_groups]})
     weights: dict[str, float] = {}
     for user in users:

@@ -6,6 +6,8 @@
     3. reward    model on all preference pairs so far, its form chosen on a validation part of the training
                  feedback (one form or an ensemble, rlhf/ensemble.py); stop here unless clearly above chance
                  on held-out pairs
+    3b committee bag-of-tokens models on bootstrap samples of the feedback, for active comparisons
+                 (core/active.py); written whatever the gate decides
     4. PPO       the reference policy against the reward model, per-token KL penalty to the reference
     5. evaluate  new vs current on held-out prompts, and the gate
     6. promote   write the version whole, then switch models/CURRENT atomically; prune old versions.
@@ -210,6 +212,8 @@ def _run_cycle(store: Store, registry: ModelRegistry, config: CycleConfig, say) 
     say(f"   {run.metrics['precision']['summary']}")
     for entry in annotators["left_out"]:
         say(f"   left out {entry['kind']} {entry['target']} ({entry['items']} items): {entry['reason']}")
+    if "why" in annotators.get("peer_check", {}):
+        say(f"   peer check off: {annotators['peer_check']['why']}")
     try:
         run.workdir.mkdir(parents=True, exist_ok=True)
         (run.workdir / "annotators.json").write_text(json.dumps(annotators, indent=2) + "\n", encoding="utf-8")
@@ -336,7 +340,12 @@ def _committee(run: CycleRun) -> None:
     with stage(run.metrics, "committee"):
         committee = train_committee(run.registry.path(run.current), groups, config, run.config.reward,
                                     meta={"cycle": run.cycle_id})
-        path = committee.save(run.registry.committee_path())
+        try:
+            path = committee.save(run.registry.committee_path())
+        except OSError as exc:  # a full disk: the earlier committee (or none) stays; training goes on
+            run.metrics["committee"] = {**committee.meta, "error": str(exc)}
+            run.say(f"   committee not written ({exc}); comparisons keep the earlier one")
+            return
     run.metrics["committee"] = committee.meta
     run.say(f"   committee of {config.members} bag-of-tokens models on {len(groups)} groups: {path}")
 

@@ -32,6 +32,29 @@ def test_members_that_agree_give_no_information_and_members_that_disagree_do():
     assert set(most_informative(info, 2)) == {2, 3}
 
 
+def test_answers_the_members_agree_on_are_never_shown_twice():
+    same = committee([1.0, 1.0], [1.0, 1.0])
+    for pool in ([[1], [1], [1], [1]], [[0], [1], [0, 1], [1, 1]]):
+        for k in (2, 3, 4):
+            chosen = most_informative(pair_information(same.scores(pool)), k)
+            assert len(set(chosen)) == k, (pool, k, chosen)
+
+
+def test_answers_moderation_stopped_are_shown_only_when_too_few_others_are_left():
+    from types import SimpleNamespace
+
+    from app.service import TutorService
+
+    for random_share in (0.0, 1.0):
+        ask = SimpleNamespace(asking=AskingConfig(mode="active", random_share=random_share), rng=random.Random(0))
+        pool = [[1], [0], [2], [3]]
+        for _ in range(20):
+            shown = TutorService._ask(ask, SPLIT, pool, [None, "unsafe", None, "unsafe"], 2)["shown"]
+            assert sorted(shown) == [0, 2]
+            shown = TutorService._ask(ask, SPLIT, pool, ["unsafe", "unsafe", None, "unsafe"], 2)["shown"]
+            assert 2 in shown and len(set(shown)) == 2
+
+
 def test_scores_add_token_weights_and_length_and_ignore_ids_past_the_vocabulary():
     c = committee([1.0, 2.0], [0.5, 0.0], length=0.25)
     assert c.scores([[0, 1, 1], [VOCAB + 5]]).tolist() == [[5.75, 0.25], [1.25, 0.25]]
@@ -127,7 +150,9 @@ def test_an_active_comparison_shows_the_committees_most_informative_answers_and_
         assert len(pool) == 4 and asked.mode == "active" and asked.pool == 4 and asked.committee == {"cycle": 7}
         information = pair_information(split.scores(pool))
         assert set(shown) == set(divmod(int(information.argmax()), 4))  # the most informative pair
-        assert [c["done"] for c in chunks] == [True]  # chosen once all four are complete: one chunk
+        *waiting, last = chunks  # chosen once all four are complete: until then, empty answers
+        assert last["done"] and all(not c["done"] and {x["text"] for x in c["candidates"]} == {""} for c in waiting)
+        assert [x["message_id"] for c in waiting for x in c["candidates"]][:2] == [x["message_id"] for x in last["candidates"]]
         stored = tutor.store.comparison(chunks[-1]["comparison_id"])
         texts = {c["content"] for c in stored["candidates"]}
         decode = AutoTokenizer.from_pretrained(tiny_model_dir).decode  # as the service shows a reply

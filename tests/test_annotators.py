@@ -118,6 +118,24 @@ def test_honest_learners_with_a_taste_words_cannot_show_are_not_left_out_by_thei
     assert not report["left_out"] and len(weighted.preference_groups) == 120, report["users"]
 
 
+def test_random_clickers_who_switch_the_peer_check_off_do_not_shelter_an_inverter(tmp_path):
+    """Four honest learners, a consistent inverter who passes her own repeat checks, and eight accounts that
+    click at random: the peers' median falls below the line, yet the inverter is still left out."""
+    rng = random.Random(7)
+    with Store(tmp_path / "t.db") as store:
+        for user in ("ada", "ben", "cai", "dev"):
+            pick(store, user, 12, honest=True, rng=rng, rechecks=6)
+        pick(store, "mallory", 48, honest=False, rng=rng, rechecks=8)
+        for n in range(8):
+            for _ in range(12):
+                pick(store, f"rex{n}", 1, honest=rng.random() < 0.5, rng=rng)
+        _, report = weigh_annotators(collect(store), [], store.repeat_checks(), AnnotatorConfig())
+    assert report["peer_check"]["counted"] is False, report["peer_check"]
+    mallory = report["users"][pseudonym("mallory")]
+    assert mallory["repeat_agreement"] == "8/8" and "peers" in mallory.get("left_out", ""), mallory
+    assert all("left_out" not in report["users"][pseudonym(u)] for u in ("ada", "ben", "cai", "dev"))
+
+
 def test_one_users_share_of_pairs_and_demonstrations_is_capped(tmp_path):
     rng = random.Random(5)
     with Store(tmp_path / "t.db") as store:

@@ -506,3 +506,21 @@ def test_served_answers_rollouts_and_gate_samples_share_one_length_and_temperatu
     config = retrain_config(settings)
     assert (config.ppo.max_new_tokens, config.ppo.temperature) == (80, 0.9)
     assert (config.gate.max_new_tokens, config.gate.temperature) == (80, 1.0)
+
+
+def test_the_readmes_settings_file_is_valid_and_every_setting_in_it_is_known(tmp_path):
+    """The README's settings example, as a user would copy it: it parses, and both the server and a retrain
+    accept every key (unknown keys are errors)."""
+    import argparse
+    import re
+
+    from launch import serve_config
+    from rlhf.cli import retrain_config
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Settings file \(all optional.*?```toml\n(.*?)```", readme, re.S).group(1)
+    path = tmp_path / "settings.toml"
+    path.write_text(block)
+    served = serve_config(argparse.Namespace(config=path, host=None, port=None, db=None, models_dir=None, model=None))
+    config = retrain_config(path)
+    assert served.asking.mode == "random" and config.committee.members == 4 and config.reward.form == "auto"
