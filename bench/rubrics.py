@@ -78,14 +78,25 @@ def substantive(dialogue: list[Message], answer: str) -> bool:
     sentences (a one-liner or a sentence said twice is not an explanation), two of them sharing a
     content word with the learner's turns (a topic word dropped into generic encouragement is not enough),
     MIN_NEW_STEMS content words the learner did not use, and no refusal."""
+    return why_not_substantive(dialogue, answer) is None
+
+
+def why_not_substantive(dialogue: list[Message], answer: str) -> str | None:
+    """The first check of `substantive` the answer fails, in words; None when it has substance."""
     parts = [s for s in sentences(answer) if WORD.search(s)]
     said = [" ".join(w.lower() for w in WORD.findall(s)) for s in parts]
-    if len(parts) < 2 or len(set(said)) < len(said) or REFUSAL.search(answer):
-        return False
+    if len(parts) < 2:
+        return "fewer than 2 sentences"
+    if len(set(said)) < len(said):
+        return "a repeated sentence"
+    if REFUSAL.search(answer):
+        return "a refusal"
     topic = topic_stems(dialogue)
     if sum(bool(content_stems(s) & topic) for s in parts) < 2:
-        return False
-    return len(content_stems(answer) - topic) >= MIN_NEW_STEMS
+        return "fewer than 2 sentences on the learner's topic"
+    if len(content_stems(answer) - topic) < MIN_NEW_STEMS:
+        return f"fewer than {MIN_NEW_STEMS} content words of its own"
+    return None
 
 
 def checks_understanding(dialogue: list[Message], answer: str) -> float:

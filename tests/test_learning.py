@@ -368,3 +368,23 @@ def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(t
     monkeypatch.setattr(sys, "argv", ["learning_report.py", f"random={random_arm}", f"other={other}", "--out", str(out)])
     with pytest.raises(SystemExit):
         learning_report.main()
+
+
+def test_the_feedback_audit_counts_pairs_against_the_rubric_and_says_why_answers_lack_substance(tmp_path):
+    from bench.feedback_audit import audit
+    from bench.rubrics import why_not_substantive
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
+
+    one_liner, other_one_liner = "The sky is blue.", "Blue is a colour of light."
+    assert why_not_substantive(SKY, one_liner) == "fewer than 2 sentences" and why_not_substantive(SKY, EXPLANATION) is None
+    with Store(tmp_path / "c.db") as store:
+        for i, (texts, choice) in enumerate([([EXPLANATION, one_liner], "A"), ([one_liner, EXPLANATION], "A"),
+                                             ([one_liner, other_one_liner], "B")] * 4):
+            conversation = store.new_conversation(f"learner-{i % 3}", "chat", TUTOR_SYSTEM_PROMPT)
+            context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, *SKY]
+            comparison, _ = store.add_comparison(conversation, SKY[-1]["content"], context, [{"text": t} for t in texts])
+            store.decide_comparison(comparison, choice)
+    found = audit(tmp_path / "c.db", "stays_short")
+    assert found["pairs"] == {"as the rubric orders": 4, "against the rubric": 4, "equal": 4}
+    assert found["ceiling"] == pytest.approx((4 + 2) / 12) and found["equal_share"] == pytest.approx(0.333, abs=1e-3)
+    assert found["substance"]["fewer than 2 sentences"] == 16 and found["substance"]["has substance"] == 8

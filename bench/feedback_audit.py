@@ -1,0 +1,66 @@
+"""What a run's feedback can teach: how its preference pairs stand against the learners' rubric, and why
+answers fail the rubric's substance check.
+
+    python bench/feedback_audit.py docs/learning/final-stays_short-test
+
+A reward model is judged on held-out pairs (the cycle's check wants more than 0.60). Learners rank all k
+answers, so two answers the rubric scores the same still make a pair, decided by a coin flip; and a fifth
+of the other comparisons go the wrong way (the error rate). The best any reward model can do on such
+pairs is the share the rubric orders rightly plus half of the coin flips: the ceiling this prints. The
+cycle's own pairs are read as it reads them (rlhf/data.py `collect`, rlhf/annotators.py), and the
+training feedback only: the learners ask the prompt set's training part.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.store import Store  # noqa: E402
+from bench.rubrics import RUBRICS, why_not_substantive  # noqa: E402
+from rlhf.annotators import AnnotatorConfig, weigh_annotators  # noqa: E402
+from rlhf.data import collect  # noqa: E402
+
+
+def audit(db: Path, rubric_name: str) -> dict:
+    rubric = RUBRICS[rubric_name]
+    with Store(db) as store:
+        data, _ = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(), AnnotatorConfig())
+    pairs, scores, failures = Counter(), Counter(), Counter()
+    for group in data.preference_groups:
+        dialogue = [m for m in group.prompt if m["role"] != "system"]
+        score = [rubric.score(dialogue, text) for text in group.completions]
+        for text, value in zip(group.completions, score):
+            scores[round(value, 2)] += 1
+            failures[why_not_substantive(dialogue, text) or "has substance"] += 1
+        for chosen, rejected in group.pairs:
+            pairs["equal" if score[chosen] == score[rejected] else
+                  "as the rubric orders" if score[chosen] > score[rejected] else "against the rubric"] += 1
+    total = sum(pairs.values())
+    ceiling = (max(pairs["as the rubric orders"], pairs["against the rubric"]) + pairs["equal"] / 2) / max(total, 1)
+    return {"rubric": rubric_name, "groups": len(data.preference_groups), "pairs": dict(pairs),
+            "equal_share": round(pairs["equal"] / max(total, 1), 3), "ceiling": round(ceiling, 3),
+            "answers_by_score": dict(scores.most_common(8)), "substance": dict(failures.most_common())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("report", type=Path, help="a learning run's report folder (results.json, conversations.db.gz)")
+    args = ap.parse_args()
+    rubric = json.loads((args.report / "results.json").read_text())["rubric"]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "conversations.db"
+        with gzip.open(args.report / "conversations.db.gz") as src, open(db, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        print(json.dumps(audit(db, rubric), indent=1))
+
+
+if __name__ == "__main__":
+    main()
