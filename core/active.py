@@ -149,7 +149,7 @@ def choose_shown(committee: Committee | None, pool: list[list[int]], k: int, con
         return Asked(mode, why, len(pool), value, committee.meta if committee is not None else None)
 
     if committee is None or config.mode == "random" or len(pool) <= k:
-        why = ("no committee yet" if committee is None else "random mode" if config.mode == "random"
+        why = ("random mode" if config.mode == "random" else "no committee yet" if committee is None
                else "pool no larger than the comparison")
         shown = sorted(rng.sample(range(len(pool)), k)) if len(pool) > k else list(range(len(pool)))
         return shown, asked("random", why, shown)
