@@ -218,7 +218,8 @@ def _check_context(context: Any) -> None:
 
 
 def _parse_choice(choice: str, labels: list[str]) -> tuple[str, list[str]]:
-    """Normalise a comparison choice; returns (choice as stored, labels ranked best first)."""
+    """Normalise a comparison choice; returns (choice as stored, labels ranked best first; `rank_tiers`
+    reads the places that equally good answers share back from the stored choice)."""
     _check(isinstance(choice, str), "choice must be a string")
     word = "_".join(choice.lower().split())
     if word in ("tie", "both_bad"):
@@ -230,10 +231,28 @@ def _parse_choice(choice: str, labels: list[str]) -> tuple[str, list[str]]:
         if len(labels) == 2:
             return best, [best] + [label for label in labels if label != best]
         return best, [best]
-    if sorted(parts) == sorted(labels):
-        return ",".join(parts), parts
+    # An order of all of them, best first; answers the learner finds equally good share a place ("C,A=B,D"),
+    # so they make no pair with each other (a forced order between them would be a coin flip).
+    tiers = [part.split("=") for part in parts]
+    ranked = [label for tier in tiers for label in tier]
+    if sorted(ranked) == sorted(labels):
+        if len(tiers) == 1:
+            return "tie", []
+        return ",".join("=".join(tier) for tier in tiers), ranked
     raise ValueError(f"choice {choice!r} must be one of {labels}, 'tie', 'both_bad' or an order "
-                     f"of all of them like {','.join(reversed(labels))!r}")
+                     f"of all of them like {','.join(reversed(labels))!r} (equally good ones joined "
+                     f"by '=', like {labels[-1]},{'='.join(labels[:-1])!r})")
+
+
+def rank_tiers(choice: str, ranking: list[str]) -> list[list[str]]:
+    """A stored pick's places, best first: each a list of the ranked ids that share it ("C,A=B,D" -> [[C],
+    [A, B], [D]]). `ranking` is the flat order stored beside the choice; a winner-only pick is one place."""
+    sizes = [part.count("=") + 1 for part in choice.split(",")] if "=" in choice else [1] * len(ranking)
+    tiers, start = [], 0
+    for size in sizes:
+        tiers.append(ranking[start:start + size])
+        start += size
+    return [tier for tier in tiers if tier]
 
 
 P = ParamSpec("P")

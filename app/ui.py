@@ -146,7 +146,8 @@ def _layout(badge_html: str, login_required: bool) -> Page:
                 with gr.Row():
                     boxes = [gr.Markdown(elem_classes="candidate", visible=False) for _ in LABELS]
                 choice = gr.Radio([], label="Your choice", elem_id="choice")
-                order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B)", visible=False)
+                order = gr.Textbox(label="Or rank them all, best first (e.g. C,A,B; equally good ones share a place: C,A=B)",
+                                   visible=False)
                 with gr.Row():
                     pick_btn = gr.Button("Submit my choice", variant="primary", elem_id="pick", scale=3)
                     skip_btn = gr.Button("Skip", elem_id="skip", scale=1)

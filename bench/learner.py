@@ -119,17 +119,26 @@ def perceived_order(scores: list[float], error_rate: float, rng: random.Random) 
 
 
 def decide(scores: list[float], error_rate: float, rng: random.Random) -> str:
-    """The learner's choice for /pick: 'tie', the winner's label, or a full order best first.
+    """The learner's choice for /pick: 'tie', the winner's label, or a full order best first in which
+    equally good answers next to each other share a place ("C,A=B,D").
 
     All answers equally good: a tie. When the answers other than the (perceived) winner are all equally
-    good, only the winner is named (it beats each of them); otherwise the whole order is given.
+    good, only the winner is named (it beats each of them). A person who finds two answers equally good
+    says so instead of ordering them by a coin flip, which would be a pair of pure noise.
     """
     if len(set(scores)) == 1:
         return "tie"
-    order = perceived_order(scores, error_rate, rng)
-    if len(scores) == 2 or len(set(scores[i] for i in order[1:])) == 1:
-        return LABELS[order[0]]
-    return ",".join(LABELS[i] for i in order)
+    places: list[list[int]] = []
+    for i in perceived_order(scores, error_rate, rng):
+        if places and scores[places[-1][-1]] == scores[i]:
+            places[-1].append(i)
+        else:
+            places.append([i])
+    if len(places) == 1:
+        return "tie"
+    if len(scores) == 2 or (len(places) == 2 and len(places[0]) == 1):
+        return LABELS[places[0][0]]
+    return ",".join("=".join(LABELS[i] for i in place) for place in places)
 
 
 class SimulatedLearner:

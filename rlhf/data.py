@@ -3,7 +3,8 @@
 The rules (CONTRACT.md, "Feedback -> training data"):
 - A ranking of K candidates gives its C(K, 2) pairs as one PreferenceGroup: each completion is
   stored once, the group goes to one side of the split and counts as one example (InstructGPT).
-  A ranking that names only the winner (k > 2) gives winner > each other candidate.
+  A ranking that names only the winner (k > 2) gives winner > each other candidate. Answers a ranking
+  puts in one place ("C,A=B,D": the learner finds A and B equally good) make no pair with each other.
 - `tie` gives nothing; `both_bad` gives nothing by itself, but a rewrite of any candidate of that
   comparison then beats every candidate.
 - Among answers to the same exact context, each up-rated one beats each down-rated one (only the
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from app.store import Store
+from app.store import Store, rank_tiers
 from core.privacy import redact
 
 Message = dict[str, str]
@@ -127,11 +128,13 @@ def _group(prompt: list[Message], text_pairs: Iterable[tuple[str, str]], convers
                            feedback=tuple(dict.fromkeys(feedback)), user=user)
 
 
-def _ranking_pairs(ranking: list[str], all_ids: list[str]) -> list[tuple[str, str]]:
-    """Ranked ids best first beat the ids after them; unranked ids lose to every ranked one."""
-    rest = [m for m in all_ids if m not in ranking]
-    return [(better, worse) for i, better in enumerate(ranking)
-            for worse in ranking[i + 1:] + rest]
+def _ranking_pairs(tiers: list[list[str]], all_ids: list[str]) -> list[tuple[str, str]]:
+    """Ids in each place (best first) beat the ids of every later place; ids that share a place make no
+    pair; unranked ids lose to every ranked one."""
+    ranked = {m for tier in tiers for m in tier}
+    rest = [m for m in all_ids if m not in ranked]
+    return [(better, worse) for i, tier in enumerate(tiers) for better in tier
+            for worse in [m for later in tiers[i + 1:] for m in later] + rest]
 
 
 class _Histories:
@@ -178,7 +181,7 @@ def collect(store: Store) -> TrainingData:
         if not c["ranking"]:  # tie or both_bad
             continue
         text = {m["message_id"]: m["content"] for m in c["candidates"]}
-        pairs = _ranking_pairs(c["ranking"], [m["message_id"] for m in c["candidates"]])
+        pairs = _ranking_pairs(rank_tiers(c["choice"], c["ranking"]), [m["message_id"] for m in c["candidates"]])
         groups.append(_group(c["context"], [(text[a], text[b]) for a, b in pairs],
                              c["conversation_id"], "ranking", f"ranking:{c['comparison_id']}",
                              [("pick", c["pick_id"])], c.get("user", "")))

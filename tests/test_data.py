@@ -75,6 +75,27 @@ def test_ranking_of_four_gives_six_pairs(store: Store) -> None:
                                  ("a", "c")}
 
 
+@pytest.mark.parametrize("choice,pairs", [
+    ("D,B=A,C", {("d", "b"), ("d", "a"), ("d", "c"), ("b", "c"), ("a", "c")}),  # B and A share a place
+    ("d=b, a=c", {("d", "a"), ("d", "c"), ("b", "a"), ("b", "c")}),
+    ("C,A,B,D", {("c", "a"), ("c", "b"), ("c", "d"), ("a", "b"), ("a", "d"), ("b", "d")}),
+])
+def test_answers_that_share_a_place_in_a_ranking_make_no_pair(store: Store, choice: str, pairs) -> None:
+    comparison_id, _ = compare(store, new_chat(store), ["a", "b", "c", "d"])
+    store.decide_comparison(comparison_id, choice)
+    (group,) = collect(store).preference_groups
+    assert text_pairs(group) == pairs
+
+
+def test_a_ranking_with_every_answer_in_one_place_is_a_tie_and_a_malformed_one_is_refused(store: Store) -> None:
+    comparison_id, _ = compare(store, new_chat(store), ["a", "b", "c"])
+    for bad in ("A=B", "A=A,B,C", "A,B=C=D", "A,,B=C", "=A,B,C"):
+        with pytest.raises(ValueError, match="equally good"):
+            store.decide_comparison(comparison_id, bad)
+    store.decide_comparison(comparison_id, "A=B=C")
+    assert store.comparison(comparison_id)["pick"]["choice"] == "tie" and collect(store).preference_groups == []
+
+
 def test_winner_only_beats_each_other_candidate(store: Store) -> None:
     comparison_id, _ = compare(store, new_chat(store), ["a", "b", "c"])
     store.decide_comparison(comparison_id, "B")

@@ -169,6 +169,9 @@ def test_decide_orders_by_score_with_ties_and_mistakes():
     assert decide([0.0, 1.0], 0.0, rng) == "B"
     assert decide([0.0, 1.0, 0.0, 0.0], 0.0, rng) == "B"  # the winner beats each of the others
     assert decide([0.2, 1.0, 0.0, 0.1], 0.0, rng) == "B,A,D,C"
+    # answers equally good share a place: no coin-flip pair between them
+    assert decide([1.0, 0.45, 0.0, 0.45], 0.0, rng) in ("A,B=D,C", "A,D=B,C")
+    assert decide([0.5, 0.5, 0.0, 0.0], 0.0, rng) in ("A=B,C=D", "B=A,C=D", "A=B,D=C", "B=A,D=C")
     assert decide([0.0, 1.0], 1.0, rng) == "A"  # a mistake reverses the comparison
     mistakes = sum(decide([0.0, 1.0], 0.25, rng) == "A" for _ in range(2000))
     assert 400 < mistakes < 600
