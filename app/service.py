@@ -240,7 +240,7 @@ class TutorService:
     def pick(self, actor: Account, comparison_id: str, choice: str) -> dict:
         comparison_id = self._own(actor, "comparison", comparison_id)
         if not isinstance(choice, str) or len(choice) > 32:
-            raise UserError("choice must be a short string such as 'A', 'tie' or 'C,A,B'")
+            raise UserError("choice must be a short string such as 'A', 'tie', 'C,A,B' or 'C,A=B'")
         self._spend(actor, "pick")
         with as_user_error(LookupError, ValueError):
             decision = self.store.decide_comparison(comparison_id, choice)

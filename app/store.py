@@ -238,16 +238,21 @@ def _parse_choice(choice: str, labels: list[str]) -> tuple[str, list[str]]:
     if sorted(ranked) == sorted(labels):
         if len(tiers) == 1:
             return "tie", []
+        if len(labels) == 2:  # "B,A" is "B": one form per pick, as rechecks and arena votes read it
+            return ranked[0], ranked
         return ",".join("=".join(tier) for tier in tiers), ranked
+    shared = f"{labels[-1]},{'='.join(labels[:-1])}" if len(labels) > 2 else "A=B (a tie)"
     raise ValueError(f"choice {choice!r} must be one of {labels}, 'tie', 'both_bad' or an order "
                      f"of all of them like {','.join(reversed(labels))!r} (equally good ones joined "
-                     f"by '=', like {labels[-1]},{'='.join(labels[:-1])!r})")
+                     f"by '=', like {shared!r})")
 
 
 def rank_tiers(choice: str, ranking: list[str]) -> list[list[str]]:
     """A stored pick's places, best first: each a list of the ranked ids that share it ("C,A=B,D" -> [[C],
     [A, B], [D]]). `ranking` is the flat order stored beside the choice; a winner-only pick is one place."""
     sizes = [part.count("=") + 1 for part in choice.split(",")] if "=" in choice else [1] * len(ranking)
+    if sum(sizes) != len(ranking):  # not as decide_comparison stores them: one place per id, nothing lost
+        sizes = [1] * len(ranking)
     tiers, start = [], 0
     for size in sizes:
         tiers.append(ranking[start:start + size])

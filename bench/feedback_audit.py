@@ -3,9 +3,10 @@ answers fail the rubric's substance check.
 
     python bench/feedback_audit.py docs/learning/final-stays_short-test
 
-A reward model is judged on held-out pairs (the cycle's check wants more than 0.60). Learners rank all k
-answers, so two answers the rubric scores the same still make a pair, decided by a coin flip; and a fifth
-of the other comparisons go the wrong way (the error rate). The best any reward model can do on such
+A reward model is judged on held-out pairs (the cycle's check wants more than 0.60). Learners of runs
+before rankings had shared places ordered all k answers, so two answers the rubric scores the same made a
+pair, decided by a coin flip (today's learner joins them, bench/learner.py `decide`); and about a fifth to
+a quarter of the other pairs go the wrong way (the error rate, per comparison). The best any reward model can do on such
 pairs is the share the rubric orders rightly plus half of the coin flips: the ceiling this prints. The
 cycle's own pairs are read as it reads them (rlhf/data.py `collect`, rlhf/annotators.py), and the
 training feedback only: the learners ask the prompt set's training part.

@@ -120,22 +120,21 @@ def perceived_order(scores: list[float], error_rate: float, rng: random.Random) 
 
 def decide(scores: list[float], error_rate: float, rng: random.Random) -> str:
     """The learner's choice for /pick: 'tie', the winner's label, or a full order best first in which
-    equally good answers next to each other share a place ("C,A=B,D").
+    equally good answers share a place ("C,A=B,D").
 
     All answers equally good: a tie. When the answers other than the (perceived) winner are all equally
     good, only the winner is named (it beats each of them). A person who finds two answers equally good
     says so instead of ordering them by a coin flip, which would be a pair of pure noise.
     """
-    if len(set(scores)) == 1:
+    values = sorted(set(scores))
+    if len(values) == 1:
         return "tie"
-    places: list[list[int]] = []
-    for i in perceived_order(scores, error_rate, rng):
-        if places and scores[places[-1][-1]] == scores[i]:
-            places[-1].append(i)
-        else:
-            places.append([i])
-    if len(places) == 1:
-        return "tie"
+    # The learner orders what they can tell apart (each comparison of two different answers wrong at
+    # error_rate); answers they find equally good take one place together.
+    places = [[i for i in range(len(scores)) if scores[i] == values[v]]
+              for v in perceived_order(values, error_rate, rng)]
+    for place in places:
+        rng.shuffle(place)  # named in the order the learner happens to see them
     if len(scores) == 2 or (len(places) == 2 and len(places[0]) == 1):
         return LABELS[places[0][0]]
     return ",".join("=".join(LABELS[i] for i in place) for place in places)

@@ -89,7 +89,7 @@ def test_answers_that_share_a_place_in_a_ranking_make_no_pair(store: Store, choi
 
 def test_a_ranking_with_every_answer_in_one_place_is_a_tie_and_a_malformed_one_is_refused(store: Store) -> None:
     comparison_id, _ = compare(store, new_chat(store), ["a", "b", "c"])
-    for bad in ("A=B", "A=A,B,C", "A,B=C=D", "A,,B=C", "=A,B,C"):
+    for bad in ("A=B", "A=A,B,C", "A,B=C=D", "A,,B=C", "=A,B,C", "A,B,C,"):
         with pytest.raises(ValueError, match="equally good"):
             store.decide_comparison(comparison_id, bad)
     store.decide_comparison(comparison_id, "A=B=C")
@@ -328,3 +328,11 @@ def test_gate_prompts_never_reuse_a_trained_question_nor_the_test_part() -> None
     assert texts[:2] == ["Q3?", "Q4?"] and own == 2  # the class's unseen ones first, each once
     assert len(chosen) == 10 and len(set(texts)) == 10 and asked not in texts and "Q1?" not in texts
     assert gate_prompts(train, heldout, [], limit=10) == ([prompt("Q3?"), prompt("Q4?")], 2)
+
+
+def test_a_two_answer_order_is_stored_as_its_winner_so_rechecks_and_arena_votes_read_it(store: Store) -> None:
+    comparison_id, _ = compare(store, new_chat(store), ["a", "b"])
+    store.decide_comparison(comparison_id, "B,A")
+    assert store.comparison(comparison_id)["pick"]["choice"] == "B"
+    (group,) = collect(store).preference_groups
+    assert text_pairs(group) == {("b", "a")}

@@ -172,6 +172,10 @@ def test_decide_orders_by_score_with_ties_and_mistakes():
     # answers equally good share a place: no coin-flip pair between them
     assert decide([1.0, 0.45, 0.0, 0.45], 0.0, rng) in ("A,B=D,C", "A,D=B,C")
     assert decide([0.5, 0.5, 0.0, 0.0], 0.0, rng) in ("A=B,C=D", "B=A,C=D", "A=B,D=C", "B=A,D=C")
+    # ... even when a mistake puts another answer before or after them: never split by one
+    picks = [decide([1.0, 0.45, 0.0, 0.45], 0.2, rng) for _ in range(500)]
+    assert all("B=D" in p or "D=B" in p for p in picks if len(p) > 1), picks
+    assert any(p.startswith(("B=D", "D=B")) for p in picks) and any(p.endswith(("B=D", "D=B")) for p in picks)
     assert decide([0.0, 1.0], 1.0, rng) == "A"  # a mistake reverses the comparison
     mistakes = sum(decide([0.0, 1.0], 0.25, rng) == "A" for _ in range(2000))
     assert 400 < mistakes < 600
