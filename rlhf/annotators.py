@@ -18,9 +18,9 @@ on, `weigh_annotators`:
    The peers' source counts only while it can tell: when the peer model predicts the median user no
    better than `min_agreement`, the taste is one a bag of words cannot read (length, whether an answer
    says anything), and every honest user would look like a random clicker; the report says so. Even
-   then a user the peers judge clearly *against* (below 1 - `min_agreement`, an inverter; a taste a
-   bag of words cannot read gives about one half, not that) is left out: random clickers who drag the
-   median down cannot shelter one.
+   then a user the peers judge *against* the others beyond chance (the 95% Wilson interval of their
+   agreement wholly below one half: an inverter; a taste a bag of words cannot read gives about one
+   half, not that) is left out: random clickers who drag the median down cannot shelter one.
 3. Leaves out users below `min_agreement`, with the reason; weighs the others' preference groups
    by (2a - 1) (chance agreement teaches nothing) scaled so that a perfect annotator weighs 1.
 4. Caps each user's share of the cycle's preference weight and of its demonstrations at
@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import torch
 
 from core.privacy import pseudonym
+from core.stats import wilson
 from rlhf.data import Demonstration, PreferenceGroup, TrainingData
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -124,6 +125,12 @@ def peer_agreement(groups: list[PreferenceGroup], config: AnnotatorConfig) -> di
         judged = [m for m in margins if abs(m) > 1e-3]  # the model has an opinion
         out[user] = (sum(m > 0 for m in judged), len(judged))
     return out
+
+
+def _peers_against(peers: dict[str, tuple[int, int]], config: AnnotatorConfig) -> dict[str, tuple[int, int]]:
+    """The users whose peer agreement is below one half beyond chance (95% Wilson upper bound), with
+    enough evidence: what the peer check still judges when it cannot read the class's taste."""
+    return {user: c for user, c in peers.items() if c[1] >= config.min_evidence and wilson(*c)[2] < 0.5}
 
 
 def repeat_agreement(checks: Iterable[dict[str, Any]]) -> dict[str, tuple[int, int]]:
@@ -217,9 +224,8 @@ def weigh_annotators(data: TrainingData, exclusions: list[dict[str, Any]], repea
     if not report["peer_check"]["counted"]:
         report["peer_check"]["why"] = (f"the peer model predicts the median user's picks {median:.2f} of the time "
                                        f"(< {config.min_agreement:.2f}): it cannot read this taste; only users it "
-                                       f"judges below {1 - config.min_agreement:.2f} are left out by it")
-        peers = {user: c for user, c in peers.items()
-                 if c[1] >= config.min_evidence and _smoothed(*c) < 1 - config.min_agreement}
+                                       f"judges against the others beyond chance are left out by it")
+        peers = _peers_against(peers, config)
     users = sorted({i.user for i in [*data.demonstrations, *data.preference_groups]})
     weights: dict[str, float] = {}
     for user in users:

@@ -118,6 +118,14 @@ def test_honest_learners_with_a_taste_words_cannot_show_are_not_left_out_by_thei
     assert not report["left_out"] and len(weighted.preference_groups) == 120, report["users"]
 
 
+def test_with_the_peer_check_off_an_honest_learner_below_half_by_chance_stays_in():
+    """13 of 37 pairs predicted (a final run's honest learner, with a peer model that reads the taste no better
+    than chance): below one half, but not beyond chance; 2 of 48 (an inverter) is."""
+    from rlhf.annotators import _peers_against
+
+    assert _peers_against({"honest": (13, 37), "mallory": (2, 48), "few": (0, 5)}, AnnotatorConfig()) == {"mallory": (2, 48)}
+
+
 def test_random_clickers_who_switch_the_peer_check_off_do_not_shelter_an_inverter(tmp_path):
     """Four honest learners, a consistent inverter who passes her own repeat checks, and eight accounts that
     click at random: the peers' median falls below the line, yet the inverter is still left out."""
