@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 COMMITTEE_FILE = "committee.safetensors"  # in the models dir, beside the versions: one per class
 ASKING_MODES = ("random", "active")
@@ -60,9 +60,11 @@ class Committee:
     def scores(self, answers: list[list[int]]) -> torch.Tensor:
         """(M, N): each member's score of each answer (token ids; ids past the vocabulary weigh 0)."""
         vocab = self.weights.shape[1]
-        padded = torch.cat([self.weights, torch.zeros(len(self.weights), 1)], dim=1)
-        rows = [padded[:, torch.as_tensor(ids, dtype=torch.long).clamp(0, vocab)].sum(1) + self.length * len(ids)
-                for ids in answers]
+        rows = []
+        for answer in answers:  # per comparison: a gather, no copy of the (M, V) weights
+            ids = torch.as_tensor(answer, dtype=torch.long)
+            inside = (ids >= 0) & (ids < vocab)
+            rows.append((self.weights[:, ids.clamp(0, vocab - 1)] * inside).sum(1) + self.length * len(answer))
         return torch.stack(rows, dim=1) if rows else torch.zeros(len(self.weights), 0)
 
     def save(self, path: Path | str) -> Path:
@@ -88,10 +90,9 @@ class Committee:
     def load(cls, path: Path | str) -> "Committee":
         from safetensors import safe_open
 
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: tensors and metadata
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        weights, length = tensors["weights"].float(), tensors["length"].float()
+            weights, length = f.get_tensor("weights").float(), f.get_tensor("length").float()
         if weights.dim() != 2 or length.shape != (weights.shape[0],) or weights.shape[0] < 2:
             raise ValueError(f"{path} is not a committee of two or more members")
         return cls(weights, length, meta)
