@@ -71,5 +71,8 @@ def merge(obj, values: dict, where: str = "config"):
             # and a setting that takes a bool or "auto" keeps either.
             keep = (current is None or value is None or isinstance(value, bool)
                     or (isinstance(value, str) and isinstance(current, bool)))
+            if (isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float)
+                    and not value.is_integer()):  # int(2.5) would quietly serve 2
+                raise ValueError(f"{where}.{key} must be a whole number, not {value}")
             changes[key] = value if keep else type(current)(value)
     return dataclasses.replace(obj, **changes)

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.failpoints import failpoint
 from core.active import COMMITTEE_FILE
+from core.durable import fsync_dir, fsync_tree
 from core.precision import serving_device
 
 POINTER = "CURRENT"
@@ -103,7 +104,7 @@ class ModelRegistry:
             os.fsync(f.fileno())
         failpoint("switching")
         os.replace(tmp, self.root / POINTER)
-        _fsync_dir(self.root)  # the rename itself survives a power cut
+        fsync_dir(self.root)  # the rename itself survives a power cut
 
     def rollback(self, version: str) -> str:
         """Makes an older version current again, under the lock a cycle holds: never between a
@@ -129,7 +130,7 @@ class ModelRegistry:
         """Unlists the version (one atomic rename, made durable), then deletes its files."""
         doomed = self.root / f".{version}.removing"
         os.replace(self.path(version), doomed)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         failpoint("removing")
         shutil.rmtree(doomed, ignore_errors=True)
 
@@ -173,12 +174,12 @@ class ModelRegistry:
             if extra is not None:  # more files that belong to the version, e.g. its reward model
                 extra(tmp)
             (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial directory behind
             raise
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
 
@@ -219,23 +220,6 @@ def registry_lock(models_dir: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Every file under `root`, then every directory, deepest first: all of it on disk."""
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(folder))
 
 
 def record_versions(store, registry: ModelRegistry) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from core.durable import fsync_dir
+
 COMMITTEE_FILE = "committee.safetensors"  # in the models dir, beside the versions: one per class
 ASKING_MODES = ("random", "active")
 
@@ -79,11 +81,7 @@ class Committee:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:  # the rename itself survives a power cut
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(path.parent)  # the rename itself survives a power cut
         return path
 
     @classmethod

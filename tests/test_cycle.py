@@ -524,3 +524,14 @@ def test_the_readmes_settings_file_is_valid_and_every_setting_in_it_is_known(tmp
     served = serve_config(argparse.Namespace(config=path, host=None, port=None, db=None, models_dir=None, model=None))
     config = retrain_config(path)
     assert served.asking.mode == "random" and config.committee.members == 4 and config.reward.form == "auto"
+
+
+def test_a_fraction_for_a_whole_number_setting_is_an_error_not_rounded(tmp_path):
+    """`pool_factor = 2.5` must not quietly become 2; an int for a float setting and 3.0 for an int still read."""
+    from app.config import ServeConfig, merge
+
+    with pytest.raises(ValueError, match="serve.asking.pool_factor must be a whole number, not 2.5"):
+        merge(ServeConfig(), {"asking": {"pool_factor": 2.5}}, "serve")
+    served = merge(ServeConfig(), {"asking": {"pool_factor": 3.0, "random_share": 1}}, "serve")
+    assert served.asking.pool_factor == 3 and isinstance(served.asking.pool_factor, int)
+    assert served.asking.random_share == 1.0
