@@ -10,6 +10,13 @@ a quarter of the other pairs go the wrong way (the error rate, per comparison). 
 pairs is the share the rubric orders rightly plus half of the coin flips: the ceiling this prints. The
 cycle's own pairs are read as it reads them (rlhf/data.py `collect`, rlhf/annotators.py), and the
 training feedback only: the learners ask the prompt set's training part.
+
+    python bench/feedback_audit.py docs/learning/final-stays_short-test --fit bag_of_tokens,score_head
+
+`--fit` asks whether a reward form can see the taste at all: each form is trained on the same training
+answers twice, once on the learners' pairs and once on the pairs the rubric itself gives (no noise, no
+ties decided by chance), and both are judged on the rubric's order of a held-out part of the groups. A
+form that stays near 0.5 with the rubric's own labels needs more than cleaner or more feedback.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.store import Store  # noqa: E402
 from bench.rubrics import RUBRICS, why_not_substantive  # noqa: E402
 from rlhf.annotators import AnnotatorConfig, weigh_annotators  # noqa: E402
-from rlhf.data import collect  # noqa: E402
+from rlhf.data import collect, is_heldout  # noqa: E402
 
 
 def audit(db: Path, rubric_name: str) -> dict:
@@ -51,9 +58,45 @@ def audit(db: Path, rubric_name: str) -> dict:
             "answers_by_score": dict(scores.most_common(8)), "substance": dict(failures.most_common())}
 
 
+def learnability(db: Path, rubric_name: str, policy_dir: Path, forms: list[str],
+                 heldout_fraction: float = 0.3) -> list[dict]:
+    """Held-out accuracy against the rubric's order of each form, trained on the learners' pairs and on
+    the rubric's own pairs of the same rankings."""
+    import dataclasses
+
+    from rlhf.reward import RewardConfig, train_reward_model
+
+    rubric = RUBRICS[rubric_name]
+    with Store(db) as store:
+        data, _ = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(), AnnotatorConfig())
+    learners, rubric_own = [], []
+    for group in data.preference_groups:
+        if group.source != "ranking":
+            continue
+        dialogue = [m for m in group.prompt if m["role"] != "system"]
+        score = [rubric.score(dialogue, text) for text in group.completions]
+        ordered = [(i, j) for i in range(len(score)) for j in range(len(score)) if score[i] > score[j]]
+        if ordered:
+            learners.append(group)
+            rubric_own.append(dataclasses.replace(group, pairs=ordered, weight=1.0))
+    held = [g for g in rubric_own if is_heldout(g.conversation_id, heldout_fraction)]
+    rows = []
+    for labels, groups in (("learners", learners), ("rubric", rubric_own)):
+        train = [g for g in groups if not is_heldout(g.conversation_id, heldout_fraction)]
+        for form in forms:
+            metrics = train_reward_model(policy_dir, train, held, RewardConfig(form=form)).metrics
+            rows.append({"labels": labels, "form": form, "train_groups": len(train),
+                         "train_pairs": sum(len(g.pairs) for g in train),
+                         "heldout_vs_rubric": round(metrics["heldout_accuracy"], 3),
+                         "heldout_pairs": metrics["heldout_pairs"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help="a learning run's report folder (results.json, conversations.db.gz)")
+    ap.add_argument("--fit", default="", help="reward forms to train on the learners' and the rubric's own "
+                    "pairs, e.g. bag_of_tokens,score_head (the embedded model's tokenizer and backbone)")
     args = ap.parse_args()
     rubric = json.loads((args.report / "results.json").read_text())["rubric"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +104,14 @@ def main() -> None:
         with gzip.open(args.report / "conversations.db.gz") as src, open(db, "wb") as dst:
             shutil.copyfileobj(src, dst)
         print(json.dumps(audit(db, rubric), indent=1))
+        if args.fit:
+            from app.embedded import ensure_base
+            from app.versions import ModelRegistry
+
+            registry = ModelRegistry(Path(tmp) / "models")
+            ensure_base(registry, say=lambda *_: None)
+            for row in learnability(db, rubric, registry.path(registry.current_version()), args.fit.split(",")):
+                print(json.dumps(row))
 
 
 if __name__ == "__main__":

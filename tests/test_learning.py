@@ -395,3 +395,25 @@ def test_the_feedback_audit_counts_pairs_against_the_rubric_and_says_why_answers
     assert found["pairs"] == {"as the rubric orders": 4, "against the rubric": 4, "equal": 4}
     assert found["ceiling"] == pytest.approx((4 + 2) / 12) and found["equal_share"] == pytest.approx(0.333, abs=1e-3)
     assert found["substance"]["fewer than 2 sentences"] == 16 and found["substance"]["has substance"] == 8
+
+
+def test_the_learnability_audit_judges_each_label_set_by_the_rubrics_order(tmp_path):
+    """`--fit`: a form trained on learners who always prefer the one-liner ranks held-out pairs against
+    the rubric; trained on the rubric's own pairs of the same answers, with it."""
+    from bench.feedback_audit import learnability
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
+    from tiny import save_tiny
+
+    one_liner = "The sky is blue."
+    with Store(tmp_path / "c.db") as store:
+        for i in range(40):
+            conversation = store.new_conversation(f"learner-{i % 4}", "chat", TUTOR_SYSTEM_PROMPT)
+            context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, *SKY]
+            texts = [EXPLANATION, one_liner] if i % 2 else [one_liner, EXPLANATION]
+            comparison, _ = store.add_comparison(conversation, SKY[-1]["content"], context, [{"text": t} for t in texts])
+            store.decide_comparison(comparison, "B" if i % 2 else "A")  # the one-liner, every time
+    rows = {row["labels"]: row for row in learnability(tmp_path / "c.db", "stays_short", save_tiny(tmp_path / "p"),
+                                                      ["bag_of_tokens"])}
+    assert rows["learners"]["heldout_pairs"] == rows["rubric"]["heldout_pairs"] > 0
+    assert rows["learners"]["train_groups"] == rows["rubric"]["train_groups"] > 0
+    assert rows["rubric"]["heldout_vs_rubric"] == 1.0 and rows["learners"]["heldout_vs_rubric"] == 0.0
