@@ -37,10 +37,16 @@ from rlhf.annotators import AnnotatorConfig, weigh_annotators  # noqa: E402
 from rlhf.data import collect, is_heldout  # noqa: E402
 
 
-def audit(db: Path, rubric_name: str) -> dict:
-    rubric = RUBRICS[rubric_name]
+def cycle_view(db: Path):
+    """The preference groups and demonstrations as a cycle weighs them (rlhf/annotators.py)."""
     with Store(db) as store:
         data, _ = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(), AnnotatorConfig())
+    return data
+
+
+def audit(db: Path, rubric_name: str) -> dict:
+    rubric = RUBRICS[rubric_name]
+    data = cycle_view(db)
     pairs, scores, failures = Counter(), Counter(), Counter()
     for group in data.preference_groups:
         dialogue = [m for m in group.prompt if m["role"] != "system"]
@@ -67,8 +73,7 @@ def learnability(db: Path, rubric_name: str, policy_dir: Path, forms: list[str],
     from rlhf.reward import RewardConfig, train_reward_model
 
     rubric = RUBRICS[rubric_name]
-    with Store(db) as store:
-        data, _ = weigh_annotators(collect(store), store.training_exclusions(), store.repeat_checks(), AnnotatorConfig())
+    data = cycle_view(db)
     learners, rubric_own = [], []
     for group in data.preference_groups:
         if group.source != "ranking":

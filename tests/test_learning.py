@@ -239,6 +239,10 @@ def test_learner_writes_exactly_the_feedback_it_claims(serve_tutor, tiny_model_d
 
 # -- a short learning run ------------------------------------------------------------------------
 
+# The bag of tokens at its own step size: a taste that sits in tokens, and a reward PPO cannot push off its
+# training answers. With "auto" the score head often won on validation and, on this tiny policy's 12-token
+# answers, was over-optimised in some splits: the gate promoted on its reward while the rubric rate fell
+# below the base (docs/learning.md, "The short learning run of the tests").
 TINY_RUN = """
 [serve.sampling]
 max_new_tokens = 12
@@ -266,12 +270,6 @@ max_kl_reference = 50.0
 max_kl_base = 50.0
 max_length_ratio = 3.0
 """
-
-
-# The bag of tokens at its own step size: a taste that sits in tokens, and a reward PPO cannot push off its
-# training answers. With "auto" the score head often won on validation and, on this tiny policy's 12-token
-# answers, was over-optimised in some splits: the gate promoted on its reward while the rubric rate fell
-# below the base (docs/learning.md, "The short learning run of the tests").
 
 
 def says_a(dialogue, answer: str) -> float:
