@@ -74,6 +74,7 @@ class RewardConfig:
     beta: float = 0.1  # implicit form: the DPO temperature of the log-ratio
     l2: float = 0.01  # bag_of_tokens: L2 penalty on the token weights
     length_apart: bool = True  # bag_of_tokens: learn length in a term of its own, left out of the reward
+    binary: bool = True  # bag_of_tokens: a token counts once per answer, however often it is repeated
 
     def __post_init__(self) -> None:
         if self.form not in REWARD_FORMS + REWARD_CHOICES:
@@ -211,7 +212,7 @@ def build_reward_model(policy_dir: str | Path, config: RewardConfig):
     tokenizer.padding_side = "right"
     torch.manual_seed(config.seed)
     if config.form == "bag_of_tokens":  # no backbone: only the vocabulary is needed
-        return BagOfTokens(len(tokenizer)), tokenizer
+        return BagOfTokens(len(tokenizer), binary=config.binary), tokenizer
     # On the policy's device (the GPU when there is one), but in fp32 there too.
     if config.form == "implicit":
         model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -254,7 +255,7 @@ def fit(model, tokenizer, train_groups: Sequence[PreferenceGroup], config: Rewar
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.use_bf16()):
                 rewards = row_rewards(model, mb.input_ids, mb.attention_mask, mb.answer_start, config)  # read out in fp32
             if config.form == "bag_of_tokens" and config.length_apart:
-                rewards = rewards + model.length_term(answer_mask(mb.attention_mask, mb.answer_start))
+                rewards = rewards + model.length_term(mb.input_ids, answer_mask(mb.attention_mask, mb.answer_start))
             loss = grouped_bt_loss(rewards, mb)
             if config.form == "bag_of_tokens":
                 loss = loss + config.l2 * model.penalty()

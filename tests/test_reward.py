@@ -277,19 +277,30 @@ def test_bag_of_tokens_learns_the_planted_words_and_round_trips(tiny_model_dir, 
     assert torch.equal(loaded.score(prompts, completions), batched)
 
 
-def test_bag_of_tokens_reward_is_the_sum_of_the_answer_tokens_weights(tiny_model_dir):
-    """By hand: the prompt's tokens never count, each answer token counts once per occurrence."""
-    model, tokenizer = build_reward_model(tiny_model_dir, BAG)
+@pytest.mark.parametrize("binary", [True, False])
+def test_bag_of_tokens_reward_is_the_sum_of_the_answer_tokens_weights(tiny_model_dir, binary):
+    """By hand: the prompt's tokens never count; each distinct answer token counts once (binary, the
+    default), or once per occurrence (counts), and PPO's per-token parts say the same."""
+    config = replace(BAG, binary=binary)
+    model, tokenizer = build_reward_model(tiny_model_dir, config)
     prompt = [SYSTEM, {"role": "user", "content": "What is 3 + 4?"}]
     answers = ["Seven.", "Seven. Seven. Count on your fingers."]
-    assert torch.equal(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.zeros(2))
+    assert torch.equal(score(model, tokenizer, [prompt] * 2, answers, config=config), torch.zeros(2))
     with torch.no_grad():
         model.weight.copy_(torch.randn(model.weight.shape, generator=torch.Generator().manual_seed(0)))
     expected = []
     for text in answers:
-        ids, start = scored_answer_ids(tokenizer, prompt, text, BAG.max_length)
-        expected.append(sum(model.weight[i].item() for i in ids[start:]))
-    torch.testing.assert_close(score(model, tokenizer, [prompt] * 2, answers, config=BAG), torch.tensor(expected))
+        ids, start = scored_answer_ids(tokenizer, prompt, text, config.max_length)
+        counted = set(ids[start:]) if binary else ids[start:]
+        expected.append(sum(model.weight[i].item() for i in counted))
+    torch.testing.assert_close(score(model, tokenizer, [prompt] * 2, answers, config=config), torch.tensor(expected))
+    repeated = tokenizer.encode("Seven. Seven.", add_special_tokens=False)
+    parts = model.token_rewards([repeated])[0]
+    first_time = [i not in repeated[:t] for t, i in enumerate(repeated)]
+    torch.testing.assert_close(parts, torch.tensor([model.weight[i].item() * (f or not binary)
+                                                    for i, f in zip(repeated, first_time)]))
+    assert not all(first_time)  # "Seven." is said twice
+    assert (parts == 0).sum().item() == (sum(not f for f in first_time) if binary else 0)
 
 
 def test_bag_of_tokens_splits_its_score_over_the_answer_tokens_for_ppo(tiny_model_dir):
@@ -346,7 +357,7 @@ def test_bag_of_tokens_keeps_length_apart_from_its_reward(tiny_model_dir, tmp_pa
         for g in train:
             for text in g.completions:
                 encoded, start = scored_answer_ids(result.tokenizer, g.prompt, text, BAG.max_length)
-                ids += encoded[start:]
+                ids += dict.fromkeys(encoded[start:])  # each distinct token once, as the binary reward counts
         return result.model.weight[torch.tensor(ids)].mean().item()
 
     assert kept.metrics["length_weight"] < -0.05 and abs(mean_token_weight(kept)) < 1e-6, kept.metrics
@@ -365,7 +376,7 @@ def test_centering_moves_the_mean_token_weight_into_the_length_term_and_keeps_ev
     answers = [[1, 2, 3], [4, 5]]  # tokens' mean weight: 3
     ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    before = bag(ids, mask) + bag.length_term(mask)
+    before = bag(ids, mask) + bag.length_term(ids, mask)
     assert bag.center(answers) == 3.0 and bag.length_weight.item() == 3.0
-    torch.testing.assert_close(bag(ids, mask) + bag.length_term(mask), before)  # the trained model ranks alike
+    torch.testing.assert_close(bag(ids, mask) + bag.length_term(ids, mask), before)  # the trained model ranks alike
     torch.testing.assert_close(bag(ids, mask), torch.tensor([6.0 - 9.0, 9.0 - 6.0]))  # the reward: no length
