@@ -239,10 +239,11 @@ def test_learner_writes_exactly_the_feedback_it_claims(serve_tutor, tiny_model_d
 
 # -- a short learning run ------------------------------------------------------------------------
 
-# The bag of tokens at its own step size: a taste that sits in tokens, and a reward PPO cannot push off its
-# training answers. With "auto" the score head often won on validation and, on this tiny policy's 12-token
-# answers, was over-optimised in some splits: the gate promoted on its reward while the rubric rate fell
-# below the base (docs/learning.md, "The short learning run of the tests").
+# The bag of tokens at its own step size: a taste that sits in tokens. With "auto" the score head often won
+# on validation and, on this tiny policy's 12-token answers, was over-optimised in some splits: the gate
+# promoted on its reward while the rubric rate fell below the base. Its binary features (the default) matter
+# here too: with counts, one split's policy repeated a token that only rides along with an "a"
+# (docs/learning.md, "The short learning run of the tests").
 TINY_RUN = """
 [serve.sampling]
 max_new_tokens = 12
