@@ -50,7 +50,8 @@ class AskingConfig:
 
 @dataclass(frozen=True)
 class Committee:
-    """M bag-of-tokens reward models: r_m(y) = sum over the answer's tokens of weights[m, y_t] + length[m] * |y|.
+    """M bag-of-tokens reward models: r_m(y) = sum over the answer's tokens of weights[m, y_t] + length[m] * |y|,
+    over its distinct tokens where the members were fitted with binary features (rlhf/bag_of_tokens.py).
 
     The length term is part of the score here (PPO's reward leaves it out): a learner's choice may
     follow length, and asking is about predicting the choice."""
@@ -58,15 +59,16 @@ class Committee:
     weights: torch.Tensor  # (M, V) float32
     length: torch.Tensor  # (M,) float32
     meta: dict[str, Any] = field(default_factory=dict)  # which cycle fitted it, on how many groups
+    binary: bool = False  # as the members were fitted: each distinct token once, or every occurrence
 
     def scores(self, answers: list[list[int]]) -> torch.Tensor:
         """(M, N): each member's score of each answer (token ids; ids past the vocabulary weigh 0)."""
         vocab = self.weights.shape[1]
         rows = []
         for answer in answers:  # per comparison: a gather, no copy of the (M, V) weights
-            ids = torch.as_tensor(answer, dtype=torch.long)
+            ids = torch.as_tensor(list(dict.fromkeys(answer)) if self.binary else answer, dtype=torch.long)
             inside = (ids >= 0) & (ids < vocab)
-            rows.append((self.weights[:, ids.clamp(0, vocab - 1)] * inside).sum(1) + self.length * len(answer))
+            rows.append((self.weights[:, ids.clamp(0, vocab - 1)] * inside).sum(1) + self.length * len(ids))
         return torch.stack(rows, dim=1) if rows else torch.zeros(len(self.weights), 0)
 
     def save(self, path: Path | str) -> Path:
@@ -75,7 +77,7 @@ class Committee:
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             save_file({"weights": self.weights.contiguous(), "length": self.length.contiguous()}, str(tmp),
-                      metadata={"meta": json.dumps(self.meta)})
+                      metadata={"meta": json.dumps(self.meta), "binary": str(self.binary).lower()})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -89,11 +91,13 @@ class Committee:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:  # one read: tensors and metadata
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            metadata = f.metadata() or {}
+            meta = json.loads(metadata.get("meta", "{}"))
+            binary = metadata.get("binary", "false") == "true"  # written before binary features: counts
             weights, length = f.get_tensor("weights").float(), f.get_tensor("length").float()
         if weights.dim() != 2 or length.shape != (weights.shape[0],) or weights.shape[0] < 2:
             raise ValueError(f"{path} is not a committee of two or more members")
-        return cls(weights, length, meta)
+        return cls(weights, length, meta, binary)
 
 
 def pair_information(scores: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,7 @@ def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], c
         weights.append(member.model.weight.detach().float().cpu())
         lengths.append(member.model.length_weight.detach().float().cpu())
     return Committee(torch.stack(weights), torch.stack(lengths),
-                     {**(meta or {}), "members": config.members, "groups": len(groups)})
+                     {**(meta or {}), "members": config.members, "groups": len(groups)}, binary=reward.binary)
 
 
 def is_validation(group: PreferenceGroup, fraction: float) -> bool:

@@ -55,9 +55,12 @@ def test_answers_moderation_stopped_are_shown_only_when_too_few_others_are_left(
             assert 2 in shown and len(set(shown)) == 2
 
 
-def test_scores_add_token_weights_and_length_and_ignore_ids_past_the_vocabulary():
+def test_scores_add_token_weights_and_length_and_ignore_ids_past_the_vocabulary(tmp_path):
     c = committee([1.0, 2.0], [0.5, 0.0], length=0.25)
     assert c.scores([[0, 1, 1], [VOCAB + 5]]).tolist() == [[5.75, 0.25], [1.25, 0.25]]
+    binary = Committee(c.weights, c.length, c.meta, binary=True)  # the repeated token 1 counts once
+    assert binary.scores([[0, 1, 1], [VOCAB + 5]]).tolist() == [[3.5, 0.25], [1.0, 0.25]]
+    assert Committee.load(binary.save(tmp_path / "c.safetensors")).binary and not Committee.load(c.save(tmp_path / "d")).binary
 
 
 def test_active_mode_shows_the_most_informative_answers_and_says_why():

@@ -118,3 +118,33 @@ def test_settings_that_cannot_work_are_refused_when_read():
         with pytest.raises(ValueError, match="ptx_coef must be >= 0"):
             PPOConfig(**bad)
     CycleConfig(min_heldout_prompts=32, max_eval_prompts=32)  # equal is fine
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_committee_scores_answers_as_its_members_were_fitted(tiny_model_dir, binary):
+    """The serving process scores pools with the committee's own gather (core/active.py); it must give
+    each member's bag-of-tokens score plus its length term, distinct tokens and all."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from rlhf.bag_of_tokens import BagOfTokens
+    from rlhf.ensemble import CommitteeConfig, train_committee
+    from test_reward import MARK
+
+    reward = replace(AUTO, form="bag_of_tokens", binary=binary)
+    committee = train_committee(tiny_model_dir, planted_groups(16, seed=1), CommitteeConfig(members=2), reward)
+    assert committee.binary == binary
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answers = [tokenizer.encode(text, add_special_tokens=False)
+               for text in (f"{MARK} {MARK} {MARK}", "Seven. Seven.", FILLER[0])]
+    scores = committee.scores(answers)
+    for m in range(2):
+        member = BagOfTokens(committee.weights.shape[1], binary=binary)
+        with torch.no_grad():
+            member.weight.copy_(committee.weights[m])
+            member.length_weight.copy_(committee.length[m])
+        for n, ids in enumerate(answers):
+            ids, mask = torch.tensor([ids]), torch.ones(1, len(ids))
+            expected = member(ids, mask) + member.length_term(ids, mask)
+            assert scores[m, n].item() == pytest.approx(expected.item(), abs=1e-5)
