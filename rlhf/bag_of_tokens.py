@@ -45,7 +45,8 @@ class BagOfTokens(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
         """(R, T) token ids and a mask of the answer's positions -> (R,) rewards."""
-        return self.features(input_ids, answer_mask) @ self.weight
+        # A product and a sum, not a matmul: bf16 autocast leaves them in fp32, as the scores should be.
+        return (self.features(input_ids, answer_mask) * self.weight).sum(-1)
 
     @torch.no_grad()
     def token_rewards(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
