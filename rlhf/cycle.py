@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,7 @@ def _train_and_gate(run: CycleRun) -> CycleOutcome:
     run.workdir.mkdir(parents=True, exist_ok=True)
     policy = load_pretrained(run.registry.path(run.current), run.current)
     reference = _sft(run, policy.tokenizer)  # 2.
-    rm = _reward_model(run)  # 3.
+    rm, judge = _reward_model(run)  # 3.
     _committee(run)
     try:
         check_reward_model(rm.metrics, run.config.reward)
@@ -279,7 +279,7 @@ def _train_and_gate(run: CycleRun) -> CycleOutcome:
     new_policy = _ppo(run, reference, policy.tokenizer, rm)  # 4.
     verdict = _evaluate(run, GateModels(current=policy.model, new=new_policy, reference=reference,
                                         base=run.registry.load(run.registry.versions()[0]).model),
-                        policy.tokenizer, rm)  # 5.
+                        policy.tokenizer, rm, judge)  # 5.
     if not verdict.promote:
         return CycleOutcome("rejected", verdict.summary())
     version = _promote(run, new_policy, policy.tokenizer, rm, verdict)  # 6.
@@ -307,25 +307,33 @@ def _sft(run: CycleRun, tokenizer):
     return reference
 
 
-def _reward_model(run: CycleRun) -> RewardResult | RewardEnsemble:
+def _reward_model(run: CycleRun) -> tuple[RewardResult | RewardEnsemble, tuple[str, RewardResult] | None]:
     """3. The reward model on all preference pairs so far, measured on the held-out ones; with form "auto",
-    the form (or the ensemble) that ranks a validation part of the training feedback best."""
+    the form (or the ensemble) that ranks a validation part of the training feedback best. And the gate's
+    judge, a form PPO will not optimise (GateConfig.judge): a candidate "auto" did not keep, or, for a
+    form set by hand, a bag of tokens (a second of training); none beside an ensemble or a bag of tokens."""
     run.say(f"3. reward model on {run.train.n_pairs} pairs ({len(run.train.preference_groups)} groups)")
     progress = lambda s, n, loss: run.say(f"   reward step {s}/{n} loss {loss:.3f}")  # noqa: E731
+    policy_dir, config = run.registry.path(run.current), run.config.reward
     with stage(run.metrics, "reward"):
-        if run.config.reward.form in REWARD_CHOICES:
-            rm = choose_reward(run.registry.path(run.current), run.train.preference_groups,
-                               run.heldout.preference_groups, run.config.reward, run.config.ensemble,
-                               say=run.say, progress=progress)
+        if config.form in REWARD_CHOICES:
+            rm, others = choose_reward(policy_dir, run.train.preference_groups, run.heldout.preference_groups,
+                                       config, run.config.ensemble, say=run.say, progress=progress)
         else:
-            rm = train_reward_model(run.registry.path(run.current), run.train.preference_groups,
-                                    run.heldout.preference_groups, run.config.reward, progress=progress)
+            rm = train_reward_model(policy_dir, run.train.preference_groups, run.heldout.preference_groups,
+                                    config, progress=progress)
+            others = {} if config.form == "bag_of_tokens" or not run.config.gate.judge else {
+                "bag_of_tokens": train_reward_model(policy_dir, run.train.preference_groups, [],
+                                                    replace(config, form="bag_of_tokens", learning_rate=None))}
+    judge = next(iter(others.items()), None) if run.config.gate.judge else None
     run.metrics["reward"] = rm.metrics
     accuracy, correlation = rm.metrics["heldout_accuracy"], rm.metrics["length_correlation"]
     run.say(f"   held-out pairwise accuracy {'-' if accuracy is None else f'{accuracy:.2f}'} on "
             f"{rm.metrics['heldout_pairs']} pairs; reward-length correlation "
             f"{'undefined' if correlation is None else f'{correlation:+.2f}'}")
-    return rm
+    if judge is not None:
+        run.say(f"   the gate's judge, which PPO will not optimise: {judge[0]}")
+    return rm, judge
 
 
 def _committee(run: CycleRun) -> None:
@@ -381,7 +389,8 @@ def _reward_fn(rm: RewardResult):
     return reward_fn
 
 
-def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult) -> Verdict:
+def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult,
+              judge: tuple[str, RewardResult] | None = None) -> Verdict:
     """5. The new policy against the current one on held-out prompts never trained on, and the gate."""
     eval_prompts = run.eval_prompts
     shares = run.metrics["gate_prompts"]
@@ -394,7 +403,8 @@ def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult) ->
     run.metrics["length_preference"] = lengths
     with stage(run.metrics, "evaluate"):
         verdict = gate(models, tokenizer, _reward_fn(rm), eval_prompts, run.config.gate,
-                       preferred_length=lengths["preferred"], system_prompt=TUTOR_SYSTEM_PROMPT)
+                       preferred_length=lengths["preferred"], system_prompt=TUTOR_SYSTEM_PROMPT,
+                       judge=None if judge is None else (judge[0], judge[1].score))
     run.metrics["gate"] = verdict.metrics
     write_report(verdict, run.workdir / "report.md", extra={"cycle": run.cycle_id, "from_version": run.current})
     run.say(f"   report: {run.workdir / 'report.md'}")

@@ -172,9 +172,11 @@ def make_ensemble(members: list[RewardResult], groups: Sequence[PreferenceGroup]
 
 def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup],
                   heldout_groups: Sequence[PreferenceGroup], config: RewardConfig, ensemble: EnsembleConfig,
-                  say: Say = print, progress=None) -> RewardResult | RewardEnsemble:
+                  say: Say = print, progress=None) -> tuple[RewardResult | RewardEnsemble, dict[str, RewardResult]]:
     """`config.form` "auto": the candidate (a form or the ensemble) that ranks the validation part best;
-    "ensemble": the ensemble. Members train on the training groups outside the validation part."""
+    "ensemble": the ensemble. Members train on the training groups outside the validation part.
+    Returns the reward and the candidates it does not hold, by form: judges PPO will not optimise (the
+    gate asks them, rlhf/evaluate.py); none when the ensemble, which holds them all, is chosen."""
     fit_groups = [g for g in train_groups if not is_validation(g, ensemble.validation_fraction)]
     validation = [g for g in train_groups if is_validation(g, ensemble.validation_fraction)]
     pairs = sum(len(g.pairs) for g in validation)
@@ -185,7 +187,7 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
         rm.metrics["choice"] = {"chosen": form, "validation_accuracy": {}, "validation_pairs": pairs,
                                 "runner_up": None, "margin": None, "mode": config.form,
                                 "reason": f"{pairs} validation pairs (< {ensemble.min_validation_pairs})"}
-        return rm
+        return rm, {}
     members = []
     for form in ensemble.candidates:
         say(f"   candidate {form} on {len(fit_groups)} groups")
@@ -212,5 +214,6 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
     rm.metrics = {**base, **summary, "choice": {
         "chosen": chosen, "validation_accuracy": scores, "validation_pairs": pairs, "runner_up": runner_up,
         "margin": margin, "mode": config.form}}
-    return rm
+    others = {} if chosen == "ensemble" else {n: m for n, m in zip(ensemble.candidates, members) if n != chosen}
+    return rm, others
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class GateConfig:
     # computed in the models' own dtype.
     precision: str = "auto"
     prefix_cache: bool = True  # the system turn's KV computed once per sampler (core/prefix_cache.py)
+    # A second opinion from a reward model PPO did not optimise (another form, fitted on the same feedback):
+    # PPO pushes the policy where its own reward model is wrong, and a gate that judges by that model
+    # alone promotes what it was fooled by (docs/learning.md, "A judge PPO did not optimise"). A
+    # candidate that the judge finds clearly worse (95% interval below 0) is rejected.
+    judge: bool = True
 
     def __post_init__(self) -> None:
         check_inference_precision(self.precision)  # a bad setting fails when read, not after PPO
@@ -176,9 +182,11 @@ class HeadToHead:
 
 
 def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]], config: GateConfig,
-         preferred_length: str | None = None, system_prompt: str = TUTOR_SYSTEM_PROMPT) -> Verdict:
+         preferred_length: str | None = None, system_prompt: str = TUTOR_SYSTEM_PROMPT,
+         judge: tuple[str, Callable] | None = None) -> Verdict:
     """Whether `models.new` may replace `models.current`. reward_score(prompts, answers) -> (N,) rewards;
-    preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference)."""
+    preferred_length: 'shorter' | 'longer' | None, what the users' feedback shows (length_preference);
+    judge: (its name, its score function), a reward model PPO did not optimise (GateConfig.judge)."""
     k = max(1, config.samples_per_prompt) if config.temperature > 0 else 1  # greedy answers repeat themselves
     sampler_cur, sampler_new = for_sampling(models.current, config.precision), for_sampling(models.new, config.precision)
     # 1. both policies answer the held-out prompts
@@ -189,9 +197,17 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
     len_cur, len_new = answers.lengths[:n].float().mean().item(), answers.lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"
     users_asked = config.length_control == "auto" and preferred_length == moved
-    adjusted = rewards if users_asked else length_controlled(rewards, answers.lengths)
-    diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
-    mean_diff, low, high = bootstrap(diffs, samples=config.bootstrap_samples, seed=config.seed)
+    def gain(rewards: torch.Tensor) -> tuple[float, float, float]:
+        adjusted = rewards if users_asked else length_controlled(rewards, answers.lengths)
+        diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
+        return bootstrap(diffs, samples=config.bootstrap_samples, seed=config.seed)
+
+    mean_diff, low, high = gain(rewards)
+    judged = None
+    if judge is not None and config.judge:
+        name, judge_score = judge
+        judged = (name, *gain(judge_score(answers.prompts + answers.prompts,
+                                          answers.current_text + answers.new_text).float().cpu()))
     # 3. KL of the new policy's own answers to the reference and to the base
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
     new_logprobs = sequence_logprob(models.new, answers.new_prompt_ids, answers.new_answer_ids, temperature)
@@ -217,11 +233,16 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
         "regression_accuracy_current": acc_cur, "regression_accuracy_new": acc_new,
         "regression_noise": noise, "regression_items": len(items),
     }
+    if judged is not None:
+        metrics |= {"judge": judged[0], "judge_gain": judged[1], "judge_gain_ci95": [judged[2], judged[3]]}
     # 5. the verdict
     reasons = []
     if low <= 0:
         what = "reward gain" if users_asked else "length-controlled reward gain"
         reasons.append(f"{what} {mean_diff:+.3f} has 95% CI [{low:+.3f}, {high:+.3f}] not above 0")
+    if judged is not None and judged[3] < 0:
+        reasons.append(f"a reward model PPO did not optimise ({judged[0]}) judges it worse: "
+                       f"{judged[1]:+.3f}, 95% CI [{judged[2]:+.3f}, {judged[3]:+.3f}]")
     if kl_ref > config.max_kl_reference:
         reasons.append(f"KL to reference {kl_ref:.1f} > {config.max_kl_reference}")
     if kl_base > config.max_kl_base:

@@ -169,6 +169,8 @@ def test_other_reward_forms_drive_ppo_and_are_kept_with_the_version(setup, form)
     gate = cycle["metrics"]["gate"]
     assert gate["reward_new"] > gate["reward_current"] and gate["reward_gain_ci95"][0] > 0, gate
     assert outcome.status == "promoted", (outcome.message, gate)
+    # a form set by hand gets a bag of tokens as the gate's second opinion, unless it is one
+    assert gate.get("judge") == (None if form == "bag_of_tokens" else "bag_of_tokens"), gate
     saved = load_reward_model(registry.path(outcome.version) / "reward_model")
     assert saved.config.form == form
     if form == "implicit":
@@ -194,6 +196,10 @@ def test_the_default_reward_form_is_chosen_by_the_cycle_and_kept_with_the_versio
     saved = load_any(registry.path(outcome.version) / "reward_model")
     assert saved.metrics["choice"]["chosen"] == choice["chosen"]
     assert saved.config.form == ("ensemble" if choice["chosen"] == "ensemble" else choice["chosen"])
+    # the gate asked a second opinion of the candidate it did not keep, which PPO never optimised
+    gate = store.last_cycle()["metrics"]["gate"]
+    others = set(TINY_CYCLE.ensemble.candidates) - {choice["chosen"]}
+    assert (gate.get("judge") in others) if choice["chosen"] != "ensemble" else "judge" not in gate, gate
 
 
 def test_sft_only_cycle_imitates_ranking_winners_without_ppo(setup):

@@ -54,7 +54,7 @@ def longer_groups(n: int, seed: int) -> list[PreferenceGroup]:
 def test_auto_keeps_the_form_that_ranks_the_validation_part_best(tiny_model_dir):
     torch.manual_seed(0)
     train, heldout = longer_groups(64, 1), longer_groups(20, 2)
-    rm = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(), say=lambda *_: None)
+    rm, others = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(), say=lambda *_: None)
     choice = rm.metrics["choice"]
     scores = choice["validation_accuracy"]
     assert set(scores) == {"score_head", "bag_of_tokens", "ensemble"}
@@ -65,22 +65,24 @@ def test_auto_keeps_the_form_that_ranks_the_validation_part_best(tiny_model_dir)
     assert rm.metrics["heldout_pairs"] == sum(len(g.pairs) for g in heldout)
     assert rm.metrics["heldout_accuracy"] == pairwise_accuracy(rm.score, heldout)[0] > 0.7
     check_reward_model(rm.metrics, AUTO)
+    # the candidates it does not hold judge PPO's policy at the gate: none when the ensemble holds them all
+    assert set(others) == ({"score_head", "bag_of_tokens"} - {choice["chosen"]} if choice["chosen"] != "ensemble" else set())
 
 
 def test_too_few_validation_pairs_fall_back_to_the_first_candidate(tiny_model_dir):
     train, heldout = planted_groups(6, 1), planted_groups(6, 2)
-    rm = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(min_validation_pairs=1000),
-                       say=lambda *_: None)
-    assert rm.config.form == "score_head" and rm.metrics["choice"]["chosen"] == "score_head"
+    rm, others = choose_reward(tiny_model_dir, train, heldout, AUTO, EnsembleConfig(min_validation_pairs=1000),
+                               say=lambda *_: None)
+    assert rm.config.form == "score_head" and rm.metrics["choice"]["chosen"] == "score_head" and others == {}
     assert rm.metrics["train_groups"] == len(train)  # trained on all of it
 
 
 def test_an_ensemble_is_kept_whole_and_scores_the_same_after_loading(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     train, heldout = planted_groups(48, 1), planted_groups(12, 2)
-    rm = choose_reward(tiny_model_dir, train, heldout, RewardConfig(form="ensemble", epochs=3, max_length=256),
-                       EnsembleConfig(penalty=0.5), say=lambda *_: None)
-    assert isinstance(rm, RewardEnsemble) and len(rm.members) == 2 and rm.config.form == "ensemble"
+    rm, others = choose_reward(tiny_model_dir, train, heldout, RewardConfig(form="ensemble", epochs=3, max_length=256),
+                               EnsembleConfig(penalty=0.5), say=lambda *_: None)
+    assert isinstance(rm, RewardEnsemble) and others == {} and len(rm.members) == 2 and rm.config.form == "ensemble"
     assert rm.metrics["choice"]["chosen"] == "ensemble" and rm.metrics["penalty"] == 0.5
     loaded = load_any(save_any(rm, tmp_path / "rm"))
     prompts = [g.prompt for g in heldout for _ in g.completions]

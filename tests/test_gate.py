@@ -135,3 +135,25 @@ def test_the_gate_samples_in_bf16_and_measures_kl_with_the_models_as_they_are(sh
     assert verdict.metrics["kl_to_reference"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="precision"):
         GateConfig(precision="fp16")
+
+
+def test_a_candidate_that_a_reward_model_ppo_did_not_optimise_finds_worse_is_refused(shorter_policy):
+    """PPO's reward model says the shorter policy is better; a judge PPO never optimised says it is worse
+    (here: it likes length), with an interval below 0: rejected. A judge that agrees, or the judge
+    switched off, lets the same candidate through."""
+    tokenizer, current, new = shorter_policy
+
+    def length(answers):
+        return torch.tensor([float(len(tokenizer(a)["input_ids"])) for a in answers])
+
+    def asked(judge, config=GATE):
+        return gate(GateModels(current, new, current, current), tokenizer, lambda p, a: -length(a), PROMPTS, config,
+                    preferred_length="shorter", system_prompt="", judge=judge)
+
+    fooled = asked(("longness", lambda p, a: length(a)))
+    assert not fooled.promote and fooled.metrics["judge"] == "longness" and fooled.metrics["judge_gain_ci95"][1] < 0
+    assert fooled.reasons == [r for r in fooled.reasons if "PPO did not optimise (longness)" in r] != []
+    agrees = asked(("shortness", lambda p, a: -length(a)))
+    assert agrees.promote and agrees.metrics["judge_gain"] > 0, agrees.reasons
+    off = asked(("longness", lambda p, a: length(a)), dataclasses.replace(GATE, judge=False))
+    assert off.promote and "judge" not in off.metrics
