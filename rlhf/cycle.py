@@ -311,7 +311,8 @@ def _reward_model(run: CycleRun) -> tuple[RewardResult | RewardEnsemble, tuple[s
     """3. The reward model on all preference pairs so far, measured on the held-out ones; with form "auto",
     the form (or the ensemble) that ranks a validation part of the training feedback best. And the gate's
     judge, a form PPO will not optimise (GateConfig.judge): a candidate "auto" did not keep, or, for a
-    form set by hand, a bag of tokens (a second of training); none beside an ensemble or a bag of tokens."""
+    form set by hand, a bag of tokens (a second of training); none beside an ensemble or a bag of tokens,
+    and none that fails the reward model's own check on pairs it did not train on."""
     run.say(f"3. reward model on {run.train.n_pairs} pairs ({len(run.train.preference_groups)} groups)")
     progress = lambda s, n, loss: run.say(f"   reward step {s}/{n} loss {loss:.3f}")  # noqa: E731
     policy_dir, config = run.registry.path(run.current), run.config.reward
@@ -323,16 +324,18 @@ def _reward_model(run: CycleRun) -> tuple[RewardResult | RewardEnsemble, tuple[s
             rm = train_reward_model(policy_dir, run.train.preference_groups, run.heldout.preference_groups,
                                     config, progress=progress)
             others = {} if config.form == "bag_of_tokens" or not run.config.gate.judge else {
-                "bag_of_tokens": train_reward_model(policy_dir, run.train.preference_groups, [],
+                "bag_of_tokens": train_reward_model(policy_dir, run.train.preference_groups,
+                                                    run.heldout.preference_groups,
                                                     replace(config, form="bag_of_tokens", learning_rate=None))}
-    judge = next(iter(others.items()), None) if run.config.gate.judge else None
+    judge = credible_judge(others, config, run.say) if run.config.gate.judge else None
     run.metrics["reward"] = rm.metrics
     accuracy, correlation = rm.metrics["heldout_accuracy"], rm.metrics["length_correlation"]
     run.say(f"   held-out pairwise accuracy {'-' if accuracy is None else f'{accuracy:.2f}'} on "
             f"{rm.metrics['heldout_pairs']} pairs; reward-length correlation "
             f"{'undefined' if correlation is None else f'{correlation:+.2f}'}")
     if judge is not None:
-        run.say(f"   the gate's judge, which PPO will not optimise: {judge[0]}")
+        run.say(f"   the gate's judge, which PPO will not optimise: {judge[0]} (held-out accuracy "
+                f"{judge[1].metrics['heldout_accuracy']:.2f})")
     return rm, judge
 
 
@@ -381,6 +384,20 @@ def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):
     run.metrics["ppo_last"] = updates[-1] if updates else {}
     run.metrics["ppo_stopped"] = next((h["stopped"] for h in result.history if "stopped" in h), None)
     return result.model
+
+
+def credible_judge(others: dict[str, RewardResult], config: RewardConfig, say=print) -> tuple[str, RewardResult] | None:
+    """The first of `others` that passes the reward model's own check on pairs it did not train on. A judge
+    blind to the taste still has an opinion, and with 4 answers per prompt a tight interval around it:
+    asked, it would reject good candidates about as often as bad ones."""
+    for name, other in others.items():
+        try:
+            check_reward_model(other.metrics, config)
+        except RewardTooWeak as exc:
+            say(f"   {name} is not asked as the gate's judge: {str(exc).split('; ')[0]}")
+            continue
+        return name, other
+    return None
 
 
 def _reward_fn(rm: RewardResult):

@@ -157,3 +157,19 @@ def test_a_candidate_that_a_reward_model_ppo_did_not_optimise_finds_worse_is_ref
     assert agrees.promote and agrees.metrics["judge_gain"] > 0, agrees.reasons
     off = asked(("longness", lambda p, a: length(a)), dataclasses.replace(GATE, judge=False))
     assert off.promote and "judge" not in off.metrics
+
+
+def test_only_a_judge_clearly_above_chance_on_pairs_it_did_not_train_on_is_asked():
+    from rlhf.cycle import credible_judge
+    from rlhf.reward import RewardConfig, RewardResult
+
+    def judge(accuracy, pairs):
+        return RewardResult(None, None, {"heldout_accuracy": accuracy, "heldout_pairs": pairs})
+
+    blind, sighted = judge(0.55, 40), judge(0.85, 60)
+    said = []
+    assert credible_judge({"score_head": blind, "bag_of_tokens": sighted}, RewardConfig(), said.append) == (
+        "bag_of_tokens", sighted)
+    assert "score_head is not asked" in said[0]
+    assert credible_judge({"score_head": blind, "few": judge(0.75, 8)}, RewardConfig(), said.append) is None
+    assert credible_judge({}, RewardConfig()) is None
