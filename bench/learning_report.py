@@ -60,7 +60,9 @@ def cycle_line(cycle: dict) -> str:
             f"{gate.get('preferred_length')} answers)"
         parts.append(f"gate: {what} {_num(gain)} [{_num(low)}, {_num(high)}], KL to reference {_num(gate.get('kl_to_reference'))} "
                      f"and to base {_num(gate.get('kl_to_base'))}, length {_num(gate.get('length_current'), 0)} -> "
-                     f"{_num(gate.get('length_new'), 0)} tokens")
+                     f"{_num(gate.get('length_new'), 0)} tokens"
+                     + (f", the judge PPO did not optimise ({gate['judge']}) {_num(gate.get('judge_gain'))} "
+                        f"[{_num(gate['judge_gain_ci95'][0])}, {_num(gate['judge_gain_ci95'][1])}]" if gate.get("judge") else ""))
     parts.append(f"verdict: {cycle['reason']}")
     return "; ".join(parts)
 
