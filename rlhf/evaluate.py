@@ -197,17 +197,19 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
     len_cur, len_new = answers.lengths[:n].float().mean().item(), answers.lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"
     users_asked = config.length_control == "auto" and preferred_length == moved
+
     def gain(rewards: torch.Tensor) -> tuple[float, float, float]:
+        """(mean, low, high): the new policy's gain in these rewards, one per prompt, bootstrapped."""
         adjusted = rewards if users_asked else length_controlled(rewards, answers.lengths)
         diffs = (adjusted[n:] - adjusted[:n]).view(len(prompts), k).mean(1).tolist()  # one gain per prompt
         return bootstrap(diffs, samples=config.bootstrap_samples, seed=config.seed)
 
     mean_diff, low, high = gain(rewards)
-    judged = None
-    if judge is not None and config.judge:
-        name, judge_score = judge
-        judged = (name, *gain(judge_score(answers.prompts + answers.prompts,
-                                          answers.current_text + answers.new_text).float().cpu()))
+    judge_name = None
+    if judge is not None and config.judge:  # the same answers, scored by a reward PPO did not optimise
+        judge_name, judge_score = judge
+        judge_mean, judge_low, judge_high = gain(judge_score(answers.prompts + answers.prompts,
+                                                             answers.current_text + answers.new_text).float().cpu())
     # 3. KL of the new policy's own answers to the reference and to the base
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
     new_logprobs = sequence_logprob(models.new, answers.new_prompt_ids, answers.new_answer_ids, temperature)
@@ -233,16 +235,16 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
         "regression_accuracy_current": acc_cur, "regression_accuracy_new": acc_new,
         "regression_noise": noise, "regression_items": len(items),
     }
-    if judged is not None:
-        metrics |= {"judge": judged[0], "judge_gain": judged[1], "judge_gain_ci95": [judged[2], judged[3]]}
+    if judge_name is not None:
+        metrics |= {"judge": judge_name, "judge_gain": judge_mean, "judge_gain_ci95": [judge_low, judge_high]}
     # 5. the verdict
     reasons = []
     if low <= 0:
         what = "reward gain" if users_asked else "length-controlled reward gain"
         reasons.append(f"{what} {mean_diff:+.3f} has 95% CI [{low:+.3f}, {high:+.3f}] not above 0")
-    if judged is not None and judged[3] < 0:
-        reasons.append(f"a reward model PPO did not optimise ({judged[0]}) judges it worse: "
-                       f"{judged[1]:+.3f}, 95% CI [{judged[2]:+.3f}, {judged[3]:+.3f}]")
+    if judge_name is not None and judge_high < 0:
+        reasons.append(f"a reward model PPO did not optimise ({judge_name}) judges it worse: "
+                       f"{judge_mean:+.3f}, 95% CI [{judge_low:+.3f}, {judge_high:+.3f}]")
     if kl_ref > config.max_kl_reference:
         reasons.append(f"KL to reference {kl_ref:.1f} > {config.max_kl_reference}")
     if kl_base > config.max_kl_base:
