@@ -74,5 +74,8 @@ def merge(obj, values: dict, where: str = "config"):
             if (isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float)
                     and not value.is_integer()):  # int(2.5) would quietly serve 2
                 raise ValueError(f"{where}.{key} must be a whole number, not {value}")
+            # A switch takes true or false: the string "false" kept as it is would read as on.
+            if isinstance(current, bool) and names[key].type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{where}.{key} must be true or false, not {value!r}")
             changes[key] = value if keep else type(current)(value)
     return dataclasses.replace(obj, **changes)

@@ -541,3 +541,15 @@ def test_a_fraction_for_a_whole_number_setting_is_an_error_not_rounded(tmp_path)
     served = merge(ServeConfig(), {"asking": {"pool_factor": 3.0, "random_share": 1}}, "serve")
     assert served.asking.pool_factor == 3 and isinstance(served.asking.pool_factor, int)
     assert served.asking.random_share == 1.0
+
+
+def test_a_switch_takes_true_or_false_and_nothing_that_merely_looks_like_it():
+    """`judge = "false"` kept as a string would read as on; 0 or 1 are not switches either. A setting that
+    also takes "auto" (bf16) keeps it."""
+    from app.config import merge
+
+    for bad in ({"gate": {"judge": "false"}}, {"reward": {"binary": 0}}, {"reward": {"length_apart": "no"}}):
+        with pytest.raises(ValueError, match="must be true or false"):
+            merge(CycleConfig(), bad, "retrain")
+    config = merge(CycleConfig(), {"gate": {"judge": False}, "reward": {"binary": False, "bf16": "auto"}}, "retrain")
+    assert config.gate.judge is False and config.reward.binary is False and config.reward.bf16 == "auto"
