@@ -198,6 +198,7 @@ class LearningRun:
     asking: str = "random"
     reward_form: str = ""  # a RewardConfig.form in place of the settings file's (rlhf/reward.py)
     ppo_learning_rate: float = 0.0  # PPO's learning rate in place of the settings file's (0: keep it)
+    ptx_coef: float = -1.0  # PPO-ptx's coefficient in place of the settings file's (-1: keep it; 0: off)
     feedback_from: Path | None = None  # an earlier run's report folder: one cycle on its feedback
     config: Path = DEFAULT_CONFIG
     model: Path | None = None
@@ -232,8 +233,9 @@ class Progress:
 
 def settings_file(settings: LearningRun, workdir: Path) -> Path:
     """The settings file the app and `--retrain` read: `settings.config`, or a copy of it in `workdir` with
-    PPO switched off, the reward form or PPO's learning rate changed, or active asking on."""
-    if not (settings.no_ppo or settings.reward_form or settings.ppo_learning_rate or settings.asking != "random"):
+    PPO switched off, the reward form, PPO's learning rate or PPO-ptx changed, or active asking on."""
+    if not (settings.no_ppo or settings.reward_form or settings.ppo_learning_rate or settings.ptx_coef >= 0
+            or settings.asking != "random"):
         return settings.config
     import yaml
 
@@ -251,6 +253,8 @@ def settings_file(settings: LearningRun, workdir: Path) -> Path:
         retrain_values.setdefault("reward", {})["form"] = settings.reward_form
     if settings.ppo_learning_rate:
         retrain_values.setdefault("ppo", {})["learning_rate"] = settings.ppo_learning_rate
+    if settings.ptx_coef >= 0:
+        retrain_values.setdefault("ppo", {})["ptx_coef"] = settings.ptx_coef
     if settings.asking != "random":
         from core.active import AskingConfig
 

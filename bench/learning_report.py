@@ -53,6 +53,8 @@ def cycle_line(cycle: dict) -> str:
     if ppo:
         parts.append(f"PPO's last update {ppo.get('update')}: score {_num(ppo.get('score'))}, KL {_num(ppo.get('kl'))}, "
                      f"answer length {_num(ppo.get('answer_length'), 0)} tokens"
+                     + (f", score gain over its updates {_num(cycle['ppo_score_gain'])}"
+                        if cycle.get("ppo_score_gain") is not None else "")
                      + (f" ({cycle['ppo_stopped']})" if cycle.get("ppo_stopped") else ""))
     if gate:
         gain, (low, high) = gate.get("reward_gain_length_controlled"), gate.get("reward_gain_ci95", [None, None])

@@ -382,6 +382,9 @@ def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):
     save_history(result.history, run.workdir / "ppo_history.jsonl")
     updates = [h for h in result.history if "score" in h]
     run.metrics["ppo_last"] = updates[-1] if updates else {}
+    # PPO's own view of what it gained (its rollouts' score, last update against the first): set beside
+    # the gate's held-out gain, the gap shows how much of it the optimised reward model alone believes.
+    run.metrics["ppo_score_gain"] = updates[-1]["score"] - updates[0]["score"] if updates else None
     run.metrics["ppo_stopped"] = next((h["stopped"] for h in result.history if "stopped" in h), None)
     return result.model
 

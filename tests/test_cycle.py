@@ -113,6 +113,7 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         assert outcome.status == "promoted", (outcome.message, cycle["metrics"].get("gate"))
         scores = [h["score"] for h in history]  # the policy moved towards what the reward model likes:
         assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores  # (means of 3 updates: one update is 16 samples)
+        assert cycle["metrics"]["ppo_score_gain"] == pytest.approx(scores[-1] - scores[0])  # PPO's own view of its gain
         assert registry.current_version() == outcome.version == "v0001" == cycle["policy_version"]
         meta = registry.meta("v0001")
         assert meta["parent"] == "v0000" and meta["lineage"]["feedback_rows"]["picks"]

@@ -359,6 +359,19 @@ def test_the_benchmark_turns_active_asking_on_through_the_settings_file(tmp_path
         settings_file(LearningRun(config=config, asking="clever"), tmp_path)
 
 
+def test_the_benchmark_sets_ppo_ptx_through_the_settings_file_and_zero_means_off(tmp_path):
+    from bench.bench_learning import LearningRun, settings_file
+    from rlhf.cli import retrain_config
+
+    config = tmp_path / "base.toml"
+    config.write_text("[retrain.ppo]\nptx_coef = 0.5\ntotal_episodes = 64\n")
+    assert settings_file(LearningRun(config=config), tmp_path) == config  # not given: the file's own 0.5
+    for coef in (1.0, 0.0):  # 0 turns a file's ptx off, for the run without it
+        written = settings_file(LearningRun(config=config, ptx_coef=coef), tmp_path)
+        retrain = retrain_config(written)  # as `launch.py --retrain` reads it
+        assert retrain.ppo.ptx_coef == coef and retrain.ppo.total_episodes == 64
+
+
 def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(tmp_path, monkeypatch):
     import sys
 
