@@ -2,6 +2,7 @@
 curves, and answers of the base and the last version side by side."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -156,9 +157,58 @@ def plot_arms(arms: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def arms_table(arms: dict[str, dict]) -> list[str]:
+    """Each arm's curve in numbers: success after each cycle, the cycle's reward model and verdict, and the
+    first point at which the arm reached the first arm's last success rate (its point estimate)."""
+    target = next(iter(arms.values()))["rows"][-1]["success"][0]
+    lines = ["| arm | feedback items | rubric success | reward model held-out accuracy (pairs) | verdict |",
+             "|---|---|---|---|---|"]
+    for name, results in arms.items():
+        cycles = {c["cycle"]: c for c in results.get("cycles", [])}
+        for row in results["rows"]:
+            cycle = cycles.get(row.get("cycle"), {})
+            rm = cycle.get("reward") or {}
+            accuracy = (f"{rm['heldout_accuracy']:.2f} ({rm.get('heldout_pairs')})"
+                        if isinstance(rm.get("heldout_accuracy"), float) else "-")
+            lines.append(f"| {name} | {row['feedback_items']} | {_pct(row['success'])} | {accuracy} | "
+                         f"{cycle.get('status', 'base' if not row.get('cycle') else '-')} |")
+    reached = {name: next((r["feedback_items"] for r in results["rows"] if r["success"][0] >= target), None)
+               for name, results in arms.items()}
+    first = next(iter(arms))
+    lines.append("")
+    lines.append(f"Items at which each arm first reached {first}'s last success rate ({target:.1%}): "
+                 + ", ".join(f"{name} {items if items is not None else 'not within the run'}"
+                             for name, items in reached.items()))
+    return lines
+
+
+def asks_by_reason(folder: Path) -> dict[str, int] | None:
+    """Why the run's decided comparisons showed what they showed (core/active.py `Asked.why`), from its
+    saved database."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from app.store import Store
+
+    source = folder / "conversations.db.gz"
+    if not source.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "c.db"
+        with gzip.open(source) as src, open(db, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        reasons: dict[str, int] = {}
+        with Store(db) as store:
+            for row in store.training_comparisons():
+                asked = store.comparison(row["comparison_id"])["asked"]
+                why = asked["why"] if asked else "not recorded"
+                reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
 def main() -> None:
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description="Learning curves of several runs in one plot, e.g. active and random "
                                              "asking with the same learners and seeds")
@@ -171,10 +221,15 @@ def main() -> None:
         if not folder:
             ap.error(f"{arm!r} is not NAME=FOLDER")
         results = json.loads((Path(folder) / "results.json").read_text())
-        arms[name], rubrics = results["rows"], rubrics | {results["rubric"]}
+        arms[name], rubrics = results, rubrics | {results["rubric"]}
     if len(rubrics) != 1:
         ap.error(f"the runs are of different rubrics: {sorted(rubrics)}")
-    plot_arms(arms, args.out, f"rubric {rubrics.pop()}: " + " vs ".join(arms))
+    plot_arms({name: results["rows"] for name, results in arms.items()}, args.out,
+              f"rubric {rubrics.pop()}: " + " vs ".join(arms))
+    print("\n".join(arms_table(arms)))
+    for arm in args.arms:
+        name, _, folder = arm.partition("=")
+        print(f"{name}: comparisons asked by reason: {asks_by_reason(Path(folder))}")
     print(args.out)
 
 

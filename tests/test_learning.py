@@ -372,7 +372,7 @@ def test_the_benchmark_sets_ppo_ptx_through_the_settings_file_and_zero_means_off
         assert retrain.ppo.ptx_coef == coef and retrain.ppo.total_episodes == 64
 
 
-def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(tmp_path, monkeypatch):
+def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(tmp_path, monkeypatch, capsys):
     import sys
 
     from bench import learning_report
@@ -384,15 +384,38 @@ def test_two_arms_plot_in_one_figure_and_runs_of_different_rubrics_are_refused(t
         (folder / "results.json").write_text(json.dumps({"rubric": rubric, "rows": rows}))
         return folder
 
-    random_arm, active_arm = run_folder("r", "stays_short", [0.1, 0.2, 0.4]), run_folder("a", "stays_short", [0.1, 0.3, 0.5])
+    random_arm, active_arm = run_folder("r", "stays_short", [0.1, 0.2, 0.4]), run_folder("a", "stays_short", [0.1, 0.45, 0.5])
     out = tmp_path / "arms.png"
     monkeypatch.setattr(sys, "argv", ["learning_report.py", f"random={random_arm}", f"active={active_arm}", "--out", str(out)])
     learning_report.main()
     assert out.stat().st_size > 10_000
+    printed = capsys.readouterr().out  # the curve in numbers, and where each arm reached random's last rate
+    assert "| active | 90 | 45.0% [40.0%, 50.0%]" in printed
+    assert "random's last success rate (40.0%): random 180, active 90" in printed
     other = run_folder("o", "plain_words", [0.1, 0.2])
     monkeypatch.setattr(sys, "argv", ["learning_report.py", f"random={random_arm}", f"other={other}", "--out", str(out)])
     with pytest.raises(SystemExit):
         learning_report.main()
+
+
+def test_the_arms_report_counts_decided_comparisons_by_why_they_were_asked(tmp_path):
+    import gzip
+
+    from bench.learning_report import asks_by_reason
+    from core.chat_format import TUTOR_SYSTEM_PROMPT
+
+    assert asks_by_reason(tmp_path) is None  # no saved database: nothing to count
+    with Store(tmp_path / "c.db") as store:
+        for why, decided in (("no committee yet", True), ("most informative", True), ("most informative", True),
+                             ("random share", False)):  # an undecided ask trains nothing and is not counted
+            conversation = store.new_conversation("learner", "chat", TUTOR_SYSTEM_PROMPT)
+            context = [{"role": "system", "content": TUTOR_SYSTEM_PROMPT}, *SKY]
+            comparison, _ = store.add_comparison(conversation, SKY[-1]["content"], context, [{"text": "a"}, {"text": "b"}],
+                                                 asked={"mode": "active", "why": why})
+            if decided:
+                store.decide_comparison(comparison, "A")
+    (tmp_path / "conversations.db.gz").write_bytes(gzip.compress((tmp_path / "c.db").read_bytes()))
+    assert asks_by_reason(tmp_path) == {"no committee yet": 1, "most informative": 2}
 
 
 def test_the_feedback_audit_counts_pairs_against_the_rubric_and_says_why_answers_lack_substance(tmp_path):
