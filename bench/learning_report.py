@@ -3,7 +3,10 @@ curves, and answers of the base and the last version side by side."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 
 def _ci(value) -> str:
