@@ -358,7 +358,10 @@ def _committee(run: CycleRun) -> None:
             run.say(f"   committee not written ({exc}); comparisons keep the earlier one")
             return
     run.metrics["committee"] = committee.meta
-    run.say(f"   committee of {config.members} bag-of-tokens models on {len(groups)} groups: {path}")
+    oob = committee.meta["out_of_bag"]
+    run.say(f"   committee of {config.members} bag-of-tokens models on {len(groups)} groups: {path}; out of bag "
+            + (f"{oob['accuracy']:.2f} on {oob['pairs']} pairs" if oob["pairs"] else "no pairs")
+            + ("" if committee.meta["credible"] else " (not above chance: active comparisons stay random)"))
 
 
 def _ppo(run: CycleRun, reference, tokenizer, rm: RewardResult):

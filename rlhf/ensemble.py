@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from core.active import Committee
-from core.stats import pearson
+from core.stats import pearson, wilson
 from rlhf.data import Message, PreferenceGroup
 from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, train_reward_model)
 
@@ -120,17 +120,39 @@ class CommitteeConfig:
 def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], config: CommitteeConfig,
                     reward: RewardConfig, meta: dict[str, Any] | None = None) -> Committee:
     """`config.members` bag-of-tokens models, member m fitted on a bootstrap sample of `groups` (drawn
-    with seed m) from seed m: their disagreement is where the feedback so far leaves the choice open."""
-    weights, lengths = [], []
+    with seed m) from seed m: their disagreement is where the feedback so far leaves the choice open.
+
+    The groups a member's sample left out judge it (out of bag, free with a bootstrap): this says whether
+    the committee knows the taste at all. `meta["credible"]` holds only while the 95% interval of that
+    accuracy lies above one half. A committee at chance (a taste its bags of tokens cannot see) disagrees
+    about tokens the taste does not care about, and asking where it disagrees would ask about its noise,
+    so the server asks at random until it is credible (core/active.py `choose_shown`)."""
+    weights, lengths, members, bags = [], [], [], []
     for m in range(config.members):
         rng = random.Random(m)
-        sample = [groups[rng.randrange(len(groups))] for _ in groups]
-        member = train_reward_model(policy_dir, sample, [], replace(reward, form="bag_of_tokens", seed=m,
-                                                                      learning_rate=None))
+        drawn = [rng.randrange(len(groups)) for _ in groups]
+        member = train_reward_model(policy_dir, [groups[i] for i in drawn], [],
+                                    replace(reward, form="bag_of_tokens", seed=m, learning_rate=None))
+        members.append(member)
+        bags.append(set(drawn))
         weights.append(member.model.weight.detach().float().cpu())
         lengths.append(member.model.length_weight.detach().float().cpu())
+    # Each pair once, scored by the mean of the members that did not see its group (bagging's
+    # out-of-bag estimate): pooling every member's verdict would count one pair up to M times.
+    correct = total = 0
+    with torch.no_grad():
+        for i, group in enumerate(groups):
+            judges = [member for member, bag in zip(members, bags) if i not in bag]
+            if judges:
+                prompts, answers = [group.prompt] * len(group.completions), list(group.completions)
+                scores = torch.stack([judge.score(prompts, answers) for judge in judges]).mean(0)
+                correct += sum(int(scores[c] > scores[r]) for c, r in group.pairs)
+                total += len(group.pairs)
+    accuracy, low, _ = wilson(correct, total) if total else (None, 0.0, 1.0)
     return Committee(torch.stack(weights), torch.stack(lengths),
-                     {**(meta or {}), "members": config.members, "groups": len(groups)}, binary=reward.binary)
+                     {**(meta or {}), "members": config.members, "groups": len(groups),
+                      "out_of_bag": {"accuracy": accuracy, "pairs": total, "low": low}, "credible": low > 0.5},
+                     binary=reward.binary)
 
 
 def is_validation(group: PreferenceGroup, fraction: float) -> bool:

@@ -93,6 +93,18 @@ def test_random_mode_and_no_committee_show_the_answers_as_sampled():
     assert len(shown) == 2 and asked.mode == "random" and asked.why == "no committee yet" and asked.information is None
 
 
+def test_a_committee_at_chance_on_pairs_it_did_not_fit_is_not_asked():
+    """Asking where a committee that knows nothing disagrees asks about its noise: random until it is credible."""
+    pool = [[2], [3], [1], [0], [2, 2], [3, 3]]
+    config = AskingConfig(mode="active", random_share=0.0)
+    at_chance = Committee(SPLIT.weights, SPLIT.length, {**SPLIT.meta, "credible": False})
+    for committee, mode in ((at_chance, "random"), (Committee(SPLIT.weights, SPLIT.length, {"credible": True}), "active"),
+                            (SPLIT, "active")):  # a file from before the check: asked as before
+        shown, asked = choose_shown(committee, pool, 2, config, random.Random(0))
+        assert asked.mode == mode, (committee.meta, asked)
+    assert "not yet above chance" in choose_shown(at_chance, pool, 2, config, random.Random(0))[1].why
+
+
 @pytest.mark.parametrize("bad", [{"mode": "clever"}, {"pool_factor": 0}, {"pool_factor": 9}, {"pool_factor": 1.5},
                                  {"random_share": -0.1}, {"random_share": 2}])
 def test_impossible_asking_settings_are_refused(bad):

@@ -235,11 +235,14 @@ def test_random_feedback_is_rejected_before_ppo(setup):
     assert outcome.status == "rejected" and "the cycle stops before PPO and the gate" in outcome.message
     assert registry.current_version() == "v0000" and registry.versions() == ["v0000"]
     assert store.last_cycle()["status"] == "rejected"
-    # The committee that active comparisons ask by is written all the same: asking well matters most
-    # while the reward model is weak (core/active.py).
+    # The committee that active comparisons ask by is written all the same, with its own verdict on the
+    # groups its members left out: random feedback teaches it nothing, so comparisons stay random.
     committee = Committee.load(registry.committee_path())
     assert committee.weights.shape[0] == TINY_CYCLE.committee.members == 4
-    assert committee.meta == {"cycle": 1, "members": 4, "groups": 80} == store.last_cycle()["metrics"]["committee"]
+    assert committee.meta == store.last_cycle()["metrics"]["committee"]
+    assert {k: committee.meta[k] for k in ("cycle", "members", "groups", "credible")} == {
+        "cycle": 1, "members": 4, "groups": 80, "credible": False}
+    assert committee.meta["out_of_bag"]["pairs"] > 40
     assert not torch.equal(committee.weights[0], committee.weights[1])  # each fitted on its own bootstrap sample
 
 

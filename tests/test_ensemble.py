@@ -150,3 +150,22 @@ def test_the_committee_scores_answers_as_its_members_were_fitted(tiny_model_dir,
             ids, mask = torch.tensor([ids]), torch.ones(1, len(ids))
             expected = member(ids, mask) + member.length_term(ids, mask)
             assert scores[m, n].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_the_committee_says_whether_it_knows_the_taste_on_the_groups_its_members_left_out(tiny_model_dir):
+    """Out-of-bag pairs judge each member: feedback with a taste makes a credible committee; the same answers
+    with coin-flip orders do not."""
+    from dataclasses import replace
+
+    from rlhf.ensemble import CommitteeConfig, train_committee
+
+    reward = replace(AUTO, form="bag_of_tokens")
+    groups = planted_groups(24, seed=3)
+    taste = train_committee(tiny_model_dir, groups, CommitteeConfig(members=4), reward)
+    assert taste.meta["out_of_bag"]["pairs"] > 20 and taste.meta["out_of_bag"]["accuracy"] > 0.8
+    assert taste.meta["credible"] is True
+    rng = random.Random(0)
+    flipped = [replace(g, pairs=[(c, r) if rng.random() < 0.5 else (r, c) for c, r in g.pairs]) for g in groups]
+    noise = train_committee(tiny_model_dir, flipped, CommitteeConfig(members=4), reward)
+    assert noise.meta["credible"] is False, noise.meta["out_of_bag"]
+
