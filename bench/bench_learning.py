@@ -124,7 +124,7 @@ def retrain(workdir: Path, config: Path, log, say) -> dict:
     return {"exit_code": returncode, "seconds": round(time.perf_counter() - started, 1),
             "status": cycle.get("status") or "not_run", "reason": cycle.get("reason") or last_line, "version": cycle.get("policy_version"),
             "reward": metrics.get("reward", {}), "gate": metrics.get("gate", {}),
-            **{key: metrics.get(key) for key in ("stages", "ppo_last", "ppo_stopped", "length_preference")}}
+            **{key: metrics.get(key) for key in ("stages", "ppo_last", "ppo_stopped", "ppo_score_gain", "length_preference")}}
 
 
 def base_log_perplexities(model_dir: Path, samples: list[dict], system_prompt: str, batch_size: int = 8) -> list[float]:

@@ -316,6 +316,7 @@ def test_a_short_learning_run_moves_the_rubric_rate_up(short_run):
     assert after["vs_base"]["wins"] > after["vs_base"]["losses"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 | v0001 | " in report and "KL to base" in report and (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+    assert f"score gain over its updates {cycle['ppo_score_gain']:.2f}" in report  # PPO's own view, beside the gate's
 
 
 def test_the_same_feedback_replayed_with_ppo_off(short_run):
