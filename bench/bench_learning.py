@@ -155,6 +155,13 @@ def archive_database(db: Path, archive: Path) -> None:
     snapshot.unlink()
 
 
+def unpack_database(archive: Path, db: Path) -> Path:
+    """The reverse of `archive_database`: the gzipped database at `archive` as a plain file at `db`."""
+    with gzip.open(archive) as packed, open(db, "wb") as raw:
+        shutil.copyfileobj(packed, raw)
+    return db
+
+
 def replay_feedback(report: Path, workdir: Path, rubric: str) -> dict:
     """Copies the learners' database of an earlier run (`report`: its report folder, holding
     `conversations.db.gz` and `results.json`) into `workdir` without that run's training history, so a
@@ -165,8 +172,7 @@ def replay_feedback(report: Path, workdir: Path, rubric: str) -> dict:
     db = workdir / "conversations.db"
     if db.exists():
         raise FileExistsError(f"{db} exists: replaying feedback needs a fresh --workdir")
-    with gzip.open(report / "conversations.db.gz") as src, open(db, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    unpack_database(report / "conversations.db.gz", db)
     with Store(db) as store:  # feedback and conversations stay; what was trained from them goes
         store.forget_training_history()
     totals = Counter()

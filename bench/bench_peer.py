@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_learning import unpack_database  # noqa: E402
 from bench.bench_serving import peak_rss_mib  # noqa: E402
 
 TRAINERS = ("ours", "rloo")
@@ -50,8 +50,7 @@ def prepare(args, work: Path) -> dict:
 
     db = work / "c.db"
     if args.db.suffix == ".gz":
-        with gzip.open(args.db) as src, db.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
+        unpack_database(args.db, db)
     else:
         shutil.copy(args.db, db)
     registry = ModelRegistry(args.models_dir)

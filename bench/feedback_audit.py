@@ -21,9 +21,7 @@ form that stays near 0.5 with the rubric's own labels needs more than cleaner or
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.store import Store  # noqa: E402
+from bench.bench_learning import unpack_database  # noqa: E402
 from bench.rubrics import RUBRICS, why_not_substantive  # noqa: E402
 from rlhf.annotators import AnnotatorConfig, weigh_annotators  # noqa: E402
 from rlhf.data import collect, is_heldout  # noqa: E402
@@ -105,9 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     rubric = json.loads((args.report / "results.json").read_text())["rubric"]
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "conversations.db"
-        with gzip.open(args.report / "conversations.db.gz") as src, open(db, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        db = unpack_database(args.report / "conversations.db.gz", Path(tmp) / "conversations.db")
         print(json.dumps(audit(db, rubric), indent=1))
         if args.fit:
             from app.embedded import ensure_base

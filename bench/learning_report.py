@@ -188,21 +188,17 @@ def arms_table(arms: dict[str, dict]) -> list[str]:
 def asks_by_reason(folder: Path) -> dict[str, int] | None:
     """Why the run's decided comparisons showed what they showed (core/active.py `Asked.why`), from its
     saved database."""
-    import gzip
-    import shutil
     import tempfile
 
     from app.store import Store
+    from bench.bench_learning import unpack_database
 
     source = folder / "conversations.db.gz"
     if not source.exists():
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "c.db"
-        with gzip.open(source) as src, open(db, "wb") as dst:
-            shutil.copyfileobj(src, dst)
         reasons: dict[str, int] = {}
-        with Store(db) as store:
+        with Store(unpack_database(source, Path(tmp) / "c.db")) as store:
             for row in store.training_comparisons():
                 asked = store.comparison(row["comparison_id"])["asked"]
                 why = asked["why"] if asked else "not recorded"
@@ -218,21 +214,21 @@ def main() -> None:
     ap.add_argument("arms", nargs="+", metavar="NAME=FOLDER", help="a name and a report folder with results.json")
     ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = ap.parse_args()
-    arms, rubrics = {}, set()
+    arms, folders, rubrics = {}, {}, set()
     for arm in args.arms:
         name, _, folder = arm.partition("=")
         if not folder:
             ap.error(f"{arm!r} is not NAME=FOLDER")
-        results = json.loads((Path(folder) / "results.json").read_text())
+        folders[name] = Path(folder)
+        results = json.loads((folders[name] / "results.json").read_text())
         arms[name], rubrics = results, rubrics | {results["rubric"]}
     if len(rubrics) != 1:
         ap.error(f"the runs are of different rubrics: {sorted(rubrics)}")
     plot_arms({name: results["rows"] for name, results in arms.items()}, args.out,
               f"rubric {rubrics.pop()}: " + " vs ".join(arms))
     print("\n".join(arms_table(arms)))
-    for arm in args.arms:
-        name, _, folder = arm.partition("=")
-        print(f"{name}: comparisons asked by reason: {asks_by_reason(Path(folder))}")
+    for name, folder in folders.items():
+        print(f"{name}: comparisons asked by reason: {asks_by_reason(folder)}")
     print(args.out)
 
 

@@ -152,11 +152,11 @@ def choose_shown(committee: Committee | None, pool: list[list[int]], k: int, con
         return Asked(mode, why, len(pool), value, committee.meta if committee is not None else None)
 
     # A committee fitted before the out-of-bag check (no "credible" in its meta) is asked as before.
-    at_chance = committee is not None and committee.meta.get("credible") is False
-    if committee is None or config.mode == "random" or len(pool) <= k or at_chance:
-        why = ("random mode" if config.mode == "random" else "no committee yet" if committee is None
-               else "pool no larger than the comparison" if len(pool) <= k
-               else "the committee is not yet above chance on pairs it did not fit")
+    why = ("random mode" if config.mode == "random" else "no committee yet" if committee is None
+           else "pool no larger than the comparison" if len(pool) <= k
+           else "the committee is not yet above chance on pairs it did not fit"
+           if committee.meta.get("credible") is False else None)
+    if why:
         shown = sorted(rng.sample(range(len(pool)), k)) if len(pool) > k else list(range(len(pool)))
         return shown, asked("random", why, shown)
     if rng.random() < config.random_share:

@@ -140,14 +140,12 @@ def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], c
     # Each pair once, scored by the mean of the members that did not see its group (bagging's
     # out-of-bag estimate): pooling every member's verdict would count one pair up to M times.
     correct = total = 0
-    with torch.no_grad():
-        for i, group in enumerate(groups):
-            judges = [member for member, bag in zip(members, bags) if i not in bag]
-            if judges:
-                prompts, answers = [group.prompt] * len(group.completions), list(group.completions)
-                scores = torch.stack([judge.score(prompts, answers) for judge in judges]).mean(0)
-                correct += sum(int(scores[c] > scores[r]) for c, r in group.pairs)
-                total += len(group.pairs)
+    for i, group in enumerate(groups):
+        judges = [member for member, bag in zip(members, bags) if i not in bag]
+        if judges:
+            accuracy, pairs = pairwise_accuracy(
+                lambda prompts, answers: torch.stack([j.score(prompts, answers) for j in judges]).mean(0), [group])
+            correct, total = correct + round((accuracy or 0.0) * pairs), total + pairs
     accuracy, low, _ = wilson(correct, total) if total else (None, 0.0, 1.0)
     return Committee(torch.stack(weights), torch.stack(lengths),
                      {**(meta or {}), "members": config.members, "groups": len(groups),
