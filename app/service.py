@@ -26,7 +26,7 @@ from app.accounts import LOCAL, Account, Accounts
 from app.engine import EngineBusy, EngineFault, GenerationEngine, submit_across
 from app.quotas import QuotaExceeded, Quotas
 from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
-from core.active import AskingConfig, CommitteeFile, choose_shown
+from core.active import AskingConfig, CommitteeFile, choose_shown, offers_comparison
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
 from core.moderation import OUTPUT_REPLACEMENT, STREAM_WINDOW, Moderator, refusal
 from core.privacy import redact
@@ -127,14 +127,25 @@ class TutorService:
                                 context=request.context, reply_flag=flag)
             yield {"message_id": message_id, "text": text, "model_version": request.model_version, "done": True}
 
-    def compare(self, actor: Account, conversation_id: str, message: str, k: int = 2) -> dict:
+    def compare(self, actor: Account, conversation_id: str, message: str, k: int = 2, *,
+                offered: bool = False) -> dict:
         """The last chunk of `compare_stream`: every candidate complete and stored."""
         result = None
-        for result in self.compare_stream(actor, conversation_id, message, k):
+        for result in self.compare_stream(actor, conversation_id, message, k, offered=offered):
             pass
         return result
 
-    def compare_stream(self, actor: Account, conversation_id: str, message: str, k: int = 2) -> Iterator[dict]:
+    def offers_comparison(self, actor: Account, conversation_id: str) -> bool:
+        """Whether the app answers the learner's next message in this conversation with a comparison
+        instead of one answer (core/active.py `offers_comparison`). Only learners whose feedback may be
+        used are asked: a choice nobody may learn from is not worth their time."""
+        conversation_id = self._own(actor, "conversation", conversation_id)
+        if self.asking.offer_share <= 0 or self.consent(actor) != "given":
+            return False
+        return offers_comparison(self.store.turns_since_comparison(conversation_id), self.asking, self.rng)
+
+    def compare_stream(self, actor: Account, conversation_id: str, message: str, k: int = 2, *,
+                       offered: bool = False) -> Iterator[dict]:
         """k answers to the same turn, sampled in one batch and streamed side by side, in the random
         order they are shown and stored in. Chunks are {"comparison_id", "candidates": [{"message_id",
         "text" so far, "model_version"}], "done"}; the comparison is stored only when all k are
@@ -143,7 +154,8 @@ class TutorService:
 
         In active asking (core/active.py) `pool_factor` times k answers are sampled and the k the committee
         is least sure about are shown: nothing can be shown before all are complete, so the chunks before
-        the last carry empty answers. Every comparison stores why it shows what it shows (`asked`)."""
+        the last carry empty answers. Every comparison stores why it shows what it shows (`asked`), and
+        whether the app offered it (`offered`) or the learner asked for it."""
         if isinstance(k, float) and k.is_integer():
             k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= self.limits.max_candidates:
@@ -194,7 +206,7 @@ class TutorService:
                 return
             for i, request in enumerate(group.requests):
                 texts[i], flags[i] = self._final(request, tokens[i], flags[i])
-            asked = None if opponent else self._ask(committee, tokens, flags, k)
+            asked = None if opponent else {**self._ask(committee, tokens, flags, k), "offered": offered}
             if pooled:
                 shown = list(asked.pop("shown"))
                 self.rng.shuffle(shown)

@@ -440,6 +440,18 @@ class Store:
         return None if row is None else row["id"]
 
     @_locked
+    def turns_since_comparison(self, conversation_id: str) -> int:
+        """The learner's turns after the conversation's last comparison, decided or skipped (all of its
+        turns if it has none)."""
+        self._require("conversations", "id", conversation_id)
+        last = self._one("""select max(m.position) as position from comparisons x
+                            join messages m on m.id = x.user_message_id where x.conversation_id = ?""",
+                         [conversation_id])
+        after = -1 if last is None or last["position"] is None else last["position"]
+        return self._one("""select count(*) as n from messages where conversation_id = ? and role = 'user'
+                            and active = 1 and position > ?""", [conversation_id, after])["n"]
+
+    @_locked
     def add_comparison(
         self, conversation_id: str, user_message: str, context: list[dict[str, str]],
         candidates: list[dict[str, Any]], *, comparison_id: str | None = None,

@@ -221,6 +221,18 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
             service.check_message(message)  # before a conversation row is created for nothing
         except UserError as exc:
             _fail(exc)
+        if state["conversation_id"] and not state["comparison"]:
+            try:
+                offered = service.offers_comparison(me(request), state["conversation_id"])
+            except UserError as exc:
+                _fail(exc)
+            if offered:  # now and then the app asks for a choice instead of giving one answer
+                gr.Info("Two answers this time: pick the one that helps you learn best, or skip.")
+                try:
+                    yield from compare(message, "2", history, state, request, offered=True)
+                    return
+                except gr.Error:  # e.g. no comparisons left in the learner's quota: one answer, as asked
+                    pass
         state = ensure_conversation(state, request)
         stream = service.chat(me(request), state["conversation_id"], message)
         try:
@@ -252,7 +264,7 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
                 page.order: gr.update(visible=done and len(candidates) > 2, value=""),
                 page.pick_btn: gr.update(interactive=done), page.skip_btn: gr.update(interactive=done)}
 
-    def compare(message: str, k: str, history: list, state: dict, request: gr.Request):
+    def compare(message: str, k: str, history: list, state: dict, request: gr.Request, offered: bool = False):
         try:
             service.check_message(message)
         except UserError as exc:
@@ -262,9 +274,11 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         note = {"comparison_id": None, "done": False, "candidates": [{"text": ""} for _ in range(int(k))]}
         yield show_comparison(note, waiting, state)
         try:  # both answers grow side by side; leaving the page stops all of them and stores nothing
-            for chunk in service.compare_stream(me(request), state["conversation_id"], message, int(k)):
+            for chunk in service.compare_stream(me(request), state["conversation_id"], message, int(k),
+                                                offered=offered):
                 if chunk["done"]:
                     state = {**state, "ids": state["ids"] + [None]}
+                    chunk = {**chunk, "offered": offered, "question": message.strip()}
                 yield show_comparison(chunk, waiting, state)
         except UserError as exc:  # e.g. the tutor is busy: put the page back as it was, message included
             yield {page.chatbot: history, page.state: state, page.message: message,
@@ -280,8 +294,12 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         except UserError as exc:
             _fail(exc)
         ids = state["ids"][:-1]  # the question leaves the conversation with its answers
-        return {page.chatbot: history[:-1], page.state: {**state, "ids": ids, "comparison": None},
-                page.panel: gr.update(visible=False)}
+        page_now = {page.chatbot: history[:-1], page.state: {**state, "ids": ids, "comparison": None},
+                    page.panel: gr.update(visible=False)}
+        if comparison.get("offered"):  # the learner sent it for one answer: it waits in the box for them
+            gr.Info("Skipped. Your question is back in the box: press Send for one answer.")
+            return {**page_now, page.message: comparison["question"]}
+        return page_now
 
     def ask_again(actor, just_decided: str) -> dict:
         """Now and then after a pick: an earlier two-answer comparison, order flipped."""
@@ -459,16 +477,17 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         event.success(list_conversations, [page.state], [page.conversations], api_visibility="private",
                       show_progress="hidden")
 
-    relist(page.message.submit(send, [page.message, page.chatbot, page.state], chat_outputs,
-                               api_visibility="private"))
-    relist(page.send_btn.click(send, [page.message, page.chatbot, page.state], chat_outputs,
-                               api_visibility="private"))
-    page.conversations.input(open_conversation, [page.conversations], opened, api_visibility="private")
     comparison_outputs = [page.chatbot, page.state, page.message, page.panel, *page.boxes, page.choice,
                           page.order, page.pick_btn, page.skip_btn]
+    sent_outputs = list(dict.fromkeys(chat_outputs + comparison_outputs))  # a message may become a comparison
+    relist(page.message.submit(send, [page.message, page.chatbot, page.state], sent_outputs,
+                               api_visibility="private"))
+    relist(page.send_btn.click(send, [page.message, page.chatbot, page.state], sent_outputs,
+                               api_visibility="private"))
+    page.conversations.input(open_conversation, [page.conversations], opened, api_visibility="private")
     page.compare_btn.click(compare, [page.message, page.k, page.chatbot, page.state], comparison_outputs,
                            api_visibility="private", show_progress="hidden")
-    page.skip_btn.click(skip, [page.chatbot, page.state], [page.chatbot, page.state, page.panel],
+    page.skip_btn.click(skip, [page.chatbot, page.state], [page.chatbot, page.state, page.panel, page.message],
                         api_visibility="private")
     relist(page.pick_btn.click(pick, [page.choice, page.order, page.chatbot, page.state],
                                [page.chatbot, page.state, page.panel, page.better, page.recheck_panel,

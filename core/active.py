@@ -13,6 +13,12 @@ the members' mean preference minus the mean of their entropies; high where membe
 and disagree). A share of asks (`random_share`) shows k answers of the pool at random, exactly what
 "random" mode shows, so the data keeps an unbiased sample of the learners' choices. Every comparison
 stores why it was asked (`Asked`), in either mode.
+
+When to ask is the app's too (`offers_comparison`): on a share of a learner's turns (`offer_share`),
+never within `offer_gap` turns of the conversation's last comparison, the chat answers the learner's
+message with two answers to choose from instead of one, as the learner's own "Compare answers" does.
+The share is a fixed budget, not the committee's: before the answers are sampled there is nothing for
+it to be unsure about, and sampling a pool on every turn to find out would double every reply's cost.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ class AskingConfig:
     mode: str = "random"  # "active": the committee chooses what is shown, once there is one
     pool_factor: int = 2  # active: answers sampled for each answer shown
     random_share: float = 0.25  # active: asks shown at random, so the feedback stays an unbiased sample
+    # The app asks on its own on this share of a learner's eligible turns (0: only when the learner asks)
+    offer_share: float = 0.25
+    offer_gap: int = 3  # eligible: at least this many turns since the conversation began or last compared
 
     def __post_init__(self) -> None:
         if self.mode not in ASKING_MODES:
@@ -46,6 +55,10 @@ class AskingConfig:
             raise ValueError(f"pool_factor must be a whole number from 1 to 4, not {self.pool_factor!r}")
         if not 0.0 <= self.random_share <= 1.0:
             raise ValueError(f"random_share must be between 0 and 1, not {self.random_share}")
+        if not 0.0 <= self.offer_share <= 1.0:
+            raise ValueError(f"offer_share must be between 0 and 1, not {self.offer_share}")
+        if not isinstance(self.offer_gap, int) or not 1 <= self.offer_gap <= 100:
+            raise ValueError(f"offer_gap must be a whole number from 1 to 100, not {self.offer_gap!r}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,13 @@ def choose_shown(committee: Committee | None, pool: list[list[int]], k: int, con
         return shown, asked("random", f"random share ({config.random_share:.0%} of asks)", shown)
     shown = most_informative(information, k)
     return shown, asked("active", "the committee's most informative answers", shown)
+
+
+def offers_comparison(turns_since: int, config: AskingConfig, rng: random.Random) -> bool:
+    """Whether the learner's next message is answered with a comparison: `turns_since` is how many turns
+    the conversation has had since it began or since its last comparison (a skipped one included, so a
+    learner who said no is not asked again at once)."""
+    return turns_since >= config.offer_gap and rng.random() < config.offer_share
 
 
 class CommitteeFile:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.active import (AskingConfig, Committee, CommitteeFile, choose_shown, most_informative,
-                         pair_information)
+                         offers_comparison, pair_information)
 
 VOCAB = 12
 
@@ -106,7 +106,8 @@ def test_a_committee_at_chance_on_pairs_it_did_not_fit_is_not_asked():
 
 
 @pytest.mark.parametrize("bad", [{"mode": "clever"}, {"pool_factor": 0}, {"pool_factor": 9}, {"pool_factor": 1.5},
-                                 {"random_share": -0.1}, {"random_share": 2}])
+                                 {"random_share": -0.1}, {"random_share": 2}, {"offer_share": 1.5},
+                                 {"offer_gap": 0}, {"offer_gap": 2.5}])
 def test_impossible_asking_settings_are_refused(bad):
     with pytest.raises(ValueError):
         AskingConfig(**bad)
@@ -176,3 +177,48 @@ def test_an_active_comparison_shows_the_committees_most_informative_answers_and_
         assert stored["asked"]["mode"] == "active" and stored["asked"]["information"] == pytest.approx(
             float(information.max()), abs=1e-5)
         assert {c["text"] for c in chunks[-1]["candidates"]} == texts
+
+
+def test_the_app_offers_a_comparison_on_its_share_of_turns_and_never_two_close_together():
+    config, rng = AskingConfig(offer_share=0.25, offer_gap=3), random.Random(0)
+    assert not any(offers_comparison(turns, config, rng) for turns in (0, 1, 2) for _ in range(300))
+    share = sum(offers_comparison(3, config, rng) for _ in range(4000)) / 4000
+    assert 0.22 < share < 0.28, share
+    assert not any(offers_comparison(50, AskingConfig(offer_share=0.0), rng) for _ in range(300))
+
+
+def test_the_service_offers_comparisons_only_to_learners_whose_feedback_is_used_and_stores_that_it_did(
+        serve_tutor, tiny_model_dir, tmp_path):
+    from app.accounts import LOCAL
+    from app.engine import SamplingConfig
+    from app.service import UserError
+
+    always = AskingConfig(offer_share=1.0, offer_gap=2)
+    with serve_tutor(tmp_path, tiny_model_dir, asking=always, sampling=SamplingConfig(max_new_tokens=6)) as (tutor, _):
+        service = tutor.service
+        ada = service.accounts.add("ada", "learner", "passw0rd-ada")
+        ben = service.accounts.add("ben", "learner", "passw0rd-ben")
+        conversation = service.new_conversation(ada, "", "chat")["conversation_id"]
+        for question in ("What is a fraction?", "And a half?"):
+            list(service.chat(ada, conversation, question))
+        assert not service.offers_comparison(ada, conversation)  # she has not said her feedback may be used
+        service.set_consent(ada, "declined")
+        assert not service.offers_comparison(ada, conversation)
+        service.set_consent(ada, "given")
+        assert service.offers_comparison(ada, conversation)  # two turns since the start
+        with pytest.raises(UserError):  # another learner's conversation is not his to ask about
+            service.offers_comparison(ben, conversation)
+
+        result = service.compare(ada, conversation, "And a third?", 2, offered=True)
+        assert tutor.store.comparison(result["comparison_id"])["asked"]["offered"] is True
+        service.pick(ada, result["comparison_id"], "A")
+        assert not service.offers_comparison(ada, conversation)  # just compared: not again at once
+        list(service.chat(ada, conversation, "And a quarter?"))
+        assert not service.offers_comparison(ada, conversation)
+        list(service.chat(ada, conversation, "And a fifth?"))
+        assert service.offers_comparison(ada, conversation)
+
+        asked = service.compare(ada, conversation, "And a sixth?", 2)  # the learner's own "Compare answers"
+        assert tutor.store.comparison(asked["comparison_id"])["asked"]["offered"] is False
+        service.abandon(ada, asked["comparison_id"])
+        assert not service.offers_comparison(ada, conversation)  # a skipped one counts: not asked again at once

@@ -447,6 +447,43 @@ def test_skipping_a_comparison_frees_the_conversation(page, served):
     no_error_toast(page)
 
 
+def test_the_app_itself_asks_for_a_comparison_now_and_then_and_a_skip_gives_the_question_back(
+        page, served, monkeypatch, tmp_path):
+    from core.active import AskingConfig
+
+    tutor, db = served["tutor"], served["db"]
+    monkeypatch.setattr(tutor.service, "asking", AskingConfig(offer_share=1.0, offer_gap=1))
+    tutor.store.set_consent("", "given")  # the local user lets her feedback be used
+    try:
+        first = unique("What is a fraction?")
+        ask(page, first)  # a conversation's first message gets one answer
+        assert not visible(page, "compare-panel")
+        second = unique("And what is a half?")
+        type_message(page, second)
+        page.find_element(By.ID, "send").click()  # Send, not "Compare answers"
+        wait(page).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#choice input[type=radio]")) == 4,
+                         "the app did not turn the message into a comparison")
+        wait_toast(page, "info", "Two answers this time")
+        page.save_screenshot(str(tmp_path / "offered.png"))
+        comparison = eventually(lambda: query(
+            db, "select c.* from comparisons c join messages m on m.id = c.user_message_id "
+            "where m.content = ?", [second]), "the stored comparison")[0]
+        assert json.loads(comparison["asked"])["offered"] is True and comparison["k"] == 2
+        page.find_element(By.ID, "skip").click()
+        wait(page).until(lambda d: not visible(d, "compare-panel"))
+        box = lambda: fresh(lambda: page.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value"))
+        eventually(lambda: box() == second, "the skipped question back in the box")
+        assert query(db, "select abandoned_at from comparisons where id = ?", [comparison["id"]])[0]["abandoned_at"]
+        page.find_element(By.ID, "send").click()  # just skipped: this time one answer
+        eventually(lambda: len([m for m in conversation_of(db, second) if m["role"] == "assistant"
+                                and m["comparison_id"] is None]) == 1, "one answer to the question sent again")
+        assert not visible(page, "compare-panel")
+        no_error_toast(page)
+    finally:
+        with sqlite3.connect(served["db"], timeout=10) as conn:
+            conn.execute("delete from consents where user = ''")
+
+
 def test_an_earlier_pick_is_asked_again_in_flipped_order(page, served, monkeypatch, tmp_path):
     db, service = served["db"], served["tutor"].service
     monkeypatch.setattr(service.limits, "recheck_every", 1)  # every pick, not every 5th
