@@ -35,6 +35,7 @@ from bench.bench_learning import unpack_database  # noqa: E402
 from bench.bench_serving import peak_rss_mib  # noqa: E402
 
 TRAINERS = ("ours", "rloo")
+DEFAULT_PPO_EPOCHS = 2  # rlhf/ppo.py PPOConfig.ppo_epochs; tests/test_peer.py checks they agree
 REWARD_FORMS = ("score_head", "implicit", "bag_of_tokens")  # one reward model, shared by both trainers
 
 
@@ -82,14 +83,17 @@ def train_ours(args, work: Path, plan: dict) -> dict:
     policy = load_pretrained(Path(plan["base"]), "v0000")
     rm, reward_fn = reward_of(work)
     config = PPOConfig(total_episodes=args.episodes, learning_rate=args.learning_rate, seed=args.seed)
+    if args.ppo_epochs:
+        config.ppo_epochs = args.ppo_epochs
     start = time.perf_counter()
     result = train_ppo(policy.model, policy.tokenizer, plan["prompts"], reward_fn, config,
                        token_reward_fn=rm.token_rewards())
     seconds = time.perf_counter() - start
-    result.model.save_pretrained(work / "ours")
+    result.model.save_pretrained(work / trainer_name(args))
     episodes = max((h["episodes"] for h in result.history if "score" in h), default=0)  # trained on
     return {"seconds": seconds, "episodes": episodes, "max_new_tokens": config.max_new_tokens,
-            "temperature": config.temperature}
+            "temperature": config.temperature, "epochs": config.ppo_epochs,
+            "generation_seconds": sum(h.get("gen_seconds", 0.0) for h in result.history)}
 
 
 def train_rloo(args, work: Path, plan: dict) -> dict:
@@ -103,6 +107,7 @@ def train_rloo(args, work: Path, plan: dict) -> dict:
     from core.precision import wants_bf16
 
     _, reward_fn = reward_of(work)
+    sampling = [0.0]  # seconds in TRL's generation step (sampling the answers), as ours records it
 
     def reward(prompts, completions, **_):  # TRL passes conversations; the reward model reads text answers
         return reward_fn(prompts, [c[-1]["content"] for c in completions]).tolist()
@@ -112,19 +117,38 @@ def train_rloo(args, work: Path, plan: dict) -> dict:
     config = RLOOConfig(output_dir=str(work / "rloo-run"), use_cpu=not torch.cuda.is_available(),
                         bf16=wants_bf16("auto"), per_device_train_batch_size=batch, num_generations=4,
                         max_completion_length=ANSWER_MAX_NEW_TOKENS, temperature=ANSWER_TEMPERATURE,
-                        learning_rate=args.learning_rate, max_steps=args.episodes // batch, logging_steps=1,
+                        num_iterations=args.rloo_iterations,  # steps on each batch of answers
+                        learning_rate=args.learning_rate, max_steps=args.episodes // batch * args.rloo_iterations,
+                        logging_steps=1,
                         save_strategy="no", report_to=[], seed=args.seed)
     trainer = RLOOTrainer(model=plan["base"], reward_funcs=reward, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in plan["prompts"]]),
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
+    generate = trainer._generate  # a private method: if TRL renames it, this fails loudly in tests/test_peer.py
+
+    def timed_generate(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            sampling[0] += time.perf_counter() - t0
+
+    trainer._generate = timed_generate
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    trainer.model.merge_and_unload().save_pretrained(work / "rloo")
-    return {"seconds": seconds, "episodes": trainer.state.global_step * batch,
+    trainer.model.merge_and_unload().save_pretrained(work / trainer_name(args))
+    return {"seconds": seconds, "episodes": trainer.state.global_step * batch // config.num_iterations,
             "max_new_tokens": config.max_completion_length,
-            "temperature": config.temperature}
+            "temperature": config.temperature, "epochs": config.num_iterations, "generation_seconds": sampling[0]}
+
+
+def trainer_name(args) -> str:
+    """"ours" and "rloo" with their default passes over each batch; "ours-e1", "rloo-i2" otherwise."""
+    if args.run == "ours":
+        return "ours" if args.ppo_epochs in (None, DEFAULT_PPO_EPOCHS) else f"ours-e{args.ppo_epochs}"
+    return "rloo" if args.rloo_iterations == 1 else f"rloo-i{args.rloo_iterations}"
 
 
 def judge(args, work: Path, plan: dict, trainer: str) -> dict:
@@ -151,7 +175,7 @@ def run_one(args) -> None:
     plan = json.loads((work / "plan.json").read_text())
     figures = (train_ours if args.run == "ours" else train_rloo)(args, work, plan)
     figures["peak_rss_mib"] = peak_rss_mib(os.getpid())  # training's peak: the gate below loads two more models
-    figures |= judge(args, work, plan, args.run)
+    figures |= judge(args, work, plan, trainer_name(args))
     args.child_out.write_text(json.dumps(figures))
 
 
@@ -167,33 +191,44 @@ def main() -> None:
     ap.add_argument("--gate-samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    ap.add_argument("--ppo-epochs", type=int, nargs="+", default=[DEFAULT_PPO_EPOCHS],
+                    help="our PPO once per value: epochs over each batch of rollouts")
+    ap.add_argument("--rloo-iterations", type=int, nargs="+", default=[1],
+                    help="RLOO once per value: steps on each batch of answers (TRL's num_iterations)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--run", choices=TRAINERS, help=argparse.SUPPRESS)  # one trainer, in a child process
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
+        args.ppo_epochs, args.rloo_iterations = args.ppo_epochs[0], args.rloo_iterations[0]
         return run_one(args)
     work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     plan = prepare(args, work)
     print(f"{len(plan['prompts'])} PPO prompts, {plan['train_pairs']} pairs; reward model {plan['reward_form']}, "
           f"held-out accuracy {plan['reward_heldout_accuracy']:.2f}; gate on {len(plan['eval_prompts'])} prompts "
           f"({plan['eval_own']} of the class's), {args.gate_samples} answers each", flush=True)
+    runs = [(t, "--ppo-epochs" if t == "ours" else "--rloo-iterations", n) for t in args.trainers
+            for n in (args.ppo_epochs if t == "ours" else args.rloo_iterations)]
     results = {}
-    for trainer in args.trainers:
-        out = work / f"{trainer}.json"
+    for trainer, flag, passes in runs:
+        name = trainer_name(argparse.Namespace(run=trainer, ppo_epochs=passes, rloo_iterations=passes))
+        out = work / f"{name}.json"
         subprocess.run([sys.executable, __file__, "--run", trainer, "--work", str(work), "--child-out", str(out),
                         "--episodes", str(args.episodes), "--learning-rate", str(args.learning_rate),
-                        "--gate-samples", str(args.gate_samples), "--seed", str(args.seed)], check=True)
-        results[trainer] = r = json.loads(out.read_text())
-        print(f"{trainer:5s} {r['episodes']} episodes in {r['seconds']:.0f}s = {r['episodes'] / r['seconds']:.3f} "
-              f"episodes/s; peak RSS {r['peak_rss_mib']:.0f} MiB; gate gain {r['gain']:+.3f} "
+                        "--gate-samples", str(args.gate_samples), "--seed", str(args.seed), flag, str(passes)],
+                       check=True)
+        results[name] = r = json.loads(out.read_text())
+        print(f"{name:7s} {r['episodes']} episodes in {r['seconds']:.0f}s = {r['episodes'] / r['seconds']:.3f} "
+              f"episodes/s (generation {r['generation_seconds'] / r['seconds']:.0%} of it); peak RSS "
+              f"{r['peak_rss_mib']:.0f} MiB; gate gain {r['gain']:+.3f} "
               f"[{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}], KL {r['kl_reference']:.2f}", flush=True)
-    if set(results) == set(TRAINERS):
-        ours, peer = results["ours"], results["rloo"]
-        speed = (ours["episodes"] / ours["seconds"]) / (peer["episodes"] / peer["seconds"])
-        print(f"ours / RLOO: {speed:.2f}x episodes/s (target >= 1.5), peak memory "
-              f"{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x, gain {ours['gain']:+.3f} vs {peer['gain']:+.3f}")
+    for ours in (n for n in results if n.startswith("ours")):
+        for peer in (n for n in results if n.startswith("rloo")):
+            a, b = results[ours], results[peer]
+            speed = (a["episodes"] / a["seconds"]) / (b["episodes"] / b["seconds"])
+            print(f"{ours} / {peer}: {speed:.2f}x episodes/s (target >= 1.5), peak memory "
+                  f"{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x, gain {a['gain']:+.3f} vs {b['gain']:+.3f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

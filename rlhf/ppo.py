@@ -356,7 +356,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             mean_kl = accelerator.reduce(b_kl.sum(1).mean().float(), reduction="mean").item()
             if config.stop_kl and mean_kl > config.stop_kl:
                 history.append({"update": update, "episodes": (update - 1) * episodes_per_update,
-                                "stopped": f"KL to the reference {mean_kl:.2f} > stop_kl {config.stop_kl}"})
+                                "stopped": f"KL to the reference {mean_kl:.2f} > stop_kl {config.stop_kl}",
+                                "gen_seconds": gen_seconds})  # sampled, then not trained on
                 if progress is not None and accelerator.is_main_process:
                     progress(history[-1])
                 break
