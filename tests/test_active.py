@@ -222,3 +222,17 @@ def test_the_service_offers_comparisons_only_to_learners_whose_feedback_is_used_
         assert tutor.store.comparison(asked["comparison_id"])["asked"]["offered"] is False
         service.abandon(ada, asked["comparison_id"])
         assert not service.offers_comparison(ada, conversation)  # a skipped one counts: not asked again at once
+
+
+def test_the_offline_count_of_asking_rules_sees_which_pairs_the_rubric_tells_apart():
+    from bench.asking_rules import tally
+
+    # Both members rank answer 0 first and answer 3 last; the rubric passes answer 0 alone.
+    sure = committee([3.0, 1.0, 0.5, -2.0], [2.5, 0.0, 1.0, -1.0])
+    pools = [([1.0, 0.0, 0.0, 0.0], [[0], [1], [2], [3]])] * 3  # the first third only fits committees
+    counts = tally(pools, [sure, sure])
+    assert counts["best vs worst"] == (2, 2)  # 0 against 3: told apart, in both judged pools
+    assert counts["random"] == (6, 12)  # 3 of each pool's 6 pairs hold answer 0
+    assert counts["any"] == (2, 2)
+    alike = [([0.0, 0.0, 0.0, 0.0], [[0], [1], [2], [3]])] * 3
+    assert all(apart == 0 for apart, _ in tally(alike, [sure, sure]).values())
