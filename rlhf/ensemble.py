@@ -94,6 +94,10 @@ class EnsembleConfig:
     validation_fraction: float = 0.2
     min_validation_pairs: int = 10  # fewer, and the choice is noise: the first candidate, trained on all
     penalty: float = 1.0  # conservative reward: standardised mean minus this many standard deviations
+    # Models of each candidate form in the ensemble: the first fits all the fitting groups, each further one
+    # a bootstrap sample of them from its own seed (Coste et al. used seeds of one form). Only the first of
+    # each form is a candidate of its own for "auto".
+    members: int = 1
 
     def __post_init__(self) -> None:
         from rlhf.reward import REWARD_FORMS
@@ -104,6 +108,8 @@ class EnsembleConfig:
                              f"not {self.candidates!r}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be between 0 and 1, not {self.validation_fraction}")
+        if not isinstance(self.members, int) or not 1 <= self.members <= 8:
+            raise ValueError(f"members must be a whole number from 1 to 8, not {self.members!r}")
 
 
 @dataclass
@@ -129,8 +135,7 @@ def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], c
     so the server asks at random until it is credible (core/active.py `choose_shown`)."""
     weights, lengths, members, bags = [], [], [], []
     for m in range(config.members):
-        rng = random.Random(m)
-        drawn = [rng.randrange(len(groups)) for _ in groups]
+        drawn = bootstrap(len(groups), seed=m)
         member = train_reward_model(policy_dir, [groups[i] for i in drawn], [],
                                     replace(reward, form="bag_of_tokens", seed=m, learning_rate=None))
         members.append(member)
@@ -151,6 +156,12 @@ def train_committee(policy_dir: str | Path, groups: Sequence[PreferenceGroup], c
                      {**(meta or {}), "members": config.members, "groups": len(groups),
                       "out_of_bag": {"accuracy": accuracy, "pairs": total, "low": low}, "credible": low > 0.5},
                      binary=reward.binary)
+
+
+def bootstrap(n: int, seed: int) -> list[int]:
+    """n indices drawn from range(n) with replacement."""
+    rng = random.Random(seed)
+    return [rng.randrange(n) for _ in range(n)]
 
 
 def is_validation(group: PreferenceGroup, fraction: float) -> bool:
@@ -208,11 +219,16 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
                                 "runner_up": None, "margin": None, "mode": config.form,
                                 "reason": f"{pairs} validation pairs (< {ensemble.min_validation_pairs})"}
         return rm, {}
-    members = []
+    members, resampled = [], []
     for form in ensemble.candidates:
         say(f"   candidate {form} on {len(fit_groups)} groups")
         members.append(train_reward_model(policy_dir, fit_groups, validation, replace(config, form=form), progress))
-    ensembled = make_ensemble(members, fit_groups, ensemble.penalty)
+        for seed in range(1, ensemble.members):
+            say(f"   ensemble member {form} {seed + 1}/{ensemble.members}, on a bootstrap sample of the groups")
+            sample = [fit_groups[i] for i in bootstrap(len(fit_groups), seed)]
+            resampled.append(train_reward_model(policy_dir, sample, validation, replace(config, form=form, seed=seed),
+                                                progress))
+    ensembled = make_ensemble(members + resampled, fit_groups, ensemble.penalty)
     candidates: dict[str, RewardResult | RewardEnsemble] = dict(zip(ensemble.candidates, members))
     candidates["ensemble"] = ensembled
     scores = {name: pairwise_accuracy(rm.score, validation)[0] for name, rm in candidates.items()}
@@ -228,9 +244,9 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
     # A member's own held-out figures were measured on the validation part: they are not the cycle's held-out.
     own = {k: v for k, v in rm.metrics.items() if not k.startswith("heldout_")}
     base = own if not isinstance(rm, RewardEnsemble) else {
-        "members": [m.metrics for m in members], "scales": ensembled.scales, "penalty": ensemble.penalty,
+        "members": [m.metrics for m in ensembled.members], "scales": ensembled.scales, "penalty": ensemble.penalty,
         "train_groups": len(fit_groups), "train_pairs": sum(len(g.pairs) for g in fit_groups),
-        "seconds": round(sum(m.metrics.get("seconds", 0.0) for m in members), 3)}
+        "seconds": round(sum(m.metrics.get("seconds", 0.0) for m in ensembled.members), 3)}
     rm.metrics = {**base, **summary, "choice": {
         "chosen": chosen, "validation_accuracy": scores, "validation_pairs": pairs, "runner_up": runner_up,
         "margin": margin, "mode": config.form}}

@@ -91,6 +91,29 @@ def test_an_ensemble_is_kept_whole_and_scores_the_same_after_loading(tiny_model_
     assert loaded.metrics["choice"] == rm.metrics["choice"] and loaded.penalty == 0.5
 
 
+def test_an_ensemble_of_one_form_holds_members_fitted_on_bootstrap_samples_and_is_conservative(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    train, heldout = planted_groups(48, 1), planted_groups(12, 2)
+    config = RewardConfig(form="ensemble", epochs=3, max_length=256)
+    rm, _ = choose_reward(tiny_model_dir, train, heldout, config,
+                          EnsembleConfig(candidates=["bag_of_tokens"], members=3), say=lambda *_: None)
+    assert isinstance(rm, RewardEnsemble) and len(rm.members) == 3
+    assert all(m.config.form == "bag_of_tokens" for m in rm.members)
+    weights = [m.model.weight.detach() for m in rm.members]
+    assert not torch.allclose(weights[0], weights[1]) and not torch.allclose(weights[1], weights[2])  # other samples
+    pairs = [m["train_pairs"] for m in rm.metrics["members"]]
+    assert len(pairs) == 3 and pairs[0] == rm.metrics["train_pairs"]  # the first on all the fitting groups
+    prompts = [g.prompt for g in heldout for _ in g.completions]
+    answers = [c for g in heldout for c in g.completions]
+    members = rm.member_scores(prompts, answers)
+    assert members.std(0).max() > 0  # the members disagree somewhere, and there the ensemble pays less than their mean
+    assert torch.allclose(rm.score(prompts, answers), members.mean(0) - members.std(0, unbiased=False))
+    loaded = load_any(save_any(rm, tmp_path / "rm"))
+    assert len(loaded.members) == 3 and torch.allclose(loaded.score(prompts, answers), rm.score(prompts, answers), atol=1e-5)
+    with pytest.raises(ValueError, match="members must be"):
+        EnsembleConfig(members=0)
+
+
 def test_a_reward_form_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         RewardConfig(form="magic")
