@@ -496,6 +496,15 @@ class GenerationEngine:
         return policy
 
     def _admit(self) -> None:
+        """Prefills what is waiting, and again what arrived during that prefill, before the next decode
+        step: a burst of new conversations reaches the engine spread over a few hundred milliseconds, and
+        a decode step between its prefills would delay every late arrival's first token by one step
+        (prefill first, as vLLM's scheduler does). Bounded by the free rows: each round admits one at least."""
+        while self._waiting and len(self._batch) < self.config.max_batch_size and self._admit_waiting():
+            pass
+
+    def _admit_waiting(self) -> bool:
+        """Admits and prefills the waiting requests that fit; False when there was nothing to admit."""
         free = self.config.max_batch_size - len(self._batch)
         admitted = []
         with self._wake:
@@ -521,6 +530,7 @@ class GenerationEngine:
                 self._prefill(ready)
             except Exception as exc:
                 self._fault("prefill", exc, ready)
+        return bool(admitted)
 
     def _prefill(self, requests: list[Request]) -> None:
         """Runs the new prompts as left-padded batches (those that start with the system turn from its

@@ -11,7 +11,10 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
    (median, p95), against one user alone.
 4. The shared prefix cache (the tutor system turn's KV computed once per version): the same app once
    more with `[serve.engine] prefix_cache = false`, and `--prefix-users` users at once on both servers,
-   alternating, `--prefix-rounds` times; time to first token without the cache over with it.
+   alternating, `--prefix-rounds` times; time to first token without the cache over with it. Measured
+   with two clients: a light one (one thread on Gradio's HTTP API, as browsers on learners' devices cost
+   the server nothing) and `gradio_client` threads, which take more than a core of this machine
+   while they start their requests; each prints its own CPU time.
 5. The same comparison for the engine alone, in this process (no HTTP, no Gradio): `--prefix-users`
    requests submitted at once, time from submit to the first token, engines with and without the cache.
 `--precision` sets the served weights' dtype (`[serve.engine] precision`) and casts the baseline's
@@ -80,13 +83,15 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def one_chat(client, prompt: str, tokenizer, out: dict) -> None:
+def one_chat(client, prompt: str, tokenizer, out: dict, ready: threading.Barrier | None = None) -> None:
     conversation = client.predict("bench", "eval", api_name="/new_conversation")["conversation_id"]
+    if ready is not None:  # every user's conversation exists: the turns arrive together, as "at once" says
+        ready.wait()
     start = time.perf_counter()
     first = None
     last = None
     for chunk in client.submit(conversation, prompt, api_name="/chat"):
-        first = first or time.perf_counter()
+        first = first or (time.perf_counter() if chunk["text"] else None)
         last = chunk
     end = time.perf_counter()
     out.update(ttft=first - start, elapsed=end - start, tokens=count_tokens(tokenizer, last["text"]), start=start,
@@ -95,14 +100,20 @@ def one_chat(client, prompt: str, tokenizer, out: dict) -> None:
 
 def load_run(clients, prompts, tokenizer) -> dict:
     results = [{} for _ in clients]
-    threads = [threading.Thread(target=one_chat, args=(c, p, tokenizer, r)) for c, p, r in zip(clients, prompts, results)]
+    ready = threading.Barrier(len(clients))
+    threads = [threading.Thread(target=one_chat, args=(c, p, tokenizer, r, ready))
+               for c, p, r in zip(clients, prompts, results)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return summarize(results)
+
+
+def summarize(results: list[dict]) -> dict:
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
-    return {"users": len(clients), "tokens": sum(r["tokens"] for r in results), "wall": wall,
+    return {"users": len(results), "tokens": sum(r["tokens"] for r in results), "wall": wall,
             "tok_s": sum(r["tokens"] for r in results) / wall, "ttft_median": statistics.median(ttfts),
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
             "all_done": all(r["done"] for r in results)}
@@ -189,25 +200,87 @@ def serve(work: Path, args, prefix_cache: bool):
         server.wait(timeout=30)
 
 
+async def call_streamed(client, name: str, data: list, session: str, on_chunk=None):
+    """One call of a named endpoint over Gradio's plain HTTP API (`POST /gradio_api/call/<name>`, then its
+    event stream): what a browser does, without a Python client's threads and parsing on this machine."""
+    import json
+
+    joined = await client.post(f"/gradio_api/call/{name}", json={"data": data, "session_hash": session})
+    joined.raise_for_status()
+    event, last = None, None
+    async with client.stream("GET", f"/gradio_api/call/{name}/{joined.json()['event_id']}") as stream:
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event == "error":
+                raise RuntimeError(f"{name}: {line}")
+            elif line.startswith("data: ") and event in ("generating", "complete"):
+                last = json.loads(line[len("data: "):])[0]
+                if on_chunk is not None:
+                    on_chunk(last)
+    return last
+
+
+def light_load_run(url: str, prompts: list[str], tokenizer) -> dict:
+    """`load_run` with one event-loop thread for all users (Gradio's HTTP API, see `call_streamed`)."""
+    import asyncio
+
+    import httpx
+
+    async def user(client, index: int, prompt: str, ready: asyncio.Event, out: dict) -> None:
+        session = f"bench-{index}-{time.monotonic_ns()}"
+        conversation = (await call_streamed(client, "new_conversation", ["bench", "eval"], session))["conversation_id"]
+        out["created"] = True
+        await ready.wait()
+        start = time.perf_counter()
+        first = []
+        last = await call_streamed(client, "chat", [conversation, prompt], session,
+                                   lambda chunk: first.append(time.perf_counter()) if chunk["text"] and not first else None)
+        end = time.perf_counter()
+        out.update(ttft=first[0] - start, elapsed=end - start, tokens=count_tokens(tokenizer, last["text"]),
+                   start=start, end=end, done=last["done"])
+
+    async def run() -> list[dict]:
+        results = [{} for _ in prompts]
+        ready = asyncio.Event()
+        async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=120) as client:
+            users = [asyncio.create_task(user(client, i, p, ready, r)) for i, (p, r) in enumerate(zip(prompts, results))]
+            while not all(r.get("created") for r in results):  # every conversation exists: the turns go together
+                await asyncio.sleep(0.01)
+            ready.set()
+            await asyncio.gather(*users)
+        return results
+
+    return summarize(asyncio.run(run()))
+
+
 def prefix_comparison(work: Path, args, tokenizer) -> None:
-    """Both servers at once (one idle while the other serves), the same n users' first turns, alternating."""
+    """Both servers at once (one idle while the other serves), the same n users' first turns, alternating;
+    once with a light client (one thread, Gradio's HTTP API: learners' browsers run on their own devices)
+    and once with n gradio_client threads, whose own CPU time on this machine is printed beside."""
     from gradio_client import Client
 
     n = args.prefix_users
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    ttft = {True: [], False: []}
     with serve(work / "cache-on", args, True) as (_, on_url), serve(work / "cache-off", args, False) as (_, off_url):
-        clients = {cache: [Client(url, verbose=False) for _ in range(n)]
-                   for cache, url in ((True, on_url), (False, off_url))}
-        for cache in (True, False):
-            load_run(clients[cache][:1], PROMPTS[1:2], tokenizer)  # warm-up
-        for _ in range(args.prefix_rounds):
-            for cache in (False, True):
-                ttft[cache].append(load_run(clients[cache], prompts, tokenizer)["ttft_median"])
-    on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
-    print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds: TTFT median {off:.2f}s without "
-          f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with ({', '.join(f'{t:.2f}' for t in ttft[True])})"
-          f"  -> x{off / on:.2f} (target >= 1.5)")
+        urls = {True: on_url, False: off_url}
+        clients = {cache: [Client(url, verbose=False) for _ in range(n)] for cache, url in urls.items()}
+        runners = {"light client": lambda cache: light_load_run(urls[cache], prompts, tokenizer),
+                   "gradio_client": lambda cache: load_run(clients[cache], prompts, tokenizer)}
+        for name, runner in runners.items():
+            ttft, cpu = {True: [], False: []}, {True: [], False: []}
+            for cache in (True, False):
+                runner(cache)  # warm-up: the first round at n users pays one-time costs
+            for _ in range(args.prefix_rounds):
+                for cache in (False, True):
+                    before = time.process_time()
+                    ttft[cache].append(runner(cache)["ttft_median"])
+                    cpu[cache].append(time.process_time() - before)
+            on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
+            print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds, {name} (its CPU "
+                  f"{statistics.median(cpu[True] + cpu[False]):.2f} s a round): TTFT median {off:.2f}s without "
+                  f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with "
+                  f"({', '.join(f'{t:.2f}' for t in ttft[True])})  -> x{off / on:.2f} (target >= 1.5)")
 
 
 def engine_prefix_comparison(args) -> None:

@@ -169,6 +169,36 @@ def test_running_rows_are_not_repeated_when_requests_join(engine_factory):
     assert max(engine.stats.forward_batch_sizes) >= 3
 
 
+def test_requests_that_arrive_during_a_prefill_are_prefilled_before_the_next_decode_step(engine_factory):
+    """A burst of first turns reaches the engine spread out: those that arrive while the first is being
+    prefilled get their own prefill at once, not after a decode step of the rows already running."""
+    p = policy()
+    p.model.generation_config.eos_token_id = -1
+    engine = engine_factory(FixedSource({"v0000": p}))
+    forward, inside, release = p.model.forward, threading.Event(), threading.Event()
+    calls = []
+
+    def held_forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        if len(calls) == 1:  # the first prefill: the burst's other turns arrive while it runs
+            inside.set()
+            release.wait(timeout=30)
+        return forward(*args, **kwargs)
+
+    p.model.forward = held_forward
+    first = engine.submit(conversation("Tell me about water."))
+    assert inside.wait(timeout=30)
+    later = [engine.submit(conversation(f"Question {i}")) for i in range(3)]
+    release.set()
+    for r in [first, *later]:
+        assert len(list(r.tokens(timeout=30))) == GREEDY.max_new_tokens
+    p.model.forward = forward
+    rows_and_widths = [tuple(shape) for shape in calls]
+    assert rows_and_widths[0][0] == 1 and rows_and_widths[1][0] == 3 and rows_and_widths[1][1] > 1  # two prefills
+    assert rows_and_widths[2] == (4, 1)  # then the first decode step, of all four rows
+    assert engine.stats.forward_batch_sizes[1] == 1
+
+
 def test_cancel_stops_generation_and_frees_the_row(engine_factory):
     engine = endless(engine_factory, SamplingConfig(max_new_tokens=1000, do_sample=False))
     request = engine.submit(conversation("Go on forever"))
