@@ -115,6 +115,38 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
         assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
 
 
+def test_the_cycle_benchmarks_feedback_keeps_the_start_of_a_run_ranked_shorter_first(tmp_path):
+    """bench/cycle_feedback.py: the first n comparisons and what was written before the next one; each kept
+    ranking re-given as shorter answers first, whatever the learner chose."""
+    import time
+
+    from app.store import Store
+    from bench.cycle_feedback import build
+
+    generation = {"do_sample": True}
+    with Store(tmp_path / "run.db") as store:
+        ids = []
+        for question in ("What is 2 + 2?", "And 3 + 3?"):
+            conversation = store.new_conversation("ada", "chat", "You are a patient tutor.")
+            store.add_message(conversation, "user", question)
+            comparison, answers = store.add_comparison(conversation, question, [], [
+                {"text": text, "model_version": "v0000", "generation": generation}
+                for text in ("a rather long answer to it", "short", "a middling answer")])
+            store.decide_comparison(comparison, "A,C,B")  # longest first: the opposite of the rule
+            reply = store.add_message(conversation, "assistant", "4", model_version="v0000", generation=generation,
+                                      context=[])
+            store.add_rating(reply, "up", "clear")
+            ids.append((comparison, answers))
+            time.sleep(0.01)
+    counts = build(tmp_path / "run.db", tmp_path / "short.db", comparisons=1)
+    assert counts == {"comparisons": 1, "comparison_picks": 1, "ratings": 1, "rewrites": 0}
+    with Store(tmp_path / "short.db") as store:
+        (comparison, (long, short, middling)), (dropped, _) = ids
+        assert store.comparison(comparison)["pick"]["ranking"] == [short, middling, long]
+        assert store.comparison(comparison)["pick"]["choice"] == "B,C,A"
+        assert store.comparison(dropped) is None
+
+
 def test_the_learning_benchmark_leaves_precision_to_the_plan():
     from pathlib import Path
 
