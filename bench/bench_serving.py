@@ -245,7 +245,8 @@ def light_load_run(url: str, prompts: list[str], tokenizer) -> dict:
         ready = asyncio.Event()
         async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=120) as client:
             users = [asyncio.create_task(user(client, i, p, ready, r)) for i, (p, r) in enumerate(zip(prompts, results))]
-            while not all(r.get("created") for r in results):  # every conversation exists: the turns go together
+            # every conversation exists: the turns go together (a user that failed ends the wait; gather raises)
+            while not all(r.get("created") for r in results) and not any(u.done() for u in users):
                 await asyncio.sleep(0.01)
             ready.set()
             await asyncio.gather(*users)
