@@ -54,6 +54,18 @@ class Quotas:
 
     def spend(self, user: str, kind: str) -> None:
         """Counts one `kind` action of `user`, or raises QuotaExceeded and counts nothing."""
+        self._take(user, kind, count=True)
+
+    def allows(self, user: str, kind: str) -> bool:
+        """Whether one `kind` action of `user` would be allowed now; counts nothing (the app asks this
+        before it offers a comparison, so that a learner whose comparisons are spent just gets an answer)."""
+        try:
+            self._take(user, kind, count=False)
+        except QuotaExceeded:
+            return False
+        return True
+
+    def _take(self, user: str, kind: str, count: bool) -> None:
         if not self.config.enabled:
             return
         per_day = self.config.per_day.get(kind)
@@ -74,4 +86,5 @@ class Quotas:
                 wait = int(60.0 - (now - recent[0])) + 1
                 raise QuotaExceeded(f"too many {NOUNS[kind]} in a minute (limit {per_minute}); "
                                     f"try again in {wait} s")
-            recent.append(now)
+            if count:
+                recent.append(now)

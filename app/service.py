@@ -138,9 +138,12 @@ class TutorService:
     def offers_comparison(self, actor: Account, conversation_id: str) -> bool:
         """Whether the app answers the learner's next message in this conversation with a comparison
         instead of one answer (core/active.py `offers_comparison`). Only learners whose feedback may be
-        used are asked: a choice nobody may learn from is not worth their time."""
+        used are asked: a choice nobody may learn from is not worth their time; and only while their
+        comparison quota lasts, so that a learner whose comparisons are spent gets the answer she asked for."""
         conversation_id = self._own(actor, "conversation", conversation_id)
         if self.asking.offer_share <= 0 or self.consent(actor) != "given":
+            return False
+        if not actor.is_local and not self.quotas.allows(actor.name, "compare"):
             return False
         return offers_comparison(self.store.turns_since_comparison(conversation_id), self.asking, self.rng)
 

@@ -231,7 +231,7 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
                 try:
                     yield from compare(message, "2", history, state, request, offered=True)
                     return
-                except gr.Error:  # e.g. no comparisons left in the learner's quota: one answer, as asked
+                except gr.Error:  # e.g. the tutor is busy, or the quota ran out since: one answer, as asked
                     pass
         state = ensure_conversation(state, request)
         stream = service.chat(me(request), state["conversation_id"], message)

@@ -223,6 +223,15 @@ def test_the_service_offers_comparisons_only_to_learners_whose_feedback_is_used_
         service.abandon(ada, asked["comparison_id"])
         assert not service.offers_comparison(ada, conversation)  # a skipped one counts: not asked again at once
 
+        for question in ("And a seventh?", "And an eighth?"):
+            list(service.chat(ada, conversation, question))
+        assert service.offers_comparison(ada, conversation)
+        spent = service.quotas.config.per_minute["compare"] = 2  # she has compared twice this minute
+        assert not service.offers_comparison(ada, conversation)  # her quota is spent: one answer, as asked
+        assert service.quotas.allows(ada.name, "chat") and not service.quotas.allows(ada.name, "compare")
+        service.quotas.config.per_minute["compare"] = spent + 1
+        assert service.offers_comparison(ada, conversation)  # asking counted nothing
+
 
 def test_the_offline_count_of_asking_rules_sees_which_pairs_the_rubric_tells_apart():
     from bench.asking_rules import tally
