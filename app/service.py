@@ -26,7 +26,7 @@ from app.accounts import LOCAL, Account, Accounts
 from app.engine import EngineBusy, EngineFault, GenerationEngine, submit_across
 from app.quotas import QuotaExceeded, Quotas
 from app.store import CONSENT_CHOICES, EXCLUSION_KINDS, Store
-from core.active import AskingConfig, CommitteeFile, choose_shown, offers_comparison
+from core.active import AskingConfig, Asked, CommitteeFile, choose_shown, offers_comparison
 from core.chat_format import TUTOR_SYSTEM_PROMPT, PromptTooLong
 from core.moderation import OUTPUT_REPLACEMENT, STREAM_WINDOW, Moderator, refusal
 from core.privacy import redact
@@ -37,6 +37,8 @@ RATINGS = ("up", "down")
 REASONS_DOWN = ("wrong", "unclear", "gave the answer away", "too long", "off-topic", "other")
 REASONS_UP = ("clear", "encouraging", "good hint", "good example")
 MAX_ID_CHARS = 64  # ids are uuid hex strings (32); anything longer is not one
+# An arena pair shows one answer of each version, whatever the asking mode says.
+ARENA_ASKED = Asked("arena", "a canary's arena pair: one answer from each version", 2, None, None).as_dict()
 
 
 class UserError(ValueError):
@@ -209,12 +211,13 @@ class TutorService:
                 return
             for i, request in enumerate(group.requests):
                 texts[i], flags[i] = self._final(request, tokens[i], flags[i])
-            asked = None if opponent else {**self._ask(committee, tokens, flags, k), "offered": offered}
+            why = self._ask(committee, tokens, flags, k) if opponent is None else ARENA_ASKED
+            asked = {**why, "offered": offered}
             if pooled:
                 shown = list(asked.pop("shown"))
                 self.rng.shuffle(shown)
-            elif asked:
-                asked.pop("shown")
+            else:
+                asked.pop("shown", None)
             candidates = [{"text": texts[i], "model_version": group.requests[i].model_version,
                            "generation": self._generation(group.requests[i], flags[i]),
                            "context": group.requests[i].context, "flag": flags[i]} for i in shown]

@@ -164,7 +164,7 @@ def m006_arena(db: Database) -> None:
 @MIGRATIONS()
 def m007_asked(db: Database) -> None:
     # Why a comparison shows the answers it shows (core/active.py): sampled as they came, or chosen where
-    # the committee of reward models is least sure; JSON, None for arena pairs and older comparisons.
+    # the committee of reward models is least sure; JSON (an arena pair: mode "arena"), None for older comparisons.
     db.table("comparisons").add_column("asked", str)
 
 

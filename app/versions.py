@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -148,8 +149,11 @@ class ModelRegistry:
                 path.unlink(missing_ok=True)
         return sorted(p.name for p in left)
 
-    def next_version(self) -> str:
-        numbers = [int(v[1:]) for v in self.versions()]
+    def next_version(self, taken: Iterable[str] = ()) -> str:
+        """The number after every version in this folder and every name in `taken` (the versions a DB
+        has recorded: a DB kept while its models folder was replaced must not get a number twice)."""
+        names = [*self.versions(), *(name.split("/")[0] for name in taken)]
+        numbers = [int(v[1:]) for v in names if VERSION_RE.match(v)]
         return f"v{(max(numbers) + 1 if numbers else 0):04d}"
 
     def meta(self, version: str) -> dict:

@@ -437,7 +437,7 @@ def _evaluate(run: CycleRun, models: GateModels, tokenizer, rm: RewardResult,
 def _promote(run: CycleRun, new_policy, tokenizer, rm: RewardResult | RewardEnsemble, verdict: Verdict) -> str:
     """6. The version directory is complete before CURRENT names it; old versions are pruned."""
     registry, current = run.registry, run.current
-    version = registry.next_version()
+    version = registry.next_version(taken=[row["version"] for row in run.store.model_versions()])
     lineage = {"parent": current, "reward_model": f"{version}/reward_model", "cycle": run.cycle_id,
                "feedback_rows": run.train.lineage(), "left_out": run.metrics["left_out"]}
     # The reward model that trained this version lives inside it: written, renamed and pruned together.

@@ -181,6 +181,15 @@ def test_a_learner_decides_a_canary_through_the_api_blind(tmp_path, tiny_model_d
                 break
             time.sleep(0.5)
         assert reply["model_version"] == "v0001", "a conversation in the canary's share is answered by it"
+        from app.accounts import LOCAL
+
+        conversation = client.predict("", "chat", api_name="/new_conversation")["conversation_id"]
+        offered = tutor.service.compare(LOCAL, conversation, "Offered?", 2, offered=True)  # the app's own offer
+        with Store(tmp_path / "c.db") as peek:
+            asked = peek.comparison(offered["comparison_id"])["asked"]
+            assert peek.comparison(offered["comparison_id"])["arena"]
+        assert asked["mode"] == "arena" and asked["offered"] is True
+        tutor.service.abandon(LOCAL, offered["comparison_id"])
         picks = []
         with Store(tmp_path / "c.db") as peek:  # the test's learner likes the canary's answers
             for i in range(8):
@@ -189,6 +198,7 @@ def test_a_learner_decides_a_canary_through_the_api_blind(tmp_path, tiny_model_d
                 assert [c["model_version"] for c in shown["candidates"]] == [None, None]  # blind
                 versions = {c["message_id"]: peek.message(c["message_id"])["model_version"] for c in shown["candidates"]}
                 assert sorted(versions.values()) == ["v0000", "v0001"]
+                assert peek.comparison(shown["comparison_id"])["asked"]["offered"] is False
                 label = "AB"[[versions[c["message_id"]] for c in shown["candidates"]].index("v0001")]
                 picks.append(client.predict(shown["comparison_id"], label, api_name="/pick"))
         assert all(p["versions"][("AB"[0])] in ("v0000", "v0001") for p in picks)  # revealed after the pick

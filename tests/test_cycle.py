@@ -138,6 +138,19 @@ def test_consistent_feedback_is_learned_promoted_and_served(setup):
         engine.close()
 
 
+def test_a_db_that_recorded_versions_the_models_folder_lacks_gets_the_next_free_number(setup):
+    """A DB kept while its models folder was replaced (a fresh start of the models, the DB of a learning
+    run) already names v0001: the cycle's version takes the next number, instead of failing at the end."""
+    registry, store, _ = setup
+    give_feedback(store, 80, prefers_examples)
+    store.add_model_version("v0001", "policy", "/elsewhere/v0001")
+    store.add_model_version("v0001/reward_model", "reward", "/elsewhere/v0001/reward_model")
+    config = dataclasses.replace(TINY_CYCLE, canary=CanaryConfig(enabled=True, conversation_share=0.3))
+    outcome = run_cycle(store, registry, config, say=lambda *_: None)
+    assert outcome.status == "canary" and outcome.version == "v0002", outcome.message
+    assert registry.versions() == ["v0000", "v0002"] and store.running_canary()["version"] == "v0002"
+
+
 def test_with_a_canary_a_version_that_passes_the_gate_waits_for_votes(setup):
     registry, store, _ = setup
     give_feedback(store, 80, prefers_examples)
