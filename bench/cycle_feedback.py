@@ -5,24 +5,29 @@ its bar (a timing run needs a cycle that reaches PPO and the gate).
     python bench/cycle_feedback.py docs/learning/stays_short/conversations.db.gz short.db [--comparisons 80]
 
 Keeps the first `--comparisons` comparisons and the ratings, rewrites, messages and conversations written
-before the next one; every
-kept ranking is re-given as shorter answers first (characters; ties by label). From the `stays_short`
+before the next one; every kept ranking is re-given as shorter answers first (characters; ties by label). From the `stays_short`
 run's DB this gives 80 comparisons, 33 ratings and 7 rewrites.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_learning import unpack_database  # noqa: E402
 
 
 def build(source: Path, out: Path, comparisons: int) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    if source.suffix == ".gz":
+        unpack_database(source, out)
+    else:
+        shutil.copyfile(source, out)
     db = sqlite3.connect(out)
     with db:
         kept = [row[0] for row in db.execute("SELECT id FROM comparisons ORDER BY created_at, id LIMIT ?",
