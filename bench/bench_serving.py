@@ -83,10 +83,9 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def one_chat(client, prompt: str, tokenizer, out: dict, ready: threading.Barrier | None = None) -> None:
+def one_chat(client, prompt: str, tokenizer, out: dict, ready: threading.Barrier) -> None:
     conversation = client.predict("bench", "eval", api_name="/new_conversation")["conversation_id"]
-    if ready is not None:  # every user's conversation exists: the turns arrive together, as "at once" says
-        ready.wait()
+    ready.wait()  # every user's conversation exists: the turns arrive together, as "at once" says
     start = time.perf_counter()
     first = None
     last = None
