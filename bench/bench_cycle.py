@@ -1,12 +1,14 @@
 """One retraining cycle on the embedded model, with the settings of before and the defaults of now, side by side.
 
-    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--columns before now]
+    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--columns before now now-fp32]
 
 Each column runs the same cycle on its own copies of the DB and the models dir, in its own process (so
 each peak RSS is its own), one after the other. "before": the settings the cycle had before the machine's
 precision plan, merged rollouts and the shared prefix cache (fp32 on a CPU, bf16 autocast for SFT and PPO
 on a GPU; rollouts and gate samples from the unmerged trained model, each answer running the system turn
-again). "now": the defaults. Any `--config` file applies to both.
+again). "now": the defaults. "now-fp32" (asked for by name): the defaults as a CPU without bf16 instructions
+runs them (TUTOR_PRECISION=fp32), so that what merged rollouts and the shared prefix give alone shows. Any
+`--config` file applies to every column.
 
 Reports per stage wall time and peak memory (RSS, and GPU memory on a GPU); for PPO also episodes/s,
 generation tokens/s and generation vs training time (from the cycle's own PPO log); the gate's verdict and
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["before", "now", "now-fp32"]
 sys.path.insert(0, str(ROOT))
 
 
@@ -35,6 +38,11 @@ def before_settings(cuda: bool) -> tuple[dict, str]:
              "ppo": {"bf16": cuda, "merged_rollouts": False, "prefix_cache": False},
              "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False}},
             "bf16" if cuda else "fp32")
+
+
+def column_precision(column: str, cuda: bool) -> str | None:
+    """The TUTOR_PRECISION a column's process runs under; None: the machine's own plan."""
+    return {"before": before_settings(cuda)[1], "now-fp32": "fp32"}.get(column)
 
 
 def run_column(args) -> None:
@@ -91,9 +99,8 @@ def report(results: dict[str, dict]) -> None:
     print(f"\ncycle on {first['device']}; data: train {first['train']}, held out {first['heldout']}")
     for name, r in results.items():
         print(f"{name}: {r['status']} — {r['message']}\n   {r['precision']}")
-    head = f"{'stage':14s}" + "".join(f" {n + ' s':>10s} {n + ' MiB':>11s}" for n in names)
-    if len(names) == 2:
-        head += f" {'speed-up':>9s}"
+    head = f"{'stage':14s}" + "".join(f" {n + ' s':>13s} {n + ' MiB':>14s}" for n in names)
+    head += "".join(f" {names[0] + '/' + n:>15s}" for n in names[1:])  # each column's speed-up on the first
     print("\n" + head)
     stages = list(dict.fromkeys(s for r in results.values() for s in r["stages"]))
     rows = [(s, [r["stages"].get(s, {}).get("seconds") for r in results.values()],
@@ -103,9 +110,9 @@ def report(results: dict[str, dict]) -> None:
     rows.append(("whole cycle", [r["total_seconds"] for r in results.values()],
                  [max((e["peak_rss_mib"] for e in r["stages"].values()), default=None) for r in results.values()]))
     for label, seconds, rss in rows:
-        line = f"{label:14s}" + "".join(f" {_cell(s, '10.1f')} {_cell(m, '11.0f')}" for s, m in zip(seconds, rss))
-        if len(names) == 2 and None not in seconds and seconds[1] > 0:
-            line += f" {seconds[0] / seconds[1]:8.2f}x"
+        line = f"{label:14s}" + "".join(f" {_cell(s, '13.1f')} {_cell(m, '14.0f')}" for s, m in zip(seconds, rss))
+        line += "".join(f" {seconds[0] / s:14.2f}x" if seconds[0] is not None and s else f" {'-':>15s}"
+                        for s in seconds[1:])
         print(line)
     for name, r in results.items():
         ppo = r.get("ppo")
@@ -125,11 +132,15 @@ def report(results: dict[str, dict]) -> None:
                   f"{gains[name][2]:+.3f}]; KL {g['kl_to_reference']:.2f}; length {g['length_current']:.0f} -> "
                   f"{g['length_new']:.0f}; regression {g['regression_accuracy_current']:.0%} -> "
                   f"{g['regression_accuracy_new']:.0%}")
-    if len(gains) == 2:
-        (a, a_lo, a_hi), (b, b_lo, b_hi) = gains.values()
-        same = len({r["status"] for r in results.values()}) == 1
-        within = a_lo <= b <= a_hi and b_lo <= a <= b_hi
-        print(f"verdicts {'the same' if same else 'DIFFER'}; each gain inside the other's interval: {within}")
+    if len(results) > 1:
+        first = names[0]
+        for name in names[1:]:
+            same = results[name]["status"] == results[first]["status"]
+            line = f"{first} vs {name}: verdicts {'the same' if same else 'DIFFER'}"
+            if first in gains and name in gains:
+                (a, a_lo, a_hi), (b, b_lo, b_hi) = gains[first], gains[name]
+                line += f"; each gain inside the other's interval: {a_lo <= b <= a_hi and b_lo <= a <= b_hi}"
+            print(line)
     for name, r in results.items():
         print(f"{name} report and logs: {r['work']}/models/cycles")
 
@@ -139,21 +150,28 @@ def main() -> None:
     ap.add_argument("--db", type=Path, required=True)
     ap.add_argument("--models-dir", type=Path, required=True)
     ap.add_argument("--config", type=Path)
-    ap.add_argument("--columns", nargs="+", choices=["before", "now"], default=["before", "now"])
-    ap.add_argument("--column", choices=["before", "now"], help=argparse.SUPPRESS)  # one column, in a child
+    ap.add_argument("--columns", nargs="+", choices=COLUMNS, default=["before", "now"])
+    ap.add_argument("--column", choices=COLUMNS, help=argparse.SUPPRESS)  # one column, in a child
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.db.is_file():
+        ap.error(f"--db {args.db}: no such file (bench/cycle_feedback.py builds the documented one)")
     if args.column:
         run_column(args)
         return
     import torch
 
+    from app.embedded import ensure_base
+    from app.versions import ModelRegistry
+
+    ensure_base(ModelRegistry(args.models_dir))  # as `launch.py --retrain` does: a new models dir gets v0000
     results = {}
     for column in args.columns:
         out = Path(tempfile.mkstemp(prefix=f"bench-cycle-{column}-", suffix=".json")[1])
         env = {k: v for k, v in os.environ.items() if k != "TUTOR_PRECISION"}  # "now": the machine's plan
-        if column == "before":
-            env["TUTOR_PRECISION"] = before_settings(torch.cuda.is_available())[1]
+        forced = column_precision(column, torch.cuda.is_available())
+        if forced:
+            env["TUTOR_PRECISION"] = forced
         command = [sys.executable, __file__, "--db", str(args.db), "--models-dir", str(args.models_dir),
                    "--column", column, "--out", str(out)] + (["--config", str(args.config)] if args.config else [])
         print(f"== {column} ==", flush=True)

@@ -102,6 +102,7 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
     from app.config import merge
     from rlhf.cycle import CycleConfig, precision_choices
 
+    decide = precision.precision_plan.__wrapped__  # the plan without its per-process cache
     for cuda in (False, True):
         overrides, env = bench.before_settings(cuda)
         monkeypatch.setattr(precision, "precision_plan", lambda: plan_for(cuda, {"avx512_bf16"}, no_measurement))
@@ -113,6 +114,15 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
         assert choices["gate_sampling"] == ("bf16" if cuda else "fp32") and not choices["gate_prefix_cache"]
         now = precision_choices(CycleConfig())
         assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
+        assert bench.column_precision("now", cuda) is None  # the machine's own plan
+    # "now-fp32": the defaults as a CPU without bf16 runs them; merged rollouts and the shared prefix stay
+    assert bench.column_precision("now-fp32", False) == "fp32"
+    monkeypatch.setenv("TUTOR_PRECISION", "fp32")
+    monkeypatch.setattr(precision, "precision_plan", decide)
+    fp32 = precision_choices(CycleConfig())
+    assert not fp32["sft_bf16"] and not fp32["ppo_bf16"] and not fp32["reward_bf16"]
+    assert fp32["rollouts"] == "merged fp32 copy" and fp32["rollout_prefix_cache"] and fp32["gate_prefix_cache"]
+    assert fp32["gate_sampling"] == "fp32"
 
 
 def test_the_cycle_benchmarks_feedback_keeps_the_start_of_a_run_ranked_shorter_first(tmp_path):
