@@ -227,7 +227,6 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
             except UserError as exc:
                 _fail(exc)
             if offered:  # now and then the app asks for a choice instead of giving one answer
-                gr.Info("Two answers this time: pick the one that helps you learn best, or skip.")
                 try:
                     yield from compare(message, "2", history, state, request, offered=True)
                     return
@@ -272,10 +271,13 @@ def _connect(demo: gr.Blocks, service: TutorService, page: Page, actor) -> None:
         state = ensure_conversation(state, request)
         waiting = history + [{"role": "user", "content": message.strip()}]
         note = {"comparison_id": None, "done": False, "candidates": [{"text": ""} for _ in range(int(k))]}
-        yield show_comparison(note, waiting, state)
+        if not offered:  # asked for: the empty panel at once; an offer waits until the tutor has taken the turn
+            yield show_comparison(note, waiting, state)
         try:  # both answers grow side by side; leaving the page stops all of them and stores nothing
-            for chunk in service.compare_stream(me(request), state["conversation_id"], message, int(k),
-                                                offered=offered):
+            for n, chunk in enumerate(service.compare_stream(me(request), state["conversation_id"], message,
+                                                             int(k), offered=offered)):
+                if offered and n == 0:  # announced only now: a busy tutor gives one answer without a word
+                    gr.Info("Two answers this time: pick the one that helps you learn best, or skip.")
                 if chunk["done"]:
                     state = {**state, "ids": state["ids"] + [None]}
                     chunk = {**chunk, "offered": offered, "question": message.strip()}

@@ -6,7 +6,7 @@ Each column runs the same cycle on its own copies of the DB and the models dir, 
 each peak RSS is its own), one after the other. "before": the settings the cycle had before the machine's
 precision plan, merged rollouts and the shared prefix cache (fp32 on a CPU, bf16 autocast for SFT and PPO
 on a GPU; rollouts and gate samples from the unmerged trained model, each answer running the system turn
-again). "now": the defaults. "now-fp32" (asked for by name): the defaults as a CPU without bf16 instructions
+again; the gate's samples 16 at a time, its scores and KL in the models' dtype). "now": the defaults. "now-fp32" (asked for by name): the defaults as a CPU without bf16 instructions
 runs them (TUTOR_PRECISION=fp32), so that what merged rollouts and the shared prefix give alone shows. Any
 `--config` file applies to every column.
 
@@ -36,7 +36,7 @@ def before_settings(cuda: bool) -> tuple[dict, str]:
     """The `[retrain]` overrides and the TUTOR_PRECISION that reproduce the settings of before on this machine."""
     return ({"sft": {"bf16": cuda}, "reward": {"bf16": False},
              "ppo": {"bf16": cuda, "merged_rollouts": False, "prefix_cache": False},
-             "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False}},
+             "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False, "bf16": cuda, "batch_size": 16}},
             "bf16" if cuda else "fp32")
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from core.causal_lm import sequence_logprob
 from core.chat_format import (ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids,
                               generation_prompt_ids)
-from core.precision import check_inference_precision, for_sampling
+from core.precision import check_inference_precision, for_sampling, wants_bf16
 from core.prefix_cache import generate_answers, shared_prefix_cache
 from core.stats import bootstrap, wilson
 
@@ -55,6 +55,13 @@ class GateConfig:
     # computed in the models' own dtype.
     precision: str = "auto"
     prefix_cache: bool = True  # the system turn's KV computed once per sampler (core/prefix_cache.py)
+    # bf16 autocast for the gate's reward scores and the KL's log-probs: True, False or "auto" (this
+    # machine's precision plan, as PPO, which trained against the same scores under autocast). Both
+    # policies are scored alike; on the embedded model the KL moved 4.63 -> 4.67 nats, 2.2x faster.
+    bf16: str | bool = "auto"
+    # Answers sampled at once: a decoding step costs far less than its batch's rows one by one (on a
+    # 2-core CPU 64 answers took 0.6x the time at 64 a batch that they took at 16).
+    batch_size: int = 64
     # A second opinion from a reward model PPO did not optimise (another form, fitted on the same feedback):
     # PPO pushes the policy where its own reward model is wrong, and a gate that judges by that model
     # alone promotes what it was fooled by (docs/learning.md, "A judge PPO did not optimise"). A
@@ -63,6 +70,8 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         check_inference_precision(self.precision)  # a bad setting fails when read, not after PPO
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, not {self.batch_size!r}")
 
 
 @dataclass
@@ -152,9 +161,10 @@ def is_correct(answer: str, accepted: list[str]) -> bool:
 
 
 def regression_accuracy(model, tokenizer, system_prompt: str, items: list[dict], max_new_tokens: int,
-                        prefix_cache: bool = True) -> tuple[float, list[str]]:
+                        prefix_cache: bool = True, batch_size: int = 16) -> tuple[float, list[str]]:
     prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": it["question"]}] for it in items]
-    answers, _, _ = generate(model, tokenizer, prompts, max_new_tokens, prefix_cache=prefix_cache)  # greedy: repeatable
+    answers, _, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                             prefix_cache=prefix_cache)  # greedy: repeatable
     return sum(is_correct(a, it["answers"]) for a, it in zip(answers, items)) / len(items), answers
 
 
@@ -192,8 +202,11 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
     # 1. both policies answer the held-out prompts
     answers = head_to_head(sampler_cur, sampler_new, tokenizer, prompts, k, config)
     n = len(answers.prompts)
+    scoring = torch.autocast(next(models.new.parameters()).device.type, dtype=torch.bfloat16,
+                             enabled=wants_bf16(config.bf16))
     # 2. reward gain, controlled for length unless the users asked for the length the new policy moved to
-    rewards = reward_score(answers.prompts + answers.prompts, answers.current_text + answers.new_text).float().cpu()
+    with scoring:
+        rewards = reward_score(answers.prompts + answers.prompts, answers.current_text + answers.new_text).float().cpu()
     len_cur, len_new = answers.lengths[:n].float().mean().item(), answers.lengths[n:].float().mean().item()
     moved = "shorter" if len_new < len_cur else "longer"
     users_asked = config.length_control == "auto" and preferred_length == moved
@@ -208,21 +221,23 @@ def gate(models: GateModels, tokenizer, reward_score, prompts: list[list[dict]],
     judge_name = None
     if judge is not None and config.judge:  # the same answers, scored by a reward PPO did not optimise
         judge_name, judge_score = judge
-        judge_mean, judge_low, judge_high = gain(judge_score(answers.prompts + answers.prompts,
-                                                             answers.current_text + answers.new_text).float().cpu())
+        with scoring:
+            judged = judge_score(answers.prompts + answers.prompts, answers.current_text + answers.new_text)
+        judge_mean, judge_low, judge_high = gain(judged.float().cpu())
     # 3. KL of the new policy's own answers to the reference and to the base
     temperature = config.temperature or 1.0  # greedy answers: the models' own distributions
-    new_logprobs = sequence_logprob(models.new, answers.new_prompt_ids, answers.new_answer_ids, temperature)
-    kl_ref = mean_kl(models.new, models.reference, answers.new_prompt_ids, answers.new_answer_ids, temperature,
-                     new_logprobs)
-    kl_base = kl_ref if models.base is models.reference else mean_kl(
-        models.new, models.base, answers.new_prompt_ids, answers.new_answer_ids, temperature, new_logprobs)
+    with scoring:
+        new_logprobs = sequence_logprob(models.new, answers.new_prompt_ids, answers.new_answer_ids, temperature)
+        kl_ref = mean_kl(models.new, models.reference, answers.new_prompt_ids, answers.new_answer_ids, temperature,
+                         new_logprobs)
+        kl_base = kl_ref if models.base is models.reference else mean_kl(
+            models.new, models.base, answers.new_prompt_ids, answers.new_answer_ids, temperature, new_logprobs)
     # 4. the regression set
     items = load_regression_set()
     acc_cur, _ = regression_accuracy(sampler_cur, tokenizer, system_prompt, items, config.max_new_tokens,
-                                     config.prefix_cache)
+                                     config.prefix_cache, config.batch_size)
     acc_new, _ = regression_accuracy(sampler_new, tokenizer, system_prompt, items, config.max_new_tokens,
-                                     config.prefix_cache)
+                                     config.prefix_cache, config.batch_size)
     del sampler_cur, sampler_new
     p = (acc_cur + acc_new) / 2
     noise = config.regression_z * math.sqrt(max(2 * p * (1 - p) / len(items), 1e-12))
@@ -265,9 +280,10 @@ def head_to_head(sampler_cur, sampler_new, tokenizer, prompts: list[list[dict]],
     """Each prompt k times to each policy, from the same seed; answer lengths without their EOS."""
     asked = [p for p in prompts for _ in range(k)]
     cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
-                                    seed=config.seed, prefix_cache=config.prefix_cache)
+                                    config.batch_size, seed=config.seed, prefix_cache=config.prefix_cache)
     new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
-                                                 config.temperature, seed=config.seed, prefix_cache=config.prefix_cache)
+                                                 config.temperature, config.batch_size, seed=config.seed,
+                                                 prefix_cache=config.prefix_cache)
     eos = set(end_of_turn_ids(sampler_cur, tokenizer)) | set(end_of_turn_ids(sampler_new, tokenizer))
     lengths = torch.tensor([len(a) - (bool(a) and a[-1] in eos) for a in cur_ids + new_ids])
     return HeadToHead(asked, cur_text, new_text, new_prompt_ids, new_ids, lengths)

@@ -484,6 +484,39 @@ def test_the_app_itself_asks_for_a_comparison_now_and_then_and_a_skip_gives_the_
             conn.execute("delete from consents where user = ''")
 
 
+def test_an_offer_the_busy_tutor_cannot_take_becomes_one_answer_without_announcing_two(page, served, monkeypatch):
+    from app.engine import EngineBusy
+    from core.active import AskingConfig
+
+    tutor, db = served["tutor"], served["db"]
+    monkeypatch.setattr(tutor.service, "asking", AskingConfig(offer_share=1.0, offer_gap=1))
+
+    def busy(self, messages, n):  # room for one answer, not for two
+        raise EngineBusy("the tutor is busy (8 requests waiting); try again in a moment")
+    monkeypatch.setattr(type(tutor.service.engine), "submit_group", busy)
+    tutor.store.set_consent("", "given")
+    try:
+        ask(page, unique("What is a whole number?"))
+        second = unique("And what is a negative number?")
+        type_message(page, second)
+        page.find_element(By.ID, "send").click()
+        notices = set()
+
+        def answered() -> bool:  # the notices are gathered while the answer streams: they fade
+            notices.update(toasts(page, "info"))
+            return chat_idle(page) and len([m for m in conversation_of(db, second)
+                                            if m["role"] == "assistant" and m["comparison_id"] is None]) == 1
+        eventually(answered, "one answer to the offered question")
+        assert not [n for n in notices if "Two answers" in n], f"two answers were announced: {notices}"
+        assert not visible(page, "compare-panel")
+        assert not query(db, "select id from comparisons c join messages m on m.id = c.user_message_id "
+                             "where m.content = ?", [second])
+        no_error_toast(page)
+    finally:
+        with sqlite3.connect(served["db"], timeout=10) as conn:
+            conn.execute("delete from consents where user = ''")
+
+
 def test_an_earlier_pick_is_asked_again_in_flipped_order(page, served, monkeypatch, tmp_path):
     db, service = served["db"], served["tutor"].service
     monkeypatch.setattr(service.limits, "recheck_every", 1)  # every pick, not every 5th

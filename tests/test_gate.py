@@ -105,7 +105,8 @@ def test_gate_kl_counts_the_choice_to_stop(shorter_policy):
 
     tokenizer, current, new = shorter_policy
     eos = tokenizer.eos_token_id
-    _, prompt_ids, answer_ids = generate(new, tokenizer, PROMPTS, GATE.max_new_tokens, temperature=1.0)
+    _, prompt_ids, answer_ids = generate(new, tokenizer, PROMPTS, GATE.max_new_tokens, temperature=1.0,
+                                         batch_size=GATE.batch_size)  # as the gate samples them
     ended = [i for i, a in enumerate(answer_ids) if a and a[-1] == eos]
     assert ended and all(eos not in a[:-1] for a in answer_ids)
     cut = [a[:-1] if i in ended else a for i, a in enumerate(answer_ids)]
@@ -130,11 +131,49 @@ def test_the_gate_samples_in_bf16_and_measures_kl_with_the_models_as_they_are(sh
                    config, system_prompt="")
     assert {p.dtype for m in (current, new) for p in m.parameters()} == {torch.float32}
     _, prompt_ids, answer_ids = generate(copy.deepcopy(new).to(torch.bfloat16), tokenizer, PROMPTS,
-                                         GATE.max_new_tokens, GATE.temperature, seed=GATE.seed)
+                                         GATE.max_new_tokens, GATE.temperature, GATE.batch_size, seed=GATE.seed)
     expected = mean_kl(new, current, prompt_ids, answer_ids, GATE.temperature)
     assert verdict.metrics["kl_to_reference"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="precision"):
         GateConfig(precision="fp16")
+
+
+def test_the_gate_scores_under_bf16_autocast_when_asked_and_samples_its_batch_size_at_once(shorter_policy,
+                                                                                           monkeypatch):
+    """bf16 = True: the reward scores and the KL's log-probs under bf16 autocast (the models stay fp32);
+    batch_size: how many answers one generate call samples at once."""
+    import rlhf.evaluate as evaluate
+
+    tokenizer, current, new = shorter_policy
+    batches, autocast = [], []
+    sample = evaluate.generate_answers
+    monkeypatch.setattr(evaluate, "generate_answers", lambda m, chunk, *a, **kw: batches.append(len(chunk)) or
+                        sample(m, chunk, *a, **kw))
+
+    def reward(prompts, answers):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return torch.zeros(len(answers))
+
+    runs = {}
+    for bf16 in (False, True):
+        batches.clear()
+        config = dataclasses.replace(GATE, samples_per_prompt=2, bf16=bf16, batch_size=20)
+        runs[bf16] = gate(GateModels(current, new, current, current), tokenizer, reward, PROMPTS, config,
+                          system_prompt="")
+        chunks = lambda n: [min(20, n - i) for i in range(0, n, 20)]  # 48 answers a policy, then the regression set
+        assert batches == chunks(2 * len(PROMPTS)) * 2 + chunks(len(evaluate.load_regression_set())) * 2
+    assert autocast == [False, True]
+    assert {p.dtype for m in (current, new) for p in m.parameters()} == {torch.float32}
+    _, prompt_ids, answer_ids = evaluate.generate(new, tokenizer, [p for p in PROMPTS for _ in range(2)],
+                                                  GATE.max_new_tokens, GATE.temperature, 20, seed=GATE.seed)
+    fp32 = evaluate.mean_kl(new, current, prompt_ids, answer_ids, GATE.temperature)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = evaluate.mean_kl(new, current, prompt_ids, answer_ids, GATE.temperature)
+    assert bf16 != fp32
+    assert runs[False].metrics["kl_to_reference"] == pytest.approx(fp32, rel=1e-5)
+    assert runs[True].metrics["kl_to_reference"] == pytest.approx(bf16, rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        GateConfig(batch_size=0)
 
 
 def test_a_candidate_that_a_reward_model_ppo_did_not_optimise_finds_worse_is_refused(shorter_policy):

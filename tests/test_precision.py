@@ -112,15 +112,17 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
         assert choices["sft_bf16"] is cuda and choices["ppo_bf16"] is cuda and choices["reward_bf16"] is False
         assert choices["rollouts"].startswith("trained model") and not choices["rollout_prefix_cache"]
         assert choices["gate_sampling"] == ("bf16" if cuda else "fp32") and not choices["gate_prefix_cache"]
+        assert choices["gate_bf16"] is cuda and config.gate.batch_size == 16
         now = precision_choices(CycleConfig())
         assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
+        assert now["gate_bf16"] and CycleConfig().gate.batch_size == 64
         assert bench.column_precision("now", cuda) is None  # the machine's own plan
     # "now-fp32": the defaults as a CPU without bf16 runs them; merged rollouts and the shared prefix stay
     assert bench.column_precision("now-fp32", False) == "fp32"
     monkeypatch.setenv("TUTOR_PRECISION", "fp32")
     monkeypatch.setattr(precision, "precision_plan", decide)
     fp32 = precision_choices(CycleConfig())
-    assert not fp32["sft_bf16"] and not fp32["ppo_bf16"] and not fp32["reward_bf16"]
+    assert not fp32["sft_bf16"] and not fp32["ppo_bf16"] and not fp32["reward_bf16"] and not fp32["gate_bf16"]
     assert fp32["rollouts"] == "merged fp32 copy" and fp32["rollout_prefix_cache"] and fp32["gate_prefix_cache"]
     assert fp32["gate_sampling"] == "fp32"
 
