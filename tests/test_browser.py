@@ -504,12 +504,15 @@ def test_an_offer_the_busy_tutor_cannot_take_becomes_one_answer_without_announci
 
         def answered() -> bool:  # the notices are gathered while the answer streams: they fade
             notices.update(toasts(page, "info"))
-            return chat_idle(page) and len([m for m in conversation_of(db, second)
-                                            if m["role"] == "assistant" and m["comparison_id"] is None]) == 1
+            if not query(db, "select id from messages where content = ?", [second]):
+                return False  # not stored yet
+            rows = conversation_of(db, second)
+            after = rows[next(i for i, m in enumerate(rows) if m["content"] == second) + 1:]
+            return chat_idle(page) and [(m["role"], m["comparison_id"]) for m in after] == [("assistant", None)]
         eventually(answered, "one answer to the offered question")
         assert not [n for n in notices if "Two answers" in n], f"two answers were announced: {notices}"
         assert not visible(page, "compare-panel")
-        assert not query(db, "select id from comparisons c join messages m on m.id = c.user_message_id "
+        assert not query(db, "select c.id from comparisons c join messages m on m.id = c.user_message_id "
                              "where m.content = ?", [second])
         no_error_toast(page)
     finally:
