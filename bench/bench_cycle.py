@@ -1,12 +1,14 @@
 """One retraining cycle on the embedded model, with the settings of before and the defaults of now, side by side.
 
-    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE] [--columns before now now-fp32]
+    python bench/bench_cycle.py --db conversations.db --models-dir models [--config FILE]
+        [--columns before now now-fp32]
 
 Each column runs the same cycle on its own copies of the DB and the models dir, in its own process (so
 each peak RSS is its own), one after the other. "before": the settings the cycle had before the machine's
 precision plan, merged rollouts and the shared prefix cache (fp32 on a CPU, bf16 autocast for SFT and PPO
 on a GPU; rollouts and gate samples from the unmerged trained model, each answer running the system turn
-again; the gate's samples 16 at a time, its scores and KL in the models' dtype). "now": the defaults. "now-fp32" (asked for by name): the defaults as a CPU without bf16 instructions
+again; the gate's samples 16 at a time, its scores and KL in the models' dtype). "now": the defaults.
+"now-fp32" (asked for by name): the defaults as a CPU without bf16 instructions
 runs them (TUTOR_PRECISION=fp32), so that what merged rollouts and the shared prefix give alone shows. Any
 `--config` file applies to every column.
 

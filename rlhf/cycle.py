@@ -132,7 +132,8 @@ def precision_choices(config: CycleConfig) -> dict:
     rollouts = (f"merged {'bf16' if inference_dtype(ppo.rollout_precision) == torch.bfloat16 else 'fp32'} copy"
                 if ppo.merged_rollouts else "trained model (LoRA unmerged)")
     choices = {"sft_bf16": wants_bf16(config.sft.bf16), "reward_bf16": config.reward.use_bf16(),
-               "ppo_bf16": ppo.use_bf16(), "gate_bf16": wants_bf16(config.gate.bf16), "rollouts": rollouts, "rollout_prefix_cache": ppo.prefix_cache,
+               "ppo_bf16": ppo.use_bf16(), "gate_bf16": wants_bf16(config.gate.bf16), "rollouts": rollouts,
+               "rollout_prefix_cache": ppo.prefix_cache,
                "rollout_engine": engine.engine, "rollout_engine_reason": engine.reason,
                "gate_sampling": "bf16" if inference_dtype(config.gate.precision) == torch.bfloat16 else "fp32",
                "gate_prefix_cache": config.gate.prefix_cache, "plan": plan.reason}
