@@ -34,6 +34,7 @@ from core.causal_lm import left_pad_to, next_position_ids
 from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids
 from core.precision import check_inference_precision, inference_dtype
 from core.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, prefill, system_prefix_ids
+from core.sampling import draw_tokens
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if not sampling.do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(warpers(None, logits), dim=-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    return draw_tokens(torch.softmax(warpers(None, logits), dim=-1), generators)
 
 
 def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:

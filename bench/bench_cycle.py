@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 def before_settings(cuda: bool) -> tuple[dict, str]:
     """The `[retrain]` overrides and the TUTOR_PRECISION that reproduce the settings of before on this machine."""
     return ({"sft": {"bf16": cuda}, "reward": {"bf16": False},
-             "ppo": {"bf16": cuda, "merged_rollouts": False, "prefix_cache": False},
-             "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False, "bf16": cuda, "batch_size": 16}},
+             "ppo": {"bf16": cuda, "merged_rollouts": False, "prefix_cache": False, "token_draw": "multinomial"},
+             "gate": {"precision": "bf16" if cuda else "fp32", "prefix_cache": False, "bf16": cuda, "batch_size": 16,
+                      "token_draw": "multinomial"}},
             "bf16" if cuda else "fp32")
 
 

@@ -13,13 +13,15 @@ so the same logits as the row left-padded whole (tests/test_prefix_cache.py).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from core.causal_lm import left_pad, position_ids
 from core.chat_format import generation_prompt_ids
+from core.sampling import generate_kwargs_for
 
 MIN_PREFIX_TOKENS = 8  # shorter shared prefixes save less than the cache copy costs
 
@@ -102,9 +104,13 @@ def prefill(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: PrefixCac
 
 
 def generate_answers(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: PrefixCache | None,
-                     **generate_kwargs) -> torch.Tensor:
+                     generation_config: GenerationConfig, token_draw: str = "inverse_cdf") -> torch.Tensor:
     """`model.generate` on prompts (token id lists); returns only the answers' tokens (B, R), padded
-    after EOS as `generate` pads. Rows all covered by `prefix` start from its cache."""
+    after EOS as `generate` pads. Rows all covered by `prefix` start from its cache. A sampling config's
+    tokens are drawn as `token_draw` says (core/sampling.py)."""
+    generation_config = copy.copy(generation_config)
+    generation_config.pad_token_id = pad_id
+    generate_kwargs = generate_kwargs_for(generation_config, token_draw)
     if prefix is not None and all(prefix.covers(r) for r in rows):
         input_ids, attention_mask = prefix.batch(rows, pad_id)
         generate_kwargs["cache"] = prefix.cache(len(rows))
@@ -112,7 +118,7 @@ def generate_answers(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: 
         input_ids, attention_mask = left_pad(rows, pad_id)
     device = model.device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         pad_token_id=pad_id, **generate_kwargs)
+                         **generate_kwargs)
     return out[:, input_ids.shape[1]:]
 
 

@@ -136,15 +136,18 @@ def precision_choices(config: CycleConfig) -> dict:
                "rollout_prefix_cache": ppo.prefix_cache,
                "rollout_engine": engine.engine, "rollout_engine_reason": engine.reason,
                "gate_sampling": "bf16" if inference_dtype(config.gate.precision) == torch.bfloat16 else "fp32",
-               "gate_prefix_cache": config.gate.prefix_cache, "plan": plan.reason}
+               "gate_prefix_cache": config.gate.prefix_cache, "rollout_token_draw": ppo.token_draw,
+               "gate_token_draw": config.gate.token_draw, "plan": plan.reason}
     on = [name for name, key in (("SFT", "sft_bf16"), ("reward model", "reward_bf16"), ("PPO", "ppo_bf16"),
                                  ("the gate's scores", "gate_bf16")) if choices[key]]
     decoder = (" decoded by vLLM" if engine.engine == "vllm"
                else f" ({engine.reason})" if plan.device == "cuda" and ppo.rollout_engine != "hf"
                else " with the system turn cached" if ppo.prefix_cache else "")
+    draw = (ppo.token_draw if ppo.token_draw == config.gate.token_draw
+            else f"{ppo.token_draw} in rollouts, {config.gate.token_draw} in the gate")
     choices["summary"] = (f"precision: bf16 autocast for {', '.join(on) or 'nothing'}; rollouts from the {rollouts}"
-                          f"{decoder}; gate samples in "
-                          f"{choices['gate_sampling']} (on {plan.device}: {plan.reason})")
+                          f"{decoder}; gate samples in {choices['gate_sampling']}; tokens drawn by {draw} "
+                          f"(on {plan.device}: {plan.reason})")
     return choices
 
 

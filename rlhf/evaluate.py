@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from core.causal_lm import sequence_logprob
 from core.chat_format import (ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids,
                               generation_prompt_ids)
 from core.precision import check_inference_precision, for_sampling, wants_bf16
 from core.prefix_cache import generate_answers, shared_prefix_cache
+from core.sampling import check_token_draw
 from core.stats import bootstrap, wilson
 
 REGRESSION_SET = Path(__file__).parent / "assets" / "regression_set.jsonl"
@@ -62,6 +64,10 @@ class GateConfig:
     # Answers sampled at once: a decoding step costs far less than its batch's rows one by one (on a
     # 2-core CPU 64 answers took 0.6x the time at 64 a batch that they took at 16).
     batch_size: int = 64
+    # How a sampled token is drawn: "inverse_cdf" (one uniform number per answer, core/sampling.py) or
+    # "multinomial" (generate's own, one random number per vocabulary entry: at 64 rows a third of a
+    # decoding step on a 2-core CPU). The same distribution.
+    token_draw: str = "inverse_cdf"
     # A second opinion from a reward model PPO did not optimise (another form, fitted on the same feedback):
     # PPO pushes the policy where its own reward model is wrong, and a gate that judges by that model
     # alone promotes what it was fooled by (docs/learning.md, "A judge PPO did not optimise"). A
@@ -70,6 +76,7 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         check_inference_precision(self.precision)  # a bad setting fails when read, not after PPO
+        check_token_draw(self.token_draw)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, not {self.batch_size!r}")
 
@@ -87,23 +94,25 @@ class Verdict:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 16, seed: int = 0,
-             prefix_cache: bool = True) -> tuple[list[str], list[list[int]], list[list[int]]]:
+             batch_size: int = 16, seed: int = 0, prefix_cache: bool = True,
+             token_draw: str = "inverse_cdf") -> tuple[list[str], list[list[int]], list[list[int]]]:
     """Left-padded batched generation. Returns texts, prompt token ids and answer token ids; an answer that
     ended keeps its EOS token: ending there is one of the policy's choices, and its log-probability
     belongs in the KL (a policy taught to stop early spends much of its KL on that one token).
-    prefix_cache: the prompts' shared system turn is run once, not once per answer (core/prefix_cache.py)."""
+    prefix_cache: the prompts' shared system turn is run once, not once per answer (core/prefix_cache.py).
+    token_draw: how a sampled token is drawn (core/sampling.py)."""
     torch.manual_seed(seed)
     eos = end_of_turn_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     encoded = [generation_prompt_ids(tokenizer, p) for p in prompts]
     prefix = shared_prefix_cache(model, encoded) if prefix_cache else None
+    sample = temperature > 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, top_k=0, top_p=None,
+                              temperature=temperature if sample else None, eos_token_id=eos)
     texts, prompt_ids, answer_ids = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = encoded[start:start + batch_size]
-        sample = temperature > 0
-        out = generate_answers(model, chunk, pad_id, prefix, max_new_tokens=max_new_tokens, do_sample=sample,
-                               top_k=0, temperature=temperature if sample else None, top_p=None, eos_token_id=eos)
+        out = generate_answers(model, chunk, pad_id, prefix, config, token_draw=token_draw)
         for prompt, row in zip(chunk, out.tolist()):
             end = next((i for i, token in enumerate(row) if token in eos), None)
             answer = row if end is None else row[:end + 1]
@@ -280,10 +289,11 @@ def head_to_head(sampler_cur, sampler_new, tokenizer, prompts: list[list[dict]],
     """Each prompt k times to each policy, from the same seed; answer lengths without their EOS."""
     asked = [p for p in prompts for _ in range(k)]
     cur_text, _, cur_ids = generate(sampler_cur, tokenizer, asked, config.max_new_tokens, config.temperature,
-                                    config.batch_size, seed=config.seed, prefix_cache=config.prefix_cache)
+                                    config.batch_size, seed=config.seed, prefix_cache=config.prefix_cache,
+                                    token_draw=config.token_draw)
     new_text, new_prompt_ids, new_ids = generate(sampler_new, tokenizer, asked, config.max_new_tokens,
                                                  config.temperature, config.batch_size, seed=config.seed,
-                                                 prefix_cache=config.prefix_cache)
+                                                 prefix_cache=config.prefix_cache, token_draw=config.token_draw)
     eos = set(end_of_turn_ids(sampler_cur, tokenizer)) | set(end_of_turn_ids(sampler_new, tokenizer))
     lengths = torch.tensor([len(a) - (bool(a) and a[-1] in eos) for a in cur_ids + new_ids])
     return HeadToHead(asked, cur_text, new_text, new_prompt_ids, new_ids, lengths)

@@ -47,6 +47,7 @@ from core.causal_lm import answer_logprob, answer_mask, causal_lm_forward, left_
 from core.chat_format import (ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, end_of_turn_ids, generation_prompt_ids,
                               scored_answer_ids)
 from core.prefix_cache import generate_answers, shared_prefix_cache
+from core.sampling import check_token_draw
 from core.precision import check_inference_precision, inference_dtype, sampling_copy, wants_bf16
 from rlhf import ppo_core
 from rlhf.vllm_rollouts import EngineChoice, VLLMRollouts, check_rollout_engine, choose_rollout_engine
@@ -112,9 +113,14 @@ class PPOConfig:
     # Who decodes the merged copy: "auto" (vLLM on a GPU where it is installed, else generate), "hf"
     # (generate), "vllm" (as auto, saying why when it falls back). rlhf/vllm_rollouts.py.
     rollout_engine: str = "auto"
+    # How generate draws each rollout token: "inverse_cdf" (one uniform number per answer,
+    # core/sampling.py) or "multinomial" (generate's own draw, one random number per vocabulary
+    # entry). The same distribution; vLLM draws its own way.
+    token_draw: str = "inverse_cdf"
 
     def __post_init__(self) -> None:
         check_inference_precision(self.rollout_precision)
+        check_token_draw(self.token_draw)
         check_rollout_engine(self.rollout_engine)
         if self.ptx_coef < 0 or self.ptx_batch_size < 1:
             raise ValueError(f"ptx_coef must be >= 0 and ptx_batch_size >= 1, not {self.ptx_coef}, {self.ptx_batch_size}")
@@ -322,7 +328,8 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                                             eos_ids, pad_id).to(device)  # (B, R)
             else:
                 prefix = shared_prefix_cache(sampler, rows) if config.prefix_cache else None
-                b_responses = generate_answers(sampler, rows, pad_id, prefix, generation_config=gen_config)  # (B, R)
+                b_responses = generate_answers(sampler, rows, pad_id, prefix, gen_config,
+                                               token_draw=config.token_draw)  # (B, R)
                 del prefix
             del sampler
             b_query_responses = torch.cat([queries, b_responses], dim=1)  # (B, P + R)

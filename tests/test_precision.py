@@ -113,9 +113,12 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
         assert choices["rollouts"].startswith("trained model") and not choices["rollout_prefix_cache"]
         assert choices["gate_sampling"] == ("bf16" if cuda else "fp32") and not choices["gate_prefix_cache"]
         assert choices["gate_bf16"] is cuda and config.gate.batch_size == 16
+        assert choices["rollout_token_draw"] == choices["gate_token_draw"] == "multinomial"
+        assert "tokens drawn by multinomial" in choices["summary"]
         now = precision_choices(CycleConfig())
         assert now["ppo_bf16"] and now["rollouts"] == "merged bf16 copy" and now["gate_prefix_cache"]
         assert now["gate_bf16"] and CycleConfig().gate.batch_size == 64
+        assert now["rollout_token_draw"] == now["gate_token_draw"] == "inverse_cdf"
         assert bench.column_precision("now", cuda) is None  # the machine's own plan
     # "now-fp32": the defaults as a CPU without bf16 runs them; merged rollouts and the shared prefix stay
     assert bench.column_precision("now-fp32", False) == "fp32"

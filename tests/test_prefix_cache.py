@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from core.chat_format import TUTOR_SYSTEM_PROMPT, generation_prompt_ids
 from core.prefix_cache import (PrefixCache, common_prefix, generate_answers, prefill, shared_prefix_cache,
@@ -72,8 +73,8 @@ def test_answers_from_the_cache_are_the_answers_of_the_whole_prompts(tok):
         answers = []
         for prefix in (cache, None):
             torch.manual_seed(0)
-            answers.append(generate_answers(model, rows, tok.pad_token_id, prefix, max_new_tokens=10,
-                                            eos_token_id=tok.eos_token_id, **kwargs).tolist())
+            config = GenerationConfig(max_new_tokens=10, eos_token_id=tok.eos_token_id, **kwargs)
+            answers.append(generate_answers(model, rows, tok.pad_token_id, prefix, config).tolist())
         assert answers[0] == answers[1]
         assert len({tuple(a) for a in answers[0]}) == len(rows)  # different answers: the prompts matter
     assert shared_prefix_cache(model, [[1, 2, 3, 4], [1, 2, 5, 6]]) is None  # too short to be worth it
@@ -99,9 +100,9 @@ def test_ppo_rollouts_from_the_cache_train_as_rollouts_from_whole_prompts(tok, m
 
     used = []
 
-    def spy(model, rows, pad_id, prefix, **kwargs):
+    def spy(model, rows, pad_id, prefix, *args, **kwargs):
         used.append(prefix is not None)
-        return generate_answers(model, rows, pad_id, prefix, **kwargs)
+        return generate_answers(model, rows, pad_id, prefix, *args, **kwargs)
     monkeypatch.setattr(ppo, "generate_answers", spy)
 
     prompts = [dialogue(q) for q in QUESTIONS]
