@@ -61,7 +61,11 @@ def causal_lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       response_len: int, **kwargs):
     """Forward with the position ids `generate` used for left-padded prompts, keeping only the
     R + 1 logits that score the response (full-vocabulary logits over the prompt are wasted
-    memory)."""
+    memory). Leading columns that are padding in every row are dropped first: they change no logit,
+    only the cost (a PPO minibatch without its rollout batch's longest prompt runs as wide as its own
+    rows). Callers index the outputs from the end, so the result keeps its meaning."""
+    start = int(attention_mask.any(dim=0).long().argmax())  # 0 when no column is all padding
+    input_ids, attention_mask = input_ids[:, start:], attention_mask[:, start:]
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                  logits_to_keep=response_len + 1, use_cache=False, **kwargs)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from core.causal_lm import left_pad, logprobs_from_logits
+from core.causal_lm import left_pad, logprobs_from_logits, position_ids
 from core.chat_format import generation_prompt_ids
 from rlhf import ppo_core
 from rlhf.ppo import (PolicyAndValue, PPOConfig, generation_config_for, response_mask, save_history,
@@ -172,6 +172,33 @@ def test_logprobs_line_up_with_what_generate_sampled():
     ours = logprobs_from_logits(logits, responses)
     torch.testing.assert_close(torch.where(mask, ours, 0.0), torch.where(mask, sampled, 0.0),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_a_minibatch_runs_only_as_wide_as_its_own_rows():
+    """Rows cut from a batch padded for a longer prompt: the columns that are padding in all of them are
+    not run, and the logits and values are those of the padded rows."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    module = PolicyAndValue(make_model(tokenizer), PPOConfig()).eval()
+    torch.nn.init.normal_(module.value_head.weight)  # values that depend on the hidden states
+    rows = [generation_prompt_ids(tokenizer, p) + [5, 6, 7] for p in PROMPTS]
+    ids, attention = left_pad(rows, tokenizer.pad_token_id)
+    short = sorted(range(len(rows)), key=lambda i: len(rows[i]))[:2]  # without the longest row
+    widths = []
+    module.policy.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        logits, values = module(ids[short], attention[short], 3)
+        reference = module.reference_logits(ids[short], attention[short], 3)
+        padded = module.policy(input_ids=ids[short], attention_mask=attention[short],
+                               position_ids=position_ids(attention[short]), output_hidden_states=True)
+    assert widths[:2] == [max(len(rows[i]) for i in short)] * 2 < [ids.shape[1]] * 2
+    torch.testing.assert_close(logits, padded.logits[:, -4:-1])
+    torch.testing.assert_close(values, module.value_head(padded.hidden_states[-1][:, -4:-1]).squeeze(-1))
+    with module.policy.disable_adapter():
+        off = module.policy(input_ids=ids[short], attention_mask=attention[short],
+                            position_ids=position_ids(attention[short])).logits[:, -4:-1]
+    torch.testing.assert_close(reference, off)
 
 
 def test_response_mask_ends_at_eos_and_unfinished_answers_pay_the_penalty():
