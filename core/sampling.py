@@ -2,8 +2,8 @@
 
 `torch.multinomial(probs, 1)`, which `generate` and the serving engine used to draw with, draws on the
 CPU one exponential number per vocabulary entry (the exponential-race form of sampling without
-replacement): 49,152 random numbers per row per step on the embedded model, 27 ms of a 115 ms decoding
-step at 16 rows and 102 ms at 64 (bench/bench_sampling.py). Inverse transform sampling draws the same
+replacement): 49,152 random numbers per row per step on the embedded model, a large part of a decoding
+step of a small model on a CPU (bench/bench_sampling.py, docs/performance.md). Inverse transform sampling draws the same
 distribution from one uniform number u per row: the token is the first whose cumulative probability
 exceeds u. The cumulative sum is taken in float64, so 49k fp32 probabilities add up without a rounding
 error that could move any token's share.

@@ -65,8 +65,8 @@ class GateConfig:
     # 2-core CPU 64 answers took 0.6x the time at 64 a batch that they took at 16).
     batch_size: int = 64
     # How a sampled token is drawn: "inverse_cdf" (one uniform number per answer, core/sampling.py) or
-    # "multinomial" (generate's own, one random number per vocabulary entry: at 64 rows a third of a
-    # decoding step on a 2-core CPU). The same distribution.
+    # "multinomial" (generate's own, one random number per vocabulary entry at every step, which on a
+    # CPU costs more the more rows decode together). The same distribution.
     token_draw: str = "inverse_cdf"
     # A second opinion from a reward model PPO did not optimise (another form, fitted on the same feedback):
     # PPO pushes the policy where its own reward model is wrong, and a gate that judges by that model
