@@ -107,8 +107,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
     encoded = [generation_prompt_ids(tokenizer, p) for p in prompts]
     prefix = shared_prefix_cache(model, encoded) if prefix_cache else None
     sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, top_k=0, top_p=None,
-                              temperature=temperature if sample else None, eos_token_id=eos)
+    filters = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {}  # greedy: none to warn of
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos, **filters)
     texts, prompt_ids, answer_ids = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = encoded[start:start + batch_size]

@@ -789,7 +789,7 @@ def test_a_teacher_lists_and_opens_her_learners_conversation(school_page, school
 # -- the teachers' tab ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def looped(serve_tutor, tmp_path_factory):
-    """A school whose tutor went through one real (tiny) cycle: v0001 promoted from 80 comparisons."""
+    """A school whose tutor went through one real (tiny) cycle: v0001 promoted from 120 comparisons."""
     import random as _random
 
     from app.accounts import Accounts
@@ -808,7 +808,7 @@ def looped(serve_tutor, tmp_path_factory):
     ids = _random.Random(0)  # seeded ids: the same held-out split, so the same verdict, every run
     with pytest.MonkeyPatch.context() as patch, Store(root / "c.db") as store:
         patch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
-        give_feedback(store, 80, prefers_examples)
+        give_feedback(store, 120, prefers_examples)
         arena_rng = _random.Random(0)
         for i in range(16):  # blind arena votes between v0001 (to come) and v0000: the leaderboard rates them
             vote(store, i % 4 != 0, arena_rng, canary="v0001", baseline="v0000")
