@@ -28,13 +28,12 @@ from typing import Callable, Protocol
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from core.causal_lm import left_pad_to, next_position_ids
 from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids
 from core.precision import check_inference_precision, inference_dtype
 from core.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, prefill, system_prefix_ids
-from core.sampling import draw_tokens
+from core.sampling import draw_tokens, sampling_filters
 
 log = logging.getLogger(__name__)
 
@@ -296,14 +295,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
 
 
 def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if sampling.temperature not in (None, 1.0):
-        warpers.append(TemperatureLogitsWarper(sampling.temperature))
-    if sampling.top_k:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(sampling.top_p))
-    return warpers
+    return sampling_filters(sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 class GenerationEngine:

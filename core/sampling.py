@@ -46,18 +46,24 @@ def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator] | None = 
     return torch.minimum(tokens, last)
 
 
+def sampling_filters(temperature: float | None, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    """HF's temperature, top-k and top-p warpers, in generate's order, for the values that filter."""
+    filters = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        filters.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        filters.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        filters.append(TopPLogitsWarper(top_p))
+    return filters
+
+
 class InverseCDFSampling(LogitsProcessor):
     """Samples inside a greedy `generate`: filters as `generate` would, draws one token per row from
     the filtered softmax (`draw_tokens`) and returns scores that are -inf everywhere but there."""
 
     def __init__(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
-        self.filters = LogitsProcessorList()
-        if temperature is not None and temperature != 1.0:
-            self.filters.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            self.filters.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            self.filters.append(TopPLogitsWarper(top_p))
+        self.filters = sampling_filters(temperature, top_k, top_p)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(self.filters(input_ids, scores.float()), dim=-1)  # (B, V)
