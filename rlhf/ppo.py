@@ -174,6 +174,19 @@ class PolicyAndValue(nn.Module):
             return causal_lm_forward(self.policy, input_ids, attention_mask, response_len).logits[:, :-1]
 
 
+def rows_in_chunks(forward: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, response_len: int, size: int) -> tuple[torch.Tensor, ...]:
+    """forward(ids, mask, response_len) over `size` rows at a time, the rows with the most left padding
+    together, its outputs put back in row order. A chunk then runs only as wide as its own prompts
+    (causal_lm_forward drops the columns that are padding in every row): one long prompt in a rollout
+    batch widens one chunk, not the whole batch."""
+    order = attention_mask.argmax(1).argsort(descending=True, stable=True)  # argmax: leading padding
+    chunks = [forward(input_ids[rows], attention_mask[rows], response_len) for rows in order.split(size)]
+    chunks = [c if isinstance(c, tuple) else (c,) for c in chunks]
+    inverse = order.argsort()
+    return tuple(torch.cat(parts)[inverse] for parts in zip(*chunks))
+
+
 def check_gradients_reach(module: nn.Module) -> None:
     """Fails loudly when no gradient reaches the policy's adapters (the update would do nothing)."""
     adapters = [p for name, p in module.named_parameters() if p.requires_grad and "lora_" in name]
@@ -343,13 +356,15 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
                                           tokenizer, config.unfinished_penalty)  # (B,)
 
             # 3. log-probs of policy (old) and reference, and values, one pass each
-            logits, b_values = wrapped(b_query_responses, b_attention, R)  # (B, R, V), (B, R)
+            logits, b_values = rows_in_chunks(wrapped, b_query_responses, b_attention, R,
+                                              config.minibatch_size)  # (B, R, V), (B, R)
             logits = logits / config.temperature
             b_logprobs = logprobs_from_logits(logits, b_responses)  # (B, R)
             entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits), b_mask)
             del logits
-            ref_logits = module.reference_logits(b_query_responses, b_attention, R) / config.temperature
-            b_ref_logprobs = logprobs_from_logits(ref_logits, b_responses)  # (B, R)
+            ref_logits, = rows_in_chunks(module.reference_logits, b_query_responses, b_attention, R,
+                                         config.minibatch_size)
+            b_ref_logprobs = logprobs_from_logits(ref_logits / config.temperature, b_responses)  # (B, R)
             del ref_logits
 
             # 4. per-token KL penalty + score on the last response token (or on each token, when it splits)

@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 from core.causal_lm import left_pad, logprobs_from_logits, position_ids
 from core.chat_format import generation_prompt_ids
 from rlhf import ppo_core
-from rlhf.ppo import (PolicyAndValue, PPOConfig, generation_config_for, response_mask, save_history,
-                      score_responses, token_scores_of, train_ppo)
+from rlhf.ppo import (PolicyAndValue, PPOConfig, generation_config_for, response_mask, rows_in_chunks,
+                      save_history, score_responses, token_scores_of, train_ppo)
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [[{"role": "user", "content": q}] for q in
@@ -199,6 +199,50 @@ def test_a_minibatch_runs_only_as_wide_as_its_own_rows():
         off = module.policy(input_ids=ids[short], attention_mask=attention[short],
                             position_ids=position_ids(attention[short])).logits[:, -4:-1]
     torch.testing.assert_close(reference, off)
+
+
+def test_rollout_forwards_run_in_minibatch_chunks_of_like_prompts_and_match_the_whole_batch():
+    """The old log-probs, values and reference log-probs of a rollout batch: `size` rows at a time, the
+    shortest prompts together, so that one long prompt widens only its own chunk; in row order."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    module = PolicyAndValue(make_model(tokenizer), PPOConfig()).eval()
+    torch.nn.init.normal_(module.value_head.weight)
+    long = [{"role": "user", "content": "Tell me everything about France, its rivers and its kings. " * 3}]
+    prompts = [PROMPTS[0], long, PROMPTS[1], PROMPTS[2]]
+    rows = [generation_prompt_ids(tokenizer, p) + [5, 6, 7] for p in prompts]
+    ids, attention = left_pad(rows, tokenizer.pad_token_id)
+    widths = []
+    module.policy.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        whole_logits, whole_values = module(ids, attention, 3)
+        whole_reference = module.reference_logits(ids, attention, 3)
+        widths.clear()
+        logits, values = rows_in_chunks(module, ids, attention, 3, 2)
+        reference, = rows_in_chunks(module.reference_logits, ids, attention, 3, 2)
+    torch.testing.assert_close(logits, whole_logits)
+    torch.testing.assert_close(values, whole_values)
+    torch.testing.assert_close(reference, whole_reference)
+    short_rows = sorted(len(r) for r in rows)[:2]
+    assert sorted(widths) == [short_rows[1]] * 2 + [ids.shape[1]] * 2  # the long row widens one chunk
+
+
+def test_train_ppo_scores_its_rollouts_a_minibatch_at_a_time(monkeypatch):
+    """No forward pass of a rollout batch (old log-probs and values, reference) sees more rows than a
+    minibatch: the batch's long prompts do not widen the other rows' passes."""
+    import rlhf.ppo as ppo
+
+    seen = []
+    forward = ppo.causal_lm_forward
+    monkeypatch.setattr(ppo, "causal_lm_forward", lambda model, ids, *a, **kw: (
+        seen.append((ids.shape[0], torch.is_grad_enabled())), forward(model, ids, *a, **kw))[1])
+    tokenizer = tiny_tokenizer()
+    config = PPOConfig(total_episodes=8, rollout_batch_size=8, minibatch_size=4, max_new_tokens=4, ppo_epochs=1)
+    train_ppo(make_model(tokenizer), tokenizer, PROMPTS, lambda p, c, ids: torch.zeros(len(ids)), config)
+    scoring = [rows for rows, grad in seen if not grad]
+    assert scoring == [4] * 4  # two passes (policy, reference) of two chunks
+    assert [rows for rows, grad in seen if grad] == [4] * 2  # the PPO epoch's two minibatches
 
 
 def test_response_mask_ends_at_eos_and_unfinished_answers_pay_the_penalty():
