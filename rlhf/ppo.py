@@ -355,7 +355,7 @@ def train_ppo(model: nn.Module, tokenizer, prompts: Sequence[list[Message]], rew
             b_scores, _ = score_responses(reward_fn, b_prompts, b_responses, b_mask, b_ended,
                                           tokenizer, config.unfinished_penalty)  # (B,)
 
-            # 3. log-probs of policy (old) and reference, and values, one pass each
+            # 3. log-probs of policy (old) and reference, and values: one pass each, a minibatch of rows at a time
             logits, b_values = rows_in_chunks(wrapped, b_query_responses, b_attention, R,
                                               config.minibatch_size)  # (B, R, V), (B, R)
             logits = logits / config.temperature
