@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import DynamicCache
 
 from core.causal_lm import left_pad_to, next_position_ids
 from core.chat_format import ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, TUTOR_SYSTEM_PROMPT, end_of_turn_ids
@@ -294,10 +294,6 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
     return draw_tokens(torch.softmax(warpers(None, logits), dim=-1), generators)
 
 
-def make_warpers(sampling: SamplingConfig) -> LogitsProcessorList:
-    return sampling_filters(sampling.temperature, sampling.top_k, sampling.top_p)
-
-
 class GenerationEngine:
     """Owns the served policy and one decode thread. `submit` is safe to call from any thread."""
 
@@ -308,7 +304,7 @@ class GenerationEngine:
         self._prefixes: dict[str, PrefixCache | None] = {}  # version -> its cached system turn
         self.config = config or EngineConfig()
         self.stats = EngineStats()
-        self._warpers = make_warpers(sampling)
+        self._warpers = sampling_filters(sampling.temperature, sampling.top_k, sampling.top_p)
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
