@@ -80,6 +80,18 @@ def test_batched_rows_match_plain_generate(engine_factory):
     assert max(engine.stats.forward_batch_sizes) >= 2
 
 
+@pytest.mark.parametrize("narrow", [{"top_k": 1, "top_p": 1.0}, {"top_k": 0, "top_p": 1e-6}])
+def test_served_replies_are_sampled_inside_top_k_and_top_p(engine_factory, narrow):
+    """A sampled reply keeps only the tokens its top-k and top-p leave: narrowed to one token, each seed's
+    reply is the greedy one (at temperature 1 a random tiny model would otherwise wander off it)."""
+    p = policy()
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.0, **narrow)
+    engine = engine_factory(FixedSource({"v0000": p}), sampling=sampling)
+    messages = conversation("What is a fraction?")
+    greedy = reference_greedy(p, messages, sampling.max_new_tokens)
+    assert [list(engine.submit(messages, seed=s).tokens(timeout=30)) for s in range(4)] == [greedy] * 4
+
+
 def test_prompts_under_the_system_prompt_start_from_its_cache_and_decode_as_whole_prompts_do(engine_factory):
     """The system turn's keys and values are computed once at load; a batch mixing prompts that start with
     it (prefilled from the cache, padding in the middle) and prompts that do not (prefilled whole) still
