@@ -417,10 +417,12 @@ def test_compared_answers_stream_in_side_by_side(page, served, monkeypatch, tmp_
     page.save_screenshot(str(tmp_path / "compared.png"))
     seen = [[squash(t.removeprefix("Answer A").removeprefix("Answer B")) for t in pair]
             for pair in page.execute_script("return window.__candidates") if len(pair) == 2]
-    final = seen[-1]
-    both_partial = [pair for pair in seen
-                    if all(p and p != "…" and f.startswith(p) and p != f for p, f in zip(pair, final))]
-    assert both_partial, f"the two answers were never seen growing together: {seen[:5]} ... {final}"
+    # A side grew when a later view of it extends it; not measured against the final view, which moderation
+    # may have replaced by a refusal once the random model's text tripped it.
+    both_partial = [pair for i, pair in enumerate(seen)
+                    if all(p and p != "…" and any(q[side].startswith(p) and q[side] != p for q in seen[i + 1:])
+                           for side, p in enumerate(pair))]
+    assert both_partial, f"the two answers were never seen growing together: {seen[:5]} ... {seen[-1]}"
     assert len({tuple(p) for p in seen}) >= 5, "the answers arrived in a few jumps, not streamed"
     click_label(page, "choice", "B is best")
     page.find_element(By.ID, "pick").click()
