@@ -324,8 +324,9 @@ def test_the_same_feedback_replayed_with_ppo_off(short_run):
     report), without that run's training history; with PPO off the candidate is the SFT step."""
     tmp_path, earlier = short_run
     sft_on = TINY_RUN.replace("min_demonstrations = 1000", "min_demonstrations = 8")
+    # measured on 8 held-out openers: this test asks what was trained on, not how well it answers
     replayed = tiny_learning_run(tmp_path, sft_on, no_ppo=True, feedback_from=tmp_path / "report", cycles=3,
-                                 workdir=tmp_path / "replay", out=tmp_path / "replay-report")
+                                 max_heldout=8, workdir=tmp_path / "replay", out=tmp_path / "replay-report")
     assert len(replayed["cycles"]) == 1  # one cycle, however many were asked: the feedback is fixed
     cycle = replayed["cycles"][0]
     assert cycle["feedback"]["items"] == earlier["cycles"][0]["feedback"]["items"] == 160
