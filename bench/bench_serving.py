@@ -11,7 +11,8 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
    (median, p95), against one user alone.
 4. The shared prefix cache (the tutor system turn's KV computed once per version): the same app once
    more with `[serve.engine] prefix_cache = false`, and `--prefix-users` users at once on both servers,
-   alternating, `--prefix-rounds` times; time to first token without the cache over with it. Measured
+   alternating, `--prefix-rounds` times; time to first token without the cache over with it, with its 95%
+   bootstrap interval over the rounds. Measured
    with two clients: a light one (one thread on Gradio's HTTP API, as browsers on learners' devices cost
    the server nothing) and `gradio_client` threads, which take more than a core of this machine
    while they start their requests; each prints its own CPU time.
@@ -278,10 +279,21 @@ def prefix_comparison(work: Path, args, tokenizer) -> None:
                     ttft[cache].append(runner(cache)["ttft_median"])
                     cpu[cache].append(time.process_time() - before)
             on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
+            _, low, high = speedup_interval(ttft[False], ttft[True])
             print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds, {name} (its CPU "
                   f"{statistics.median(cpu[True] + cpu[False]):.2f} s a round): TTFT median {off:.2f}s without "
                   f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with "
-                  f"({', '.join(f'{t:.2f}' for t in ttft[True])})  -> x{off / on:.2f} (target >= 1.5)")
+                  f"({', '.join(f'{t:.2f}' for t in ttft[True])})  -> x{off / on:.2f} [{low:.2f}, {high:.2f}] "
+                  f"(target >= 1.5)")
+
+
+def speedup_interval(without: list[float], with_: list[float]) -> tuple[float, float, float]:
+    """median(without) / median(with) and its 95% bootstrap interval over the rounds, each round's pair
+    (the two servers measured one after the other) resampled together."""
+    from core.stats import bootstrap
+
+    return bootstrap(list(zip(without, with_)),
+                     lambda pairs: statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs))
 
 
 def engine_prefix_comparison(args) -> None:

@@ -124,3 +124,15 @@ def test_ppo_rollouts_from_the_cache_train_as_rollouts_from_whole_prompts(tok, m
     AcceleratorState._reset_state(True)
     assert runs[0] == runs[1] and len(runs[0][0]) == 2
     assert used == [True, True, False, False]
+
+
+def test_the_serving_benchmark_resamples_its_rounds_as_pairs():
+    """bench_serving's interval for the cache's speedup: the two servers of a round ran one after the other,
+    so a round's pair is resampled whole, and rounds that all show the same ratio give no spread however much
+    the host's speed moved between rounds."""
+    from bench.bench_serving import speedup_interval
+
+    without = [0.30, 0.62, 0.91, 0.45, 0.77, 0.38]
+    assert speedup_interval(without, [t / 2 for t in without]) == pytest.approx((2.0, 2.0, 2.0))
+    ratio, low, high = speedup_interval(without, [0.15, 0.40, 0.40, 0.20, 0.30, 0.25])
+    assert low < ratio < high and ratio == pytest.approx(0.535 / 0.275)
