@@ -278,10 +278,13 @@ def test_send_streams_the_answer_and_stores_the_turns(page, served):
     question = unique("What is a fraction?")
     final, seen = ask(page, question)
 
-    partial = [t for t in seen if t.strip() and squash(t) != squash(final) and squash(final).startswith(squash(t))]
+    # part-way: another state seen extends it (the final text may be moderation's refusal in place of the
+    # random model's answer, so it is not the only yardstick)
+    partial = [t for t in seen if t.strip() and any(squash(u) != squash(t) and squash(u).startswith(squash(t))
+                                                    for u in [*seen, final])]
     print(f"{len(seen)} streamed states, {len(partial)} strict prefixes")
     assert partial, ("the answer was never seen part-way through: no streamed state was a strict prefix of "
-                     f"the final text; seen {len(seen)} states")
+                     f"a later one; seen {len(seen)} states")
 
     db = served["db"]
     messages = eventually(lambda: (m := conversation_of(db, question)) and m[-1]["role"] == "assistant" and m,
