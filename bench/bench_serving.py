@@ -279,11 +279,11 @@ def prefix_comparison(work: Path, args, tokenizer) -> None:
                     ttft[cache].append(runner(cache)["ttft_median"])
                     cpu[cache].append(time.process_time() - before)
             on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
-            _, low, high = speedup_interval(ttft[False], ttft[True])
+            ratio, low, high = speedup_interval(ttft[False], ttft[True])
             print(f"4. shared prefix cache, {n} users at once, {args.prefix_rounds} rounds, {name} (its CPU "
                   f"{statistics.median(cpu[True] + cpu[False]):.2f} s a round): TTFT median {off:.2f}s without "
                   f"({', '.join(f'{t:.2f}' for t in ttft[False])}), {on:.2f}s with "
-                  f"({', '.join(f'{t:.2f}' for t in ttft[True])})  -> x{off / on:.2f} [{low:.2f}, {high:.2f}] "
+                  f"({', '.join(f'{t:.2f}' for t in ttft[True])})  -> x{ratio:.2f} [{low:.2f}, {high:.2f}] "
                   f"(target >= 1.5)")
 
 

@@ -84,6 +84,12 @@ def squash(text: str) -> str:
     return re.sub(r"\s+", " ", text or "").strip()
 
 
+def extended(text: str, later: list[str]) -> bool:
+    """Whether some other text seen goes on from `text`: it was seen part-way. Not judged against the final
+    text alone, which moderation may have replaced by its refusal of the random model's answer."""
+    return any(other != text and other.startswith(text) for other in later)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser-app")
@@ -278,10 +284,7 @@ def test_send_streams_the_answer_and_stores_the_turns(page, served):
     question = unique("What is a fraction?")
     final, seen = ask(page, question)
 
-    # part-way: another state seen extends it (the final text may be moderation's refusal in place of the
-    # random model's answer, so it is not the only yardstick)
-    partial = [t for t in seen if t.strip() and any(squash(u) != squash(t) and squash(u).startswith(squash(t))
-                                                    for u in [*seen, final])]
+    partial = [t for t in seen if t.strip() and extended(squash(t), [squash(u) for u in [*seen, final]])]
     print(f"{len(seen)} streamed states, {len(partial)} strict prefixes")
     assert partial, ("the answer was never seen part-way through: no streamed state was a strict prefix of "
                      f"a later one; seen {len(seen)} states")
@@ -420,10 +423,8 @@ def test_compared_answers_stream_in_side_by_side(page, served, monkeypatch, tmp_
     page.save_screenshot(str(tmp_path / "compared.png"))
     seen = [[squash(t.removeprefix("Answer A").removeprefix("Answer B")) for t in pair]
             for pair in page.execute_script("return window.__candidates") if len(pair) == 2]
-    # A side grew when a later view of it extends it; not measured against the final view, which moderation
-    # may have replaced by a refusal once the random model's text tripped it.
     both_partial = [pair for i, pair in enumerate(seen)
-                    if all(p and p != "…" and any(q[side].startswith(p) and q[side] != p for q in seen[i + 1:])
+                    if all(p and p != "…" and extended(p, [q[side] for q in seen[i + 1:]])
                            for side, p in enumerate(pair))]
     assert both_partial, f"the two answers were never seen growing together: {seen[:5]} ... {seen[-1]}"
     assert len({tuple(p) for p in seen}) >= 5, "the answers arrived in a few jumps, not streamed"
