@@ -7,8 +7,9 @@ import torch
 from transformers import GenerationConfig
 
 from core.chat_format import TUTOR_SYSTEM_PROMPT, generation_prompt_ids
-from core.prefix_cache import (PrefixCache, common_prefix, generate_answers, prefill, shared_prefix_cache,
-                               system_prefix_ids)
+from core.causal_lm import next_position_ids
+from core.prefix_cache import (PACK_MAX_TOKENS, PrefixCache, common_prefix, generate_answers, packed_prefill,
+                               padded_prefill, prefill, shared_prefix_cache, system_prefix_ids, worth_packing)
 from tiny import tiny_model, tiny_tokenizer
 
 QUESTIONS = ["What is a fraction?", "Hi", "Explain photosynthesis to a ten year old, with an example please."]
@@ -61,6 +62,46 @@ def test_prefill_from_the_cache_gives_the_logits_of_the_whole_prompts(tok):
     mixed = [rows[0], generation_prompt_ids(tok, dialogue("Hi", system="Be brief."))]
     out, mixed_mask, _ = prefill(model, mixed, tok.pad_token_id, cache)  # not all covered: run whole
     assert mixed_mask.shape[1] == max(map(len, mixed))
+
+
+@pytest.mark.parametrize("from_prefix", [True, False], ids=["after-the-cached-turn", "whole-prompts"])
+def test_a_packed_prefill_leaves_the_logits_and_the_cache_of_a_padded_one(tok, from_prefix):
+    """Prompts of very different lengths run as one unpadded sequence: each row's logits, the attention mask
+    and every real position's keys and values are those of the padded batch, and decoding goes on alike."""
+    model = peaked_model(tok)
+    rows = [generation_prompt_ids(tok, dialogue(q)) for q in QUESTIONS]
+    prefix = PrefixCache(model, system_prefix_ids(tok, TUTOR_SYSTEM_PROMPT)) if from_prefix else None
+    own = [r[len(prefix):] for r in rows] if prefix else rows
+    if not from_prefix:  # whole prompts share their system turn: make their lengths differ as much
+        rows = own = [rows[0][-5:], rows[1], rows[2][-9:]]
+    assert worth_packing(model, own)
+    packed, packed_mask, packed_kv = packed_prefill(model, own, prefix)
+    padded, padded_mask, padded_kv = padded_prefill(model, rows, tok.pad_token_id, prefix)
+    assert packed.logits.std() > 1.0
+    torch.testing.assert_close(packed.logits, padded.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(packed_mask, padded_mask)
+    real = padded_mask.bool()
+    for a, b in zip(packed_kv.layers, padded_kv.layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real],
+                                   atol=1e-4, rtol=1e-4)
+    step = torch.tensor([[5], [6], [7]])
+    mask = torch.cat([padded_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    after = [model(input_ids=step, attention_mask=mask, position_ids=next_position_ids(mask), cache=kv).logits
+             for kv in (packed_kv, padded_kv)]
+    torch.testing.assert_close(after[0], after[1], atol=1e-4, rtol=1e-4)
+
+
+def test_only_prefills_that_padding_would_waste_run_packed(tok):
+    model = peaked_model(tok)
+    assert not worth_packing(model, [[1] * 20, [2] * 18, [3] * 16])  # little padding: one padded pass
+    assert worth_packing(model, [[1] * 20, [2] * 3, [3] * 4])
+    assert not worth_packing(model, [[1] * 20])
+    long = [[1] * (PACK_MAX_TOKENS // 2), [2] * 3, [3] * (PACK_MAX_TOKENS // 2)]
+    assert not worth_packing(model, long)  # the packed attention would be dense over all of them
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
+    assert not worth_packing(model, [[1] * 20, [2] * 3, [3] * 4])
 
 
 def test_answers_from_the_cache_are_the_answers_of_the_whole_prompts(tok):
