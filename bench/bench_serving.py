@@ -18,6 +18,9 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
    while they start their requests; each prints its own CPU time.
 5. The same comparison for the engine alone, in this process (no HTTP, no Gradio): `--prefix-users`
    requests submitted at once, time from submit to the first token, engines with and without the cache.
+6. One prefill of a class's mixed questions (a greeting to a worded problem) after the cached system
+   turn, packed into one sequence against left-padded (core/prefix_cache.py), alternating, with the
+   ratio's 95% bootstrap interval over the rounds.
 `--precision` sets the served weights' dtype (`[serve.engine] precision`) and casts the baseline's
 weights the same way, so the ratio compares like with like; run it twice to compare precisions.
 Tokens are counted by re-encoding the reply text with the model's tokenizer, on both sides.
@@ -52,6 +55,10 @@ PROMPTS = [
     "What caused the French Revolution?",
     "How should I study for a maths test?",
 ]
+# What a class sends at once is rarely of one length: short replies beside worded problems (step 6).
+MIXED = ["hi", "What is 7 x 8?", "thanks!", "Can you explain why the sky is blue, and why sunsets are red instead?",
+         "ok", "If I have 3/4 of a pizza and eat 1/2 of what I have, how much of the pizza did I eat?",
+         "what's a verb", "yes"]
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -171,6 +178,7 @@ def main() -> None:
     if args.prefix_users:
         prefix_comparison(work, args, policy.tokenizer)
         engine_prefix_comparison(args)
+        packing_comparison(policy, args.prefix_rounds)
 
 
 @contextlib.contextmanager
@@ -323,6 +331,33 @@ def engine_prefix_comparison(args) -> None:
     on, off = statistics.median(ttft[True]), statistics.median(ttft[False])
     print(f"5. the engine alone, {n} requests at once, {args.prefix_rounds} rounds: TTFT median {off * 1000:.0f} ms "
           f"without, {on * 1000:.0f} ms with the prefix cache  -> x{off / on:.2f}")
+
+
+def packing_comparison(policy, rounds: int) -> None:
+    import torch
+
+    from core.chat_format import TUTOR_SYSTEM_PROMPT, generation_prompt_ids
+    from core.prefix_cache import PrefixCache, packed_prefill, padded_prefill, system_prefix_ids
+
+    model, tokenizer = policy.model, policy.tokenizer
+    prefix = PrefixCache(model, system_prefix_ids(tokenizer, TUTOR_SYSTEM_PROMPT))
+    rows = [generation_prompt_ids(tokenizer, [{"role": "system", "content": TUTOR_SYSTEM_PROMPT},
+                                              {"role": "user", "content": q}]) for q in MIXED]
+    own = [r[len(prefix):] for r in rows]
+    runs = {"padded": lambda: padded_prefill(model, rows, tokenizer.pad_token_id or 0, prefix),
+            "packed": lambda: packed_prefill(model, own, prefix)}
+    took = {name: [] for name in runs}
+    with torch.inference_mode():
+        for round_ in range(rounds + 2):  # two warm-up rounds
+            for name in (runs if round_ % 2 else reversed(runs)):
+                start = time.perf_counter()
+                runs[name]()
+                if round_ >= 2:
+                    took[name].append(time.perf_counter() - start)
+    ratio, low, high = speedup_interval(took["padded"], took["packed"])
+    print(f"6. one prefill of {len(rows)} mixed questions ({min(map(len, own))}-{max(map(len, own))} tokens after the "
+          f"system turn), {rounds} rounds: {statistics.median(took['padded']) * 1000:.0f} ms padded, "
+          f"{statistics.median(took['packed']) * 1000:.0f} ms packed  -> x{ratio:.2f} [{low:.2f}, {high:.2f}]")
 
 
 if __name__ == "__main__":
