@@ -9,7 +9,9 @@ SGLang do it, here for a left-padded batch.
 Layout: [shared prefix][left padding][rest of the prompt]. The padding sits in the middle with an
 attention mask of 0, and position ids count real tokens (core/causal_lm.position_ids), so the prefix
 keeps positions 0..P-1 and each row's own tokens follow at P..: the same positions, attention and
-so the same logits as the row left-padded whole (tests/test_prefix_cache.py).
+so the same logits as the row left-padded whole (tests/test_prefix_cache.py). A prefill whose rows differ
+much in length (a greeting beside a worded problem) runs packed instead, all rows in one unpadded sequence
+(`packed_prefill`), and only its keys and values are then put in that layout.
 """
 from __future__ import annotations
 
