@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def serve_config(args: argparse.Namespace):
-    from app.config import ServeConfig, merge, read_config_file
+    from app.config import ServeConfig
+    from core.settings import merge, read_config_file
 
     config = ServeConfig()
     if args.config:
@@ -68,13 +69,23 @@ def read_password(prompt: str = "Password: ") -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+def accounts_db(args: argparse.Namespace) -> Path:
+    """The DB the account commands change: [serve] db of --config (the whole file checked, as the server
+    checks it), else --db, else the server's default. Without a settings file the serving stack (torch,
+    the model) is not loaded, so that adding a class takes a moment instead of the app's start-up."""
+    if args.config:
+        return serve_config(args).db
+    from app.store import DEFAULT_DB
+
+    return args.db or DEFAULT_DB
+
+
 def manage_accounts(args: argparse.Namespace) -> int:
     from app.accounts import AccountError, Accounts
     from app.store import Store
 
-    db = serve_config(args).db
     try:
-        with Store(db) as store:
+        with Store(accounts_db(args)) as store:
             accounts = Accounts(store)
             if args.add_user:
                 account = accounts.add(args.add_user, args.role, read_password(), args.teacher)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime, timezone
 from functools import wraps
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlite_utils import Database, Migrations
@@ -55,6 +56,7 @@ CANARY_END_STATUSES = ("promoted", "withdrawn")
 LABELS = "ABCD"  # display order of comparison candidates
 MIN_CANDIDATES, MAX_CANDIDATES = 2, len(LABELS)
 MAX_REASON_CHARS = 500
+DEFAULT_DB = Path("conversations.db")  # where the server and the account commands keep everything
 ACCOUNT_ROLES = ("learner", "teacher", "admin")
 CONSENT_CHOICES = ("given", "declined")
 EXCLUSION_KINDS = ("user", "conversation")

@@ -52,7 +52,7 @@ def run_column(args) -> None:
     """One cycle in this process; its figures as JSON in args.out."""
     import torch
 
-    from app.config import merge
+    from core.settings import merge
     from app.store import Store
     from app.versions import ModelRegistry
     from rlhf.cli import retrain_config

@@ -245,7 +245,7 @@ def settings_file(settings: LearningRun, workdir: Path) -> Path:
         return settings.config
     import yaml
 
-    from app.config import read_config_file
+    from core.settings import read_config_file
 
     values = read_config_file(settings.config)
     retrain_values = values.setdefault("retrain", {})

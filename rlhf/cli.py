@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.config import merge, read_config_file
+from core.settings import merge, read_config_file
 
 
 # Settings an answer has wherever it is sampled (core/chat_format.py): the served ones, unless a

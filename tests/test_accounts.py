@@ -275,6 +275,17 @@ def test_add_user_from_the_command_line_and_a_class_from_a_csv(tmp_path):
         assert store.learners_of("tess") == ["ada", "ben"]
 
 
+
+def test_account_commands_do_not_load_the_serving_stack(tmp_path):
+    """A teacher adding a class waits for the DB, not for torch and the model to load."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import launch;"
+            "code = launch.main(['--db', sys.argv[2], '--list-users']);"
+            "print(code, sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "c.db")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.split("\n")[-2] == "0 []", done.stdout + done.stderr
+
+
 # -- quotas ----------------------------------------------------------------------------------------------
 def test_the_call_past_a_cap_gets_a_clear_error_and_writes_nothing(school):
     tutor, _ = school

@@ -287,7 +287,7 @@ def run_cycle_in_a_process(tmp: Path, registry: ModelRegistry, config: CycleConf
     path = tmp / "cycle.json"
     path.write_text(json.dumps(_asdict(config)))
     code = ("import json, sys; sys.path[:0] = [sys.argv[1]];"
-            "from app.config import merge; from app.store import Store; from app.versions import ModelRegistry;"
+            "from core.settings import merge; from app.store import Store; from app.versions import ModelRegistry;"
             "from rlhf.cycle import CycleConfig, run_cycle;"
             "cfg = merge(CycleConfig(), json.load(open(sys.argv[2])));"
             "run_cycle(Store(sys.argv[3]), ModelRegistry(sys.argv[4]), cfg)")
@@ -551,7 +551,8 @@ def test_the_readmes_settings_file_is_valid_and_every_setting_in_it_is_known(tmp
 
 def test_a_fraction_for_a_whole_number_setting_is_an_error_not_rounded(tmp_path):
     """`pool_factor = 2.5` must not quietly become 2; an int for a float setting and 3.0 for an int still read."""
-    from app.config import ServeConfig, merge
+    from app.config import ServeConfig
+    from core.settings import merge
 
     with pytest.raises(ValueError, match="serve.asking.pool_factor must be a whole number, not 2.5"):
         merge(ServeConfig(), {"asking": {"pool_factor": 2.5}}, "serve")
@@ -560,10 +561,25 @@ def test_a_fraction_for_a_whole_number_setting_is_an_error_not_rounded(tmp_path)
     assert served.asking.random_share == 1.0
 
 
+def test_a_setting_of_the_wrong_type_is_named_in_a_clear_error(tmp_path):
+    from app.config import ServeConfig
+    from core.settings import merge
+
+    with pytest.raises(ValueError, match="serve.db must be a path, not 5"):
+        merge(ServeConfig(), {"db": 5}, "serve")
+    with pytest.raises(ValueError, match="serve.port must be a whole number, not 'abc'"):
+        merge(ServeConfig(), {"port": "abc"}, "serve")
+    settings = tmp_path / "s.toml"
+    settings.write_text("[serve]\nport = [7860]\n")
+    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(settings), "--list-users"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: serve.port must be a whole number, not [7860]"
+
+
 def test_a_switch_takes_true_or_false_and_nothing_that_merely_looks_like_it():
     """`judge = "false"` kept as a string would read as on; 0 or 1 are not switches either. A setting that
     also takes "auto" (bf16) keeps it."""
-    from app.config import merge
+    from core.settings import merge
 
     for bad in ({"gate": {"judge": "false"}}, {"reward": {"binary": 0}}, {"reward": {"length_apart": "no"}}):
         with pytest.raises(ValueError, match="must be true or false"):

@@ -99,7 +99,7 @@ def test_the_cycle_benchmark_compares_against_the_settings_of_before(monkeypatch
     """bench/bench_cycle.py's "before" column: nothing in bf16 on a CPU, rollouts and gate samples from the
     unmerged model without the shared prefix; on a GPU bf16 autocast for SFT and PPO as it was."""
     import bench.bench_cycle as bench
-    from app.config import merge
+    from core.settings import merge
     from rlhf.cycle import CycleConfig, precision_choices
 
     decide = precision.precision_plan.__wrapped__  # the plan without its per-process cache
