@@ -275,7 +275,6 @@ def test_add_user_from_the_command_line_and_a_class_from_a_csv(tmp_path):
         assert store.learners_of("tess") == ["ada", "ben"]
 
 
-
 def test_account_commands_do_not_load_the_serving_stack(tmp_path):
     """A teacher adding a class waits for the DB, not for torch and the model to load."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import launch;"
