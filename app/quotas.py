@@ -56,6 +56,14 @@ class Quotas:
         """Counts one `kind` action of `user`, or raises QuotaExceeded and counts nothing."""
         self._take(user, kind, count=True)
 
+    def refund(self, user: str, kind: str) -> None:
+        """Takes back the last `kind` action counted for `user`: one the tutor could not serve (busy) is
+        not the learner's to pay for. Daily caps count stored rows, and a refused action stores none."""
+        with self._lock:
+            recent = self._recent.get((user, kind))
+            if recent:
+                recent.pop()
+
     def allows(self, user: str, kind: str) -> bool:
         """Whether one `kind` action of `user` would be allowed now; counts nothing (the app asks this
         before it offers a comparison, so that a learner whose comparisons are spent just gets an answer)."""

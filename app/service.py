@@ -103,7 +103,7 @@ class TutorService:
             return
         with self._turn(conversation_id):
             engine = self.arena.engine_for(self.store.conversation(conversation_id)) if self.arena else self.engine
-            request = self._submit(messages, engine=engine)
+            request = self._submit(actor, "chat", messages, engine=engine)
             message_id = uuid.uuid4().hex
             tokens: list[int] = []
             flag = None
@@ -178,7 +178,8 @@ class TutorService:
             pooled = committee is not None and self.asking.mode == "active" and self.asking.pool_factor > 1
             # at most one engine batch: k is the learner's to choose, and one request must not crowd out the rest
             n = min(k * self.asking.pool_factor, max(k, self.engine.config.max_batch_size)) if pooled else k
-            group = self._submit(messages, n) if opponent is None else self._submit(messages, engines=[self.engine, opponent])
+            group = (self._submit(actor, "compare", messages, n) if opponent is None
+                     else self._submit(actor, "compare", messages, engines=[self.engine, opponent]))
             comparison_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(k)]
             shown = list(range(k))  # shown[j]: the request shown at position j (label A, B, ...)
             self.rng.shuffle(shown)
@@ -464,16 +465,19 @@ class TutorService:
             created = created.replace(tzinfo=timezone.utc)
         return (datetime.now(timezone.utc) - created).total_seconds() > self.limits.comparison_timeout_s
 
-    def _submit(self, messages: list[dict], n: int | None = None, engine: GenerationEngine | None = None,
-                engines: list[GenerationEngine] | None = None):
+    def _submit(self, actor: Account, kind: str, messages: list[dict], n: int | None = None,
+                engine: GenerationEngine | None = None, engines: list[GenerationEngine] | None = None):
         """One reply (from `engine`, by default the current version's), a group of `n` (a comparison's),
-        or one reply from each of `engines` (an arena pair); a full queue is the user's clear "busy"."""
+        or one reply from each of `engines` (an arena pair); a full queue is the user's clear "busy", and
+        the `kind` action it refused is not counted against the actor's per-minute limit."""
         engine = engine or self.engine
         try:
             if engines:
                 return submit_across(engines, messages)
             return engine.submit(messages) if n is None else engine.submit_group(messages, n)
         except EngineBusy as exc:
+            if not actor.is_local:
+                self.quotas.refund(actor.name, kind)
             raise UserError(str(exc)) from None
 
     def _shown(self, request, tokens: list[int]) -> tuple[str | None, str | None]:

@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 
 from app.accounts import LOCAL, Account, AccountError, Accounts
 from app.api import session_actor
-from app.engine import SamplingConfig
+from app.engine import EngineBusy, SamplingConfig
 from app.quotas import QuotaConfig, Quotas
 from app.server import ExposureError, check_exposure
 from app.service import UserError
@@ -320,6 +320,31 @@ def test_the_minute_window_slides(tmp_path):
         quotas.spend("ben", "chat")  # per user
         now[0] = 61.0
         quotas.spend("ada", "chat")
+
+
+def test_a_turn_the_busy_tutor_refused_does_not_count_against_the_minute_limit(school, monkeypatch):
+    tutor, _ = school
+    service = tutor.service
+    ada = account(tutor, "ada")
+    conversation = service.new_conversation(ada, "", "chat")["conversation_id"]
+    monkeypatch.setattr(service, "quotas", Quotas(tutor.store, QuotaConfig(per_minute={"chat": 1, "compare": 1},
+                                                                           per_day={})))
+
+    def busy(*_, **__):
+        raise EngineBusy("the tutor is busy (64 requests waiting); try again in a moment")
+
+    with monkeypatch.context() as full_queue:
+        for method in ("submit", "submit_group"):
+            full_queue.setattr(type(service.engine), method, busy)
+        with pytest.raises(UserError, match="busy"):
+            list(service.chat(ada, conversation, "What is an atom?"))
+        with pytest.raises(UserError, match="busy"):
+            service.compare(ada, conversation, "What is a molecule?", 2)
+    # the one message and the one comparison a minute allows are still hers
+    assert list(service.chat(ada, conversation, "What is an atom?"))[-1]["done"]
+    with pytest.raises(UserError, match="too many messages in a minute"):
+        list(service.chat(ada, conversation, "What is an ion?"))
+    assert service.compare(ada, conversation, "What is a molecule?", 2)["done"]
 
 
 
