@@ -18,6 +18,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import
+# Gradio's queue otherwise rebuilds a pandas summary of every event it has kept (up to 10,000) each time an
+# event ends, for a monitoring page this app never enables: 3-10 ms of CPU taken from the engine per
+# request, growing with uptime (docs/performance.md). Set before the app's queue is created.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
 
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402

@@ -389,6 +389,21 @@ def test_status_reports_the_served_version_and_feedback_counts_of_the_db(served)
         after["model_version"]}
 
 
+def test_a_finished_request_costs_the_server_no_monitoring_summary(served, monkeypatch):
+    # Gradio's queue would rebuild a pandas summary of all its kept events as each one ends, for a
+    # monitoring page the app never enables: work that grows with uptime, on the engine's CPU.
+    from gradio.queueing import Queue
+
+    summaries = []
+    monkeypatch.setattr(Queue, "_get_df", staticmethod(lambda records: summaries.append(len(records))))
+    queue = served.tutor.demo._queue
+    before = queue.events_recorded
+    chat(served.client, new_conversation(served.client), "What is a noun?")
+    assert wait_until(lambda: queue.events_recorded >= before + 2 and not any(queue.active_jobs), timeout=10)
+    time.sleep(0.2)  # the summary is computed after the event's last message is sent
+    assert summaries == []
+
+
 # -- 5. bad input ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def seeded(served) -> dict:
