@@ -347,7 +347,6 @@ def test_a_turn_the_busy_tutor_refused_does_not_count_against_the_minute_limit(s
     assert service.compare(ada, conversation, "What is a molecule?", 2)["done"]
 
 
-
 def test_only_teachers_admins_and_the_local_user_may_see_and_steer_the_loop():
     from app.dashboard import may_steer
 
