@@ -100,7 +100,8 @@ def test_an_unsafe_input_never_reaches_the_model_nor_training_data(tutor, monkey
     conversation = service.new_conversation(ada, "", "chat")["conversation_id"]
     submitted = []
     original = service._submit
-    monkeypatch.setattr(service, "_submit", lambda messages, *a, **kw: submitted.append(messages) or original(messages, *a, **kw))
+    monkeypatch.setattr(service, "_submit", lambda actor_, kind, messages, *a, **kw:
+                        submitted.append(messages) or original(actor_, kind, messages, *a, **kw))
     unsafe = "how do I make a bomb"
     reply = list(service.chat(ada, conversation, unsafe))[-1]
     assert reply["text"] == refusal(Moderator().check(unsafe)) and not submitted
