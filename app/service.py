@@ -435,6 +435,11 @@ class TutorService:
         except QuotaExceeded as exc:
             raise UserError(str(exc)) from None
 
+    def _refund(self, actor: Account, kind: str) -> None:
+        """Gives back what `_spend` counted for an action that did not happen (the engine refused it)."""
+        if not actor.is_local:
+            self.quotas.refund(actor.name, kind)
+
     def _check_safe(self, text: str) -> None:
         if text:
             verdict = self.moderator.check(text)
@@ -476,8 +481,7 @@ class TutorService:
                 return submit_across(engines, messages)
             return engine.submit(messages) if n is None else engine.submit_group(messages, n)
         except EngineBusy as exc:
-            if not actor.is_local:
-                self.quotas.refund(actor.name, kind)
+            self._refund(actor, kind)
             raise UserError(str(exc)) from None
 
     def _shown(self, request, tokens: list[int]) -> tuple[str | None, str | None]:
