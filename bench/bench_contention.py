@@ -53,10 +53,10 @@ def main() -> None:
 
     from app.embedded import ensure_base
     from app.versions import ModelRegistry
+    from bench.bench_serving import speedup_interval
     from core.chat_format import TUTOR_SYSTEM_PROMPT, generation_prompt_ids
     from core.precision import inference_dtype
     from core.prefix_cache import PrefixCache, prefill, system_prefix_ids
-    from core.stats import bootstrap
 
     registry = ModelRegistry(args.models_dir)
     ensure_base(registry)
@@ -109,9 +109,7 @@ def main() -> None:
         ms = {where: statistics.median(t) * 1000 for where, t in took.items()}
 
         def ratio(slow: str, fast: str) -> str:
-            value, low, high = bootstrap(list(zip(took[slow], took[fast])), lambda pairs: (
-                statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)))
-            return f"x{value:.2f} [{low:.2f}, {high:.2f}]"
+            return "x{:.2f} [{:.2f}, {:.2f}]".format(*speedup_interval(took[slow], took[fast]))
 
         print(f"busy {duty:.0%} of each 10 ms, {args.rounds} rounds: prefill alone {ms['alone']:.0f} ms, beside a "
               f"thread {ms['thread']:.0f} ms, beside a process {ms['process']:.0f} ms; thread / process "
