@@ -28,7 +28,8 @@ import torch
 from core.active import Committee
 from core.stats import pearson, wilson
 from rlhf.data import Message, PreferenceGroup
-from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, train_reward_model)
+from rlhf.reward import (RewardConfig, RewardResult, load_reward_model, save_reward_model, scoring_autocast,
+                         train_reward_model)
 
 Say = Callable[[str], None]
 
@@ -49,13 +50,19 @@ class RewardEnsemble:
 
     def member_scores(self, prompts: Sequence[list[Message]], completions: Sequence[str]) -> torch.Tensor:
         """(M, N) standardised rewards of each member."""
-        rows = [(m.score(prompts, completions) - mean) / std for m, (mean, std) in zip(self.members, self.scales)]
-        return torch.stack(rows)
+        return self.standardise([m.score(prompts, completions) for m in self.members])
 
-    def score(self, prompts: Sequence[list[Message]], completions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        scores = self.member_scores(prompts, completions)
+    def standardise(self, raw: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each member's own rewards (M tensors of N) -> (M, N), standardised by its scale."""
+        return torch.stack([(r - mean) / std for r, (mean, std) in zip(raw, self.scales)])
+
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """(M, N) standardised member rewards -> (N,) the conservative reward."""
         spread = scores.std(dim=0, unbiased=False) if len(self.members) > 1 else torch.zeros(scores.shape[1])
         return scores.mean(dim=0) - self.penalty * spread
+
+    def score(self, prompts: Sequence[list[Message]], completions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        return self.combine(self.member_scores(prompts, completions))
 
     def token_rewards(self):
         return None  # the spread is not a sum over tokens: PPO pays the whole score on the last token
@@ -170,33 +177,43 @@ def is_validation(group: PreferenceGroup, fraction: float) -> bool:
 
 
 @torch.no_grad()
+def answer_rewards(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup]) -> torch.Tensor:
+    """The rewards of every answer of `groups`, in order, read in one call (the scorer batches them)."""
+    prompts = [g.prompt for g in groups for _ in g.completions]
+    return score(prompts, [c for g in groups for c in g.completions])
+
+
+def accuracy_of(rewards: torch.Tensor, groups: Sequence[PreferenceGroup]) -> tuple[float | None, int]:
+    """Share of pairs whose chosen answer has the strictly higher reward, over every pair of `groups` (their
+    answers' rewards in order, as answer_rewards gives them); and how many pairs."""
+    correct = total = offset = 0
+    for group in groups:
+        correct += sum(int(rewards[offset + c] > rewards[offset + r]) for c, r in group.pairs)
+        total += len(group.pairs)
+        offset += len(group.completions)
+    return (correct / total if total else None), total
+
+
 def pairwise_accuracy(score: Callable[[list, list], torch.Tensor], groups: Sequence[PreferenceGroup]) -> tuple[float | None, int]:
     """Share of pairs whose chosen answer scores strictly higher, over every pair of `groups`; and how many."""
-    correct = total = 0
-    for group in groups:
-        rewards = score([group.prompt] * len(group.completions), list(group.completions))
-        correct += sum(int(rewards[c] > rewards[r]) for c, r in group.pairs)
-        total += len(group.pairs)
-    return (correct / total if total else None), total
+    return accuracy_of(answer_rewards(score, groups), groups)
 
 
 def heldout_summary(rm: RewardResult | RewardEnsemble, tokenizer, groups: Sequence[PreferenceGroup]) -> dict:
     """What check_reward_model and the reports read, for any reward: held-out accuracy and pairs, and how
     much the reward follows length."""
-    accuracy, pairs = pairwise_accuracy(rm.score, groups)
-    rewards, lengths = [], []
-    for group in groups:
-        rewards += rm.score([group.prompt] * len(group.completions), list(group.completions)).tolist()
-        lengths += [len(tokenizer(t, add_special_tokens=False).input_ids) for t in group.completions]
+    rewards = answer_rewards(rm.score, groups)
+    accuracy, pairs = accuracy_of(rewards, groups)
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for g in groups for t in g.completions]
     return {"heldout_accuracy": accuracy, "heldout_pairs": pairs, "heldout_groups": len(groups),
-            "length_correlation": pearson(rewards, lengths)}
+            "length_correlation": pearson(rewards.tolist(), lengths)}
 
 
 def make_ensemble(members: list[RewardResult], groups: Sequence[PreferenceGroup], penalty: float) -> RewardEnsemble:
     """Members' scales from their rewards on `groups`' answers (the ones they were trained on)."""
     scales = []
     for member in members:
-        scores = torch.cat([member.score([g.prompt] * len(g.completions), list(g.completions)) for g in groups])
+        scores = answer_rewards(member.score, groups)
         scales.append((scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)))
     return RewardEnsemble(members, scales, penalty)
 
@@ -228,10 +245,15 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
             sample = [fit_groups[i] for i in bootstrap(len(fit_groups), seed)]
             resampled.append(train_reward_model(policy_dir, sample, validation, replace(config, form=form, seed=seed),
                                                 progress))
-    ensembled = make_ensemble(members + resampled, fit_groups, ensemble.penalty)
+    # Every score below is read once per model and answer, in the precision the members trained in.
+    with scoring_autocast(config):
+        ensembled = make_ensemble(members + resampled, fit_groups, ensemble.penalty)
+        on_validation = [answer_rewards(m.score, validation) for m in ensembled.members]
     candidates: dict[str, RewardResult | RewardEnsemble] = dict(zip(ensemble.candidates, members))
     candidates["ensemble"] = ensembled
-    scores = {name: pairwise_accuracy(rm.score, validation)[0] for name, rm in candidates.items()}
+    rewards = dict(zip(ensemble.candidates, on_validation))  # the members come first, in candidate order
+    rewards["ensemble"] = ensembled.combine(ensembled.standardise(on_validation))
+    scores = {name: accuracy_of(rewards[name], validation)[0] for name in candidates}
     ranked = sorted(candidates, key=lambda name: -(scores[name] or 0.0))  # stable: earlier candidates win ties
     chosen = "ensemble" if config.form == "ensemble" else ranked[0]
     runner_up = next((n for n in ranked if n != chosen), None)
@@ -240,7 +262,8 @@ def choose_reward(policy_dir: str | Path, train_groups: Sequence[PreferenceGroup
         + f" -> {chosen}" + (f" (by {margin:+.3f} over {runner_up})" if margin is not None else ""))
     rm = candidates[chosen]
     tokenizer = members[0].tokenizer
-    summary = heldout_summary(rm, tokenizer, heldout_groups)
+    with scoring_autocast(config):
+        summary = heldout_summary(rm, tokenizer, heldout_groups)
     # A member's own held-out figures were measured on the validation part: they are not the cycle's held-out.
     own = {k: v for k, v in rm.metrics.items() if not k.startswith("heldout_")}
     base = own if not isinstance(rm, RewardEnsemble) else {

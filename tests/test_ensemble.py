@@ -192,3 +192,38 @@ def test_the_committee_says_whether_it_knows_the_taste_on_the_groups_its_members
     noise = train_committee(tiny_model_dir, flipped, CommitteeConfig(members=4), reward)
     assert noise.meta["credible"] is False, noise.meta["out_of_bag"]
 
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_reward_stage_reads_each_answer_once_per_model_in_the_precision_it_trained_in(tiny_model_dir, monkeypatch,
+                                                                                         bf16):
+    """Scoring is a third of the reward stage's time on the embedded model: the ensemble's scales, the choice and
+    the held-out figures read each answer once per model, under bf16 autocast where the stage trained in it
+    (as PPO then scores its rollouts), and in fp32 where it did not."""
+    from rlhf import reward
+
+    rows: dict[int, list[str]] = {}
+    autocast: set[bool] = set()
+    score, heldout_metrics = reward.RewardResult.score, reward.heldout_metrics
+
+    def counted_score(self, prompts, completions, batch_size=8):
+        rows.setdefault(id(self), []).extend(completions)
+        autocast.add(torch.is_autocast_enabled("cpu"))
+        return score(self, prompts, completions, batch_size)
+
+    def watched_heldout_metrics(*args, **kwargs):
+        autocast.add(torch.is_autocast_enabled("cpu"))
+        return heldout_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(reward.RewardResult, "score", counted_score)
+    monkeypatch.setattr(reward, "heldout_metrics", watched_heldout_metrics)
+    torch.manual_seed(0)
+    train, heldout = planted_groups(48, 1), planted_groups(12, 2)
+    rm, _ = choose_reward(tiny_model_dir, train, heldout, RewardConfig(form="ensemble", epochs=1, max_length=256,
+                                                                       bf16=bf16), EnsembleConfig(), say=lambda *_: None)
+    assert isinstance(rm, RewardEnsemble) and len(rows) == 2
+    validation = [g for g in train if is_validation(g, EnsembleConfig().validation_fraction)]
+    answers = [c for groups in (train, heldout) for g in groups for c in g.completions]
+    for member in rm.members:  # the fitting part (scales), the validation part (choice), the held-out part
+        assert sorted(rows[id(member)]) == sorted(answers), member.config.form
+    assert validation and autocast == {bf16}
