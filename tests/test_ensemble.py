@@ -193,7 +193,6 @@ def test_the_committee_says_whether_it_knows_the_taste_on_the_groups_its_members
     assert noise.meta["credible"] is False, noise.meta["out_of_bag"]
 
 
-
 @pytest.mark.parametrize("bf16", [True, False])
 def test_the_reward_stage_reads_each_answer_once_per_model_in_the_precision_it_trained_in(tiny_model_dir, monkeypatch,
                                                                                          bf16):
