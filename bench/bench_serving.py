@@ -2,7 +2,8 @@
 aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
 
     python bench/bench_serving.py [--max-new-tokens 96] [--users 1 4 8] [--models-dir /tmp/bench-models]
-                                  [--precision auto|bf16|fp32]
+                                  [--precision auto|bf16|fp32] [--prefix-users 8] [--prefix-rounds 8]
+                                  [--prefix-clients light gradio_client]
 
 1. Baseline: `model.generate` (greedy, same repetition penalty and length limit) on one prompt.
 2. The app in a subprocess (`launch.py`, greedy sampling from a config file) on a loopback port;
@@ -15,7 +16,8 @@ aggregate throughput with 1, 4 and 8 concurrent users, all measured in one run.
    bootstrap interval over the rounds. Measured
    with two clients: a light one (one thread on Gradio's HTTP API, as browsers on learners' devices cost
    the server nothing) and `gradio_client` threads, which take more than a core of this machine
-   while they start their requests; each prints its own CPU time.
+   while they start their requests; each prints its own CPU time. `--prefix-clients light` measures with
+   the light one alone (a long run of rounds in half the time).
 5. The same comparison for the engine alone, in this process (no HTTP, no Gradio): `--prefix-users`
    requests submitted at once, time from submit to the first token, engines with and without the cache.
 6. One prefill of a class's mixed questions (a greeting to a worded problem) after the cached system
@@ -59,6 +61,10 @@ PROMPTS = [
 MIXED = ["hi", "What is 7 x 8?", "thanks!", "Can you explain why the sky is blue, and why sunsets are red instead?",
          "ok", "If I have 3/4 of a pizza and eat 1/2 of what I have, how much of the pizza did I eat?",
          "what's a verb", "yes"]
+
+
+# step 4's clients: the name on the command line -> the name in the report
+PREFIX_CLIENTS = {"light": "light client", "gradio_client": "gradio_client"}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -135,6 +141,8 @@ def main() -> None:
     ap.add_argument("--prefix-users", type=int, default=8, help="users at once for the prefix-cache comparison (0: skip)")
     # a round's median moves by as much as the cache saves on a shared 2-core host: 8 rounds steady the median
     ap.add_argument("--prefix-rounds", type=int, default=8)
+    ap.add_argument("--prefix-clients", nargs="+", choices=list(PREFIX_CLIENTS), default=list(PREFIX_CLIENTS),
+                    help="which clients step 4 measures with (default: both)")
     args = ap.parse_args()
 
     from gradio_client import Client
@@ -275,9 +283,10 @@ def prefix_comparison(work: Path, args, tokenizer) -> None:
     with serve(work / "cache-on", args, True) as (_, on_url), serve(work / "cache-off", args, False) as (_, off_url):
         urls = {True: on_url, False: off_url}
         clients = {cache: [Client(url, verbose=False) for _ in range(n)] for cache, url in urls.items()}
-        runners = {"light client": lambda cache: light_load_run(urls[cache], prompts, tokenizer),
+        runners = {"light": lambda cache: light_load_run(urls[cache], prompts, tokenizer),
                    "gradio_client": lambda cache: load_run(clients[cache], prompts, tokenizer)}
-        for name, runner in runners.items():
+        for key in args.prefix_clients:
+            name, runner = PREFIX_CLIENTS[key], runners[key]
             ttft, cpu = {True: [], False: []}, {True: [], False: []}
             for cache in (True, False):
                 runner(cache)  # warm-up: the first round at n users pays one-time costs
